@@ -1,0 +1,79 @@
+"""KV-cache generation: one prefill over the (left-padded) prompts, then one token per step.
+
+The cache is preallocated for prompt + max_new_tokens, so no step recomputes or reallocates the prefix.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from .model import Qwen
+
+# allowed_tokens(step, generated) -> bool (batch, vocab) of tokens permitted next, or None for "anything".
+# `generated` holds the `step` tokens produced so far (batch, step).
+AllowedTokens = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of `logits` (batch, vocab): argmax when temperature is 0, else a seeded draw."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass; the best one always stays.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, stop_token_ids: Iterable[int] = (),
+             allowed_tokens: AllowedTokens | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+    """New tokens (batch, n <= max_new_tokens). A row that produced a stop token is filled with `pad_token_id`
+    afterwards (default: the first stop token, else 0); generation ends when every row has stopped."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, prompt_len>0), got shape {tuple(input_ids.shape)}")
+    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = int(stop_ids[0]) if len(stop_ids) else 0
+    B, P = input_ids.shape
+    cache = model.new_cache(B, P + max_new_tokens)
+    logits = prefill(model, input_ids, attention_mask, cache)
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    ones = torch.ones(B, 1, dtype=torch.long, device=input_ids.device)
+    for step in range(max_new_tokens):
+        if allowed_tokens is not None:
+            allowed = allowed_tokens(step, out[:, :step])
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = token.masked_fill(finished, pad_token_id)
+        out[:, step] = token
+        finished |= torch.isin(token, stop_ids)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return out[:, :step + 1]
+        logits = decode_one(model, token[:, None], ones, cache)
+    return out
+
+
+def prefill(model: Qwen, input_ids, attention_mask, cache) -> torch.Tensor:
+    """Fill the cache with the prompts; logits of the last position only (the full-vocab logits of every prompt
+    position would cost more memory than the cache)."""
+    hidden = model.hidden_states(input_ids, attention_mask, kv_cache=cache)
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def decode_one(model: Qwen, token, attention_mask, cache) -> torch.Tensor:
+    return model.lm_head(model.hidden_states(token, attention_mask, kv_cache=cache)[:, -1]).float()

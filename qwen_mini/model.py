@@ -1,0 +1,199 @@
+"""Qwen2 / Qwen2.5 decoder in plain PyTorch.
+
+Module and parameter names follow Hugging Face's `Qwen2ForCausalLM` (model.layers.N.self_attn.q_proj, ...), so an
+official checkpoint's state dict loads into this model without renaming. LoRA wraps these linears and the FLOP
+counter reads their shapes: this file is the one description of the architecture.
+
+Sequences may be left padded: `attention_mask` marks real tokens, and rotary positions count real tokens only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QwenConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32, cast back before the weight multiply: exactly the reference's rounding.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the "rotate_half" layout: dimension i pairs with i + head_dim/2."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()  # (B, T, head_dim/2)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, head_dim); cos/sin: (B, T, head_dim)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # mask None means "plain causal, no padding": the fast fused path used in training.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, indexed by slot (the column of the padded batch).
+
+    `slot_mask` remembers which slots hold real tokens, so left padding keeps being masked out while decoding.
+    """
+
+    def __init__(self, config: QwenConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0  # slots filled by earlier forward calls
+
+    def reserve(self, attention_mask: torch.Tensor) -> None:
+        """Claim the next T slots for a forward call (before the layers write them)."""
+        start, T = self.length, attention_mask.shape[1]
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {start} used + {T} new do not fit")
+        self.slot_mask[:, start:start + T] = attention_mask.bool()
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer_idx, :, :, start:end] = k
+        self.v[layer_idx, :, :, start:end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+
+class Qwen(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()  # HF nests the decoder under `model.` — keep the names identical
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(init_weights)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
+        """Logits (batch, seq, vocab)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache: KVCache | None = None):
+        """Final-norm hidden states (batch, seq, hidden): callers that need only some positions' logits (generation,
+        chunked loss) apply `lm_head` themselves."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        start = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is None and attention_mask is None:
+            mask = None  # causal, no padding
+            if position_ids is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            if kv_cache is not None:
+                kv_cache.reserve(attention_mask)
+                key_mask = kv_cache.slot_mask[:, :start + T]
+            else:
+                key_mask = attention_mask.bool()
+            if position_ids is None:  # a token's position = real tokens before it
+                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            mask = attention_mask_4d(key_mask, start)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        return self.model.norm(x)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """HF's Qwen2 initialisation (normal(0, 0.02), zero biases, unit norms): random models start with sane logits."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def attention_mask_4d(key_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: query slot start+t sees key slot s <= start+t that holds a real token.
+
+    A query always sees its own slot, so padding rows never softmax over nothing (their outputs are ignored)."""
+    S = key_mask.shape[1]
+    q_slots = torch.arange(start, S, device=key_mask.device)[:, None]
+    k_slots = torch.arange(S, device=key_mask.device)[None, :]
+    causal = k_slots <= q_slots
+    return ((causal & key_mask[:, None, :]) | (k_slots == q_slots))[:, None]
