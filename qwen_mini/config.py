@@ -27,7 +27,7 @@ class QwenConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
     pad_token_id: int | None = None
-    torch_dtype: str = "bfloat16"
+    torch_dtype: str = field(default="bfloat16", compare=False)  # storage dtype, not architecture
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):

@@ -40,8 +40,6 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | None
     model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: rebuild them off the meta device.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config.head_dim, config.rope_theta)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -29,15 +29,21 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the "rotate_half" layout: dimension i pairs with i + head_dim/2."""
+    """cos/sin tables for the "rotate_half" layout: dimension i pairs with i + head_dim/2.
+
+    The frequencies are kept in float32 on purpose (not a buffer, so `model.to(bfloat16)` cannot round them):
+    positions in the thousands would otherwise land on visibly wrong angles."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
+        self._inv_freq_on = {}  # device -> copy, so decoding does not copy it every step
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float()[..., None] * self.inv_freq.float()  # (B, T, head_dim/2)
+        device = position_ids.device
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        freqs = position_ids.float()[..., None] * self._inv_freq_on[device]  # (B, T, head_dim/2)
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -1,0 +1,128 @@
+"""KV-cache correctness and generation: against the full forward, per-sample runs, HF generate and hand cases."""
+import pytest
+import torch
+
+from conftest import PARITY_CONFIGS, hf_reference, left_padded_batch, random_model, write_checkpoint
+from qwen_mini import from_pretrained, generate, sample_next
+
+CONFIG = PARITY_CONFIGS["gqa7to1_tied"]
+
+
+def test_prefill_plus_incremental_steps_equal_full_forward():
+    model = random_model(CONFIG, seed=1)
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, [14, 9, 3], seed=1)
+    with torch.no_grad():
+        full = model(input_ids, mask)
+        cache = model.new_cache(3, 20)
+        pieces = [model(input_ids[:, a:b], mask[:, a:b], kv_cache=cache) for a, b in [(0, 8), (8, 9), (9, 12), (12, 14)]]
+    incremental = torch.cat(pieces, dim=1)
+    assert ((incremental - full).abs() * mask[..., None]).max().item() <= 1e-5
+    assert cache.length == 14
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = random_model(CONFIG)
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache holds 4 positions"):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+def test_batched_left_padded_greedy_equals_per_sample():
+    model = random_model(CONFIG, seed=2)
+    lengths = [11, 4, 7, 1]
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, lengths, seed=2)
+    batched = generate(model, input_ids, mask, max_new_tokens=12)
+    for row, n in enumerate(lengths):
+        alone = generate(model, input_ids[row:row + 1, -n:], max_new_tokens=12)
+        assert torch.equal(batched[row], alone[0]), f"row {row} differs"
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
+def test_greedy_tokens_identical_to_transformers_generate(name, tmp_path):
+    config = PARITY_CONFIGS[name]
+    write_checkpoint(config, tmp_path, seed=3)
+    ours, hf = from_pretrained(tmp_path), hf_reference(tmp_path)
+    input_ids, mask = left_padded_batch(config.vocab_size, [10, 6, 8], seed=3)
+    tokens = generate(ours, input_ids, mask, max_new_tokens=15)
+    with torch.no_grad():
+        reference = hf.generate(input_ids, attention_mask=mask, max_new_tokens=15, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)[:, input_ids.shape[1]:]
+    assert torch.equal(tokens, reference)
+
+
+def test_stop_tokens_end_rows_and_pad_the_rest():
+    model = random_model(CONFIG, seed=4)
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, [5, 5], seed=4)
+    free = generate(model, input_ids, mask, max_new_tokens=10)
+    stop = int(free[0, 2])  # the token row 0 emits at step 2 becomes a stop token
+    stopped = generate(model, input_ids, mask, max_new_tokens=10, stop_token_ids=[stop], pad_token_id=99)
+    first = int((free[0] == stop).nonzero()[0])
+    assert torch.equal(stopped[0, :first + 1], free[0, :first + 1])
+    assert (stopped[0, first + 1:] == 99).all()
+    for row in range(2):  # each row either ran to the end or stopped at its first stop token
+        hits = (free[row] == stop).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else stopped.shape[1]
+        assert torch.equal(stopped[row, :end], free[row, :end])
+
+
+def test_generation_ends_early_when_every_row_stopped():
+    model = random_model(CONFIG, seed=5)
+    input_ids = torch.randint(0, CONFIG.vocab_size, (1, 4), generator=torch.Generator().manual_seed(5))
+    first = int(generate(model, input_ids, max_new_tokens=1)[0, 0])
+    assert generate(model, input_ids, max_new_tokens=10, stop_token_ids=[first]).shape == (1, 1)
+
+
+def test_allowed_tokens_hook_restricts_every_step():
+    model = random_model(CONFIG, seed=6)
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, [6, 3], seed=6)
+    allowed_set = torch.tensor([3, 17, 40])
+    seen_steps = []
+
+    def only_three(step, generated):
+        assert generated.shape == (2, step)
+        seen_steps.append(step)
+        allowed = torch.zeros(2, CONFIG.vocab_size, dtype=torch.bool)
+        allowed[:, allowed_set] = True
+        return allowed
+
+    for kwargs in ({}, {"temperature": 1.5, "generator": torch.Generator().manual_seed(0)}):
+        seen_steps.clear()
+        tokens = generate(model, input_ids, mask, max_new_tokens=9, allowed_tokens=only_three, **kwargs)
+        assert torch.isin(tokens, allowed_set).all()
+        assert seen_steps == list(range(9))
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    model = random_model(CONFIG, seed=7)
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, [6, 6, 2], seed=7)
+
+    def draw(seed):
+        return generate(model, input_ids, mask, max_new_tokens=12, temperature=1.0, top_p=0.9,
+                        generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(11), draw(11))
+    assert not torch.equal(draw(11), draw(12))
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(8))
+    greedy = logits.argmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_k=1, generator=gen), greedy)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_p=1e-6, generator=gen), greedy)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps {0, 1} (0.5 < 0.7, 0.5 + 0.3 >= 0.7)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    draws = sample_next(logits, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[2] == 0 and counts[3] == 0
+    assert abs(counts[0].item() / 4000 - 0.5 / 0.8) < 0.03  # renormalised over the kept set
+
+
+def test_top_k_draws_only_from_the_k_best():
+    logits = torch.randn(1000, 30, generator=torch.Generator().manual_seed(9))
+    draws = sample_next(logits, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    top3 = logits.topk(3, dim=-1).indices
+    assert (top3 == draws[:, None]).any(-1).all()
