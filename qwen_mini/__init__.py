@@ -2,9 +2,9 @@
 from .config import PRESETS, ConfigError, QwenConfig
 from .generate import generate, sample_next
 from .hub import CheckpointNotFound
-from .loading import CheckpointError, from_pretrained, save_pretrained
+from .loading import CheckpointError, from_pretrained, load_model_and_tokenizer, save_pretrained
 from .model import KVCache, Qwen
 from .tokenizer import Tokenizer, char_tokenizer
 
 __all__ = ["PRESETS", "CheckpointError", "CheckpointNotFound", "ConfigError", "KVCache", "Qwen", "QwenConfig",
-           "Tokenizer", "char_tokenizer", "from_pretrained", "generate", "sample_next", "save_pretrained"]
+           "Tokenizer", "char_tokenizer", "from_pretrained", "generate", "load_model_and_tokenizer", "sample_next", "save_pretrained"]

@@ -105,3 +105,18 @@ def save_pretrained(model: Qwen, directory: str | os.PathLike, dtype: torch.dtyp
     os.replace(tmp, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def load_model_and_tokenizer(spec: str | os.PathLike, dtype: torch.dtype | None = None,
+                             device: str | torch.device | None = None, seed: int = 0):
+    """(model, tokenizer) for a CLI's `--model`: the preset name "tiny" (random weights seeded by `seed`, the
+    character tokenizer; for offline demos and tests), or a checkpoint directory / hub id holding the weights and
+    tokenizer.json."""
+    from .tokenizer import Tokenizer, char_tokenizer
+
+    if str(spec) == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen(QwenConfig.from_name("tiny"))
+        return model.to(device=device, dtype=dtype).eval(), char_tokenizer()
+    return from_pretrained(spec, dtype=dtype, device=device), Tokenizer.from_pretrained(spec)

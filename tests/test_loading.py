@@ -183,3 +183,17 @@ def test_save_pretrained_output_loads_in_transformers(tmp_path):
     assert torch.equal(hf.model.layers[1].self_attn.q_proj.bias, model.model.layers[1].self_attn.q_proj.bias)
     save_pretrained(from_pretrained(tmp_path), tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_load_model_and_tokenizer_tiny_is_seeded_and_checkpoints_round_trip(tmp_path):
+    from qwen_mini import load_model_and_tokenizer
+
+    a, tok = load_model_and_tokenizer("tiny", seed=3)
+    b, _ = load_model_and_tokenizer("tiny", seed=3)
+    c, _ = load_model_and_tokenizer("tiny", seed=4)
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight) and not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    save_pretrained(a, tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = load_model_and_tokenizer(tmp_path)
+    assert_same_weights(a, again)
+    assert tok2.encode("1.5;") == tok.encode("1.5;")
