@@ -1,0 +1,444 @@
+"""Low-rank adapters (LoRA) for the linears of a `qwen_mini.Qwen`, in plain PyTorch.
+
+`LoRALinear` wraps an existing `nn.Linear` and adds a trainable low-rank update; `inject` swaps it in for the chosen
+projections of every layer. The base model's code knows nothing about LoRA: it keeps calling `self.q_proj(x)`.
+
+Adapters are saved and loaded in Hugging Face PEFT's on-disk format (`adapter_config.json` +
+`adapter_model.safetensors`, tensor names `base_model.model.<module path>.lora_A.weight`), so an adapter trained here
+loads with `peft.PeftModel.from_pretrained` on `transformers.Qwen2ForCausalLM` and a PEFT adapter loads here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "LoRALinear", "PEFT_PREFIX",
+           "VALID_TARGETS", "inject", "load_adapter", "lora_layers", "lora_state_dict", "mark_only_lora_trainable",
+           "merge_all", "merge_and_unload", "save_adapter", "trainable_parameters", "unmerge_all"]
+
+# The projections of a Qwen2 block that can carry an adapter (the last component of their module path).
+VALID_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# PEFT stores tensors under the names of `PeftModel.base_model` (a LoraModel) whose `.model` is the HF model.
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter directory, config or tensor that does not fit the model it is loaded into."""
+
+
+class LoRALinear(nn.Module):
+    """`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))` with `scaling = alpha / rank`.
+
+    `base_layer` is the wrapped linear (frozen by `inject`); `lora_A` (rank x in, Kaiming-uniform like PEFT) and
+    `lora_B` (out x rank, zeros) are bias-free linears, so a fresh adapter leaves the output unchanged. After `merge()`
+    the update lives in `base_layer.weight` and forward skips the adapter; `unmerge()` takes it out again.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base_layer, LoRALinear):
+            raise ValueError("this linear already carries a LoRA adapter (LoRALinear cannot wrap a LoRALinear)")
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        alpha = rank if alpha is None else alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be a probability in [0, 1), got {dropout!r}")
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = float(alpha) / rank
+        w = base_layer.weight
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (the adapter starts as the identity)."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # The wrapped linear's attributes, so code that reads `proj.weight` / `proj.in_features` keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        # The adapter may be kept in a wider dtype than the base (e.g. float32 adapter on a bfloat16 model).
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (update * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A (out x in), computed in float32 and returned in the base weight's dtype."""
+        w = self.base_layer.weight
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return delta.to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into `base_layer.weight` (no-op if already merged)."""
+        if not self.merged:
+            self.base_layer.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the adapter back out of `base_layer.weight` (no-op if not merged)."""
+        if self.merged:
+            self.base_layer.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+# ---- injection and helpers -----------------------------------------------------------------------------------------
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(module path, layer) for every LoRALinear in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _check_targets(targets: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError(f"no LoRA targets given; valid targets: {', '.join(VALID_TARGETS)}")
+    unknown = [t for t in targets if t not in VALID_TARGETS]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; valid targets: "
+                         f"{', '.join(VALID_TARGETS)}")
+    return tuple(dict.fromkeys(targets))
+
+
+def _candidate_paths(model: nn.Module) -> list[str]:
+    """Paths of the linears (or already wrapped linears) that can carry an adapter, in module order."""
+    return [name for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] in VALID_TARGETS and isinstance(module, (nn.Linear, LoRALinear))]
+
+
+def _wrap(model: nn.Module, paths: list[str], rank: int, alpha, dropout: float) -> None:
+    if not paths:
+        raise ValueError("no module to put LoRA on: the model has no linear named "
+                         f"{' / '.join(VALID_TARGETS)} matching the targets")
+    wrapped = [p for p in paths if isinstance(model.get_submodule(p), LoRALinear)]
+    if wrapped:
+        raise ValueError(f"{wrapped[0]} already carries a LoRA adapter" +
+                         (f" (and {len(wrapped) - 1} more)" if len(wrapped) > 1 else ""))
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+
+
+def inject(model: nn.Module, rank: int, alpha: float | None = None,
+           targets: Iterable[str] = ("q_proj", "v_proj"), dropout: float = 0.0) -> int:
+    """Wrap the `targets` projections of every layer in a LoRALinear and freeze every other parameter.
+
+    Works on models on any device, including "meta". Returns the number of trainable parameters.
+    """
+    targets = _check_targets(targets)
+    paths = [p for p in _candidate_paths(model) if p.rsplit(".", 1)[-1] in targets]
+    _wrap(model, paths, rank, alpha, dropout)
+    return mark_only_lora_trainable(model)
+
+
+def mark_only_lora_trainable(model: nn.Module) -> int:
+    """requires_grad on the adapters' A and B matrices only; returns the trainable parameter count."""
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.lora_A.weight.requires_grad_(True)
+        layer.lora_B.weight.requires_grad_(True)
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters with requires_grad (each once, even if tied): what the optimizer should get."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, under the model's own names (`model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    state = {}
+    for name, layer in lora_layers(model):
+        prefix = f"{name}." if name else ""
+        state[f"{prefix}lora_A.weight"] = layer.lora_A.weight.detach()
+        state[f"{prefix}lora_B.weight"] = layer.lora_B.weight.detach()
+    return state
+
+
+def merge_all(model: nn.Module) -> int:
+    """Merge every adapter into its base weight; returns the number of LoRA layers."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.merge()
+    return len(layers)
+
+
+def unmerge_all(model: nn.Module) -> int:
+    """Undo `merge_all`; returns the number of LoRA layers."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.unmerge()
+    return len(layers)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain linears back (in place), e.g. before `qwen_mini.save_pretrained`.
+
+    The result has exactly the base model's module tree and state-dict names; its parameters stay frozen."""
+    for name, layer in list(lora_layers(model)):
+        layer.merge()
+        parent_path, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, layer.base_layer)
+    return model
+
+
+# ---- PEFT-format adapter files ------------------------------------------------------------------------------------
+
+def _uniform(values: dict[str, object], what: str):
+    distinct = set(values.values())
+    if len(distinct) != 1:
+        raise AdapterError(f"cannot save as one PEFT adapter: LoRA layers differ in {what} ({sorted(distinct)}); "
+                           "PEFT's rank_pattern/alpha_pattern are not supported")
+    return distinct.pop()
+
+
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
+    """Short names when every layer's projections of those kinds carry an adapter, else the full module paths."""
+    kinds = sorted({p.rsplit(".", 1)[-1] for p in paths}, key=VALID_TARGETS.index)
+    covered = [p for p in _candidate_paths(model) if p.rsplit(".", 1)[-1] in kinds]
+    return kinds if sorted(covered) == sorted(paths) else sorted(paths)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's adapters as PEFT does: `adapter_config.json` + `adapter_model.safetensors`.
+
+    Each file is written to a temporary name and moved into place, so a crash never leaves a half-written file."""
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise AdapterError("the model has no LoRA layers to save (call lora.inject first)")
+    rank = _uniform({n: l.rank for n, l in layers.items()}, "rank")
+    alpha = _uniform({n: l.alpha for n, l in layers.items()}, "alpha")
+    dropout = _uniform({n: getattr(l.lora_dropout, "p", 0.0) for n, l in layers.items()}, "dropout")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules(model, list(layers)),
+        "exclude_modules": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    meta = [k for k, v in tensors.items() if v.is_meta]
+    if meta:
+        raise AdapterError(f"cannot save tensor {meta[0]!r}: it is on the meta device (no data)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+# Config entries for PEFT features this implementation does not have: each must be absent or falsy.
+_UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern",
+                "alpha_pattern", "layers_to_transform", "layer_replication", "target_parameters",
+                "trainable_token_indices", "exclude_modules", "use_qalora", "alora_invocation_tokens", "use_bdlora",
+                "megatron_config")
+
+
+def _read_adapter_config(path: Path) -> dict:
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such file (an adapter directory needs {ADAPTER_CONFIG_NAME} and "
+                           f"{ADAPTER_WEIGHTS_NAME})")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterError(f"{path}: peft_type is {peft_type!r}; only 'LORA' adapters are supported")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if raw.get(k) is None]
+    if missing:
+        raise AdapterError(f"{path}: missing required key(s) {', '.join(missing)}")
+    if raw.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
+    for key in _UNSUPPORTED:
+        if raw.get(key):
+            raise AdapterError(f"{path}: {key}={raw[key]!r} is not supported by this LoRA implementation")
+    r, alpha, dropout = raw["r"], raw["lora_alpha"], raw.get("lora_dropout", 0.0) or 0.0
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterError(f"{path}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise AdapterError(f"{path}: lora_alpha must be a number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdapterError(f"{path}: lora_dropout must be a probability in [0, 1), got {dropout!r}")
+    return raw
+
+
+def _resolve_targets(model: nn.Module, target_modules, where: Path) -> list[str]:
+    """Module paths PEFT would adapt for `target_modules` (list: exact path or '.'-suffix; str: regex fullmatch)."""
+    names = [n for n, _ in model.named_modules() if n]
+    allowed = set(_candidate_paths(model))
+    if target_modules == "all-linear":
+        return [p for p in names if p in allowed]
+    if isinstance(target_modules, str):
+        try:
+            matched = [n for n in names if re.fullmatch(target_modules, n)]
+        except re.error as e:
+            raise AdapterError(f"{where}: target_modules {target_modules!r} is not a valid regex ({e})") from None
+        if not matched:
+            raise AdapterError(f"{where}: target_modules {target_modules!r} matches no module of the model")
+    elif isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules) and target_modules:
+        matched = []
+        for target in target_modules:
+            hits = [n for n in names if n == target or n.endswith("." + target)]
+            if not hits:
+                raise AdapterError(f"{where}: target module {target!r} matches no module of the model; "
+                                   f"adaptable projections: {', '.join(VALID_TARGETS)}")
+            matched += hits
+        matched = [n for n in names if n in set(matched)]
+    else:
+        raise AdapterError(f"{where}: target_modules must be a non-empty list of names or a regex string, "
+                           f"got {target_modules!r}")
+    bad = [n for n in matched if n not in allowed]
+    if bad:
+        raise AdapterError(f"{where}: target_modules selects {bad[0]!r}, which is not one of the adaptable "
+                           f"projections ({', '.join(VALID_TARGETS)})")
+    return matched
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        hint = " (only safetensors adapters are supported, not adapter_model.bin)" \
+            if (path.parent / "adapter_model.bin").is_file() else ""
+        raise AdapterError(f"{path}: no such file{hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a PEFT-format LoRA adapter into `model` (in place) and return it.
+
+    A plain model gets LoRA layers injected from `adapter_config.json` (r, lora_alpha, lora_dropout, target_modules);
+    a model that already has them must match that config. Tensors load strictly: a missing, unexpected or wrongly
+    shaped tensor raises AdapterError naming it. Afterwards only the adapters are trainable."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: no such adapter directory")
+    config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+    raw = _read_adapter_config(config_path)
+    tensors = _read_tensors(weights_path)
+    rank, alpha, dropout = raw["r"], raw["lora_alpha"], float(raw.get("lora_dropout") or 0.0)
+    paths = _resolve_targets(model, raw["target_modules"], config_path)
+
+    existing = dict(lora_layers(model))
+    if existing:
+        if sorted(existing) != sorted(paths):
+            extra = sorted(set(existing) - set(paths)) or sorted(set(paths) - set(existing))
+            raise AdapterError(f"{config_path}: the model already has LoRA layers that differ from the adapter's "
+                               f"target_modules (e.g. {extra[0]!r}); load into a model without LoRA layers")
+        for name, layer in existing.items():
+            if layer.merged:
+                raise AdapterError(f"{name} is merged; unmerge before loading new adapter weights")
+            if layer.rank != rank or float(layer.alpha) != float(alpha):
+                raise AdapterError(f"{config_path}: r={rank}, lora_alpha={alpha} but the model's {name} has "
+                                   f"rank={layer.rank}, alpha={layer.alpha}")
+    else:
+        _wrap(model, paths, rank, alpha, dropout)
+
+    params = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+    missing = [k for k in params if k not in tensors]
+    unexpected = [k for k in tensors if k not in params]
+    if missing:
+        raise AdapterError(f"{weights_path}: missing tensor {missing[0]!r} (expected shape "
+                           f"{tuple(params[missing[0]].shape)})"
+                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        raise AdapterError(f"{weights_path}: unexpected tensor {unexpected[0]!r} with shape "
+                           f"{tuple(tensors[unexpected[0]].shape)} (not an adapter of this config's model)"
+                           + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    for key, param in params.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise AdapterError(f"{weights_path}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the file "
+                               f"but the model expects {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            prefix = PEFT_PREFIX + (f"{name}." if name else "")
+            for attr in ("lora_A", "lora_B"):
+                linear = getattr(layer, attr)
+                value = tensors[f"{prefix}{attr}.weight"].to(dtype=linear.weight.dtype)
+                if linear.weight.is_meta:
+                    linear.weight = nn.Parameter(value, requires_grad=linear.weight.requires_grad)
+                else:
+                    linear.weight.copy_(value)
+    mark_only_lora_trainable(model)
+    return model
