@@ -1,0 +1,540 @@
+"""FLOPs of a training step, counted from the modules that run.
+
+Every module type has a counting function (`register_counter`) that reads its own shapes — weight matrices,
+head counts, norm widths — and reports the floating-point operations of one forward pass over `batch` sequences of
+`seq` tokens. `count_forward` walks the model's actual module tree (`model.model.layers[i].self_attn.q_proj`, ...)
+from the top, so a changed model gives a changed count, and it refuses to finish if some module was not counted.
+Nothing here allocates: it works on a model built under `torch.device("meta")`.
+
+Conventions (the users' spreadsheet rules, now in one place):
+
+* Primitive costs: `COSTS` (override any entry with `costs={"exp": 1}`).
+* A matrix product (m x n) . (n x p) costs m*p*(n multiplications + (n-1) additions) = m*p*(2n-1); a bias add m*p
+  more. (`torch.utils.flop_counter` counts 2*m*n*p, i.e. m*p more per product; with a bias the two agree.)
+* Backward = 2 x forward for every row (`BACKWARD_FACTOR`), a training step = forward + backward. This holds by
+  convention for LoRA too, although a frozen base weight needs no weight gradient.
+* Embedding lookup: free. RMSNorm per row of width d: d squares, mean (d-1 additions + 1 division), + eps, sqrt,
+  inverse, d scales, d weight multiplies = 4d + 12 with the default costs.
+* Rotary embedding: the cos/sin tables ARE counted, once per forward (the model computes them every forward: angle
+  products for head_dim/2 frequencies, then cos and sin of head_dim angles). Applying them to every query and key head
+  vector of width d: x*cos (d), negate half for rotate_half (d/2), *sin (d), add (d).
+* Attention, per batch element and query head, over the full T x T score matrix (causal or not: the kernels and
+  torch's counter compute the square, the mask is a select and costs nothing): scores Q.K^T, one scaling multiply per
+  score, softmax per row = T exponentials + (T-1) additions + T divisions (the max subtraction that keeps exp finite
+  is a numerical detail and is not counted), then P.V.
+* Grouped-query attention: gqa="real" (default) counts the k/v projections (and the rotary on k) at the model's
+  num_key_value_heads; gqa="mha" is the users' simplification that counts them as if every query head had its own
+  k/v head. The score and value products run per query head either way.
+* SwiGLU: SiLU(x) = x / (1 + exp(-x)) = negation + exponential + addition + division per element; gate * up one
+  multiply per element. Residual adds: one addition per element, twice per block.
+* LM head and loss follow `qwen_mini.loss.causal_lm_loss`, what the trainer runs: the last position of a window has
+  no next token, so the LM head and the loss cover batch*(seq-1) positions. Cross-entropy per position over the
+  vocabulary V: V exponentials, V-1 additions, 1 logarithm, 1 subtraction (log-sum-exp minus the target logit); the
+  mean over N positions: N-1 additions + 1 division. With include_loss=False the count is a plain forward that
+  returns logits for all batch*seq positions.
+* LoRA (`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`, recognised by its attributes, not its class): the
+  base linear, the A and B products, one multiply by `scaling` and one addition per output element; dropout with
+  p > 0 costs 2 per input element (mask / (1-p), then the multiply), an identity nothing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .config import QwenConfig
+from .model import MLP, Attention, Block, Qwen, RMSNorm, RotaryEmbedding
+
+__all__ = ["BACKWARD_FACTOR", "COSTS", "CountContext", "FlopCountError", "FlopReport", "FlopRow", "count_forward",
+           "counter_for", "cross_entropy_flops", "format_flops", "is_lora_linear", "linear_features", "matmul_flops",
+           "meta_model", "register_counter", "resolve_costs", "training_step_flops", "unregister_counter"]
+
+# FLOPs per primitive operation (the users' table). Read-only: pass `costs=` to override entries.
+COSTS: Mapping[str, int] = MappingProxyType({
+    "add": 1, "sub": 1, "neg": 1,          # addition, subtraction, negation
+    "mul": 1, "div": 1, "inv": 1,          # multiplication, division, inverse (1/x)
+    "relu": 1, "abs": 1,                   # ReLU, absolute value
+    "exp": 10, "log": 10,                  # exponential, logarithm
+    "sin": 10, "cos": 10, "sqrt": 10,      # sine, cosine, square root
+})
+BACKWARD_FACTOR = 2  # backward pass = 2 x forward pass, for every counted operation
+GQA_MODES = ("real", "mha")
+
+
+class FlopCountError(ValueError):
+    """A model, setting or cost table that cannot be counted."""
+
+
+def resolve_costs(costs: Mapping[str, int] | None = None) -> dict[str, int]:
+    """`COSTS` with the given entries replaced; unknown primitives and non-integer costs are errors."""
+    resolved = dict(COSTS)
+    for name, value in (costs or {}).items():
+        if name not in COSTS:
+            raise FlopCountError(f"unknown primitive {name!r} in costs; known primitives: {', '.join(COSTS)}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise FlopCountError(f"cost of {name!r} must be a non-negative integer (counts are exact), got {value!r}")
+        resolved[name] = value
+    return resolved
+
+
+def matmul_flops(m: int, n: int, p: int, costs: Mapping[str, int] = COSTS) -> int:
+    """(m x n) . (n x p): n multiplications and n-1 additions for each of the m*p outputs = m*p*(2n-1)."""
+    return m * p * (n * costs["mul"] + (n - 1) * costs["add"])
+
+
+def cross_entropy_flops(positions: int, vocab: int, costs: Mapping[str, int] = COSTS) -> dict[str, int]:
+    """Mean cross-entropy of `positions` rows of `vocab` logits, by operation (see the module docstring)."""
+    return {
+        "exp": positions * vocab * costs["exp"],
+        "sum": positions * (vocab - 1) * costs["add"],
+        "log": positions * costs["log"],
+        "minus_target": positions * costs["sub"],
+        "mean": (positions - 1) * costs["add"] + costs["div"],
+    }
+
+
+# ---- rows and the report -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlopRow:
+    """Forward FLOPs of one operation. `layer` groups rows for the per-layer table ("layers.3", "lm_head", "loss"),
+    `component` names the operation inside it ("self_attn.q_proj.matmul"), `module` is the path of the module that
+    reported it in `model.named_modules()` ("model.layers.3.self_attn.q_proj")."""
+    layer: str
+    component: str
+    forward: int
+    module: str = ""
+
+    @property
+    def backward(self) -> int:
+        return BACKWARD_FACTOR * self.forward
+
+    @property
+    def total(self) -> int:
+        """Forward + backward: this row's share of a training step."""
+        return self.forward + self.backward
+
+
+def format_flops(value: int | float, digits: int = 3) -> str:
+    """Compact scientific notation as the users write it: 3.1e16, 1.11e17, 8.0e16; small values in full."""
+    if abs(value) < 10_000:
+        return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+    mantissa = mantissa.rstrip("0")
+    if mantissa.endswith("."):
+        mantissa += "0"
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _log10(value: int) -> float:
+    return math.log10(value) if value > 0 else float("-inf")
+
+
+@dataclass
+class FlopReport:
+    """FLOPs of one training step of `batch` sequences of `seq` tokens, row by row."""
+    rows: list[FlopRow]
+    batch: int
+    seq: int
+    gqa: str
+    costs: dict[str, int]
+    include_loss: bool
+    model_name: str = ""
+
+    @property
+    def forward(self) -> int:
+        return sum(row.forward for row in self.rows)
+
+    @property
+    def backward(self) -> int:
+        return BACKWARD_FACTOR * self.forward
+
+    @property
+    def step(self) -> int:
+        """One training step: forward + backward."""
+        return self.forward + self.backward
+
+    def by_layer(self) -> dict[str, int]:
+        """Forward FLOPs per layer group, in model order."""
+        return self._group(lambda row: row.layer)
+
+    def by_component(self) -> dict[str, int]:
+        """Forward FLOPs per component summed over the decoder layers ("self_attn.scores" over all layers)."""
+        return self._group(lambda row: row.component if row.layer.startswith("layers.")
+                           else f"{row.layer}.{row.component}")
+
+    def _group(self, key: Callable[[FlopRow], str]) -> dict[str, int]:
+        groups: dict[str, int] = {}
+        for row in self.rows:
+            groups[key(row)] = groups.get(key(row), 0) + row.forward
+        return groups
+
+    def select(self, predicate: Callable[[FlopRow], bool]) -> int:
+        """Forward FLOPs of the rows that match, e.g. `report.select(lambda r: r.component.endswith("bias"))`."""
+        return sum(row.forward for row in self.rows if predicate(row))
+
+    def gqa_description(self) -> str:
+        return ("real grouped-query attention (k/v projections to the model's key/value heads)" if self.gqa == "real"
+                else "counted as multi-head attention (k/v projections as wide as the query heads)")
+
+    def to_dict(self) -> dict:
+        def entry(forward: int) -> dict:
+            return {"forward": forward, "backward": BACKWARD_FACTOR * forward,
+                    "total": (1 + BACKWARD_FACTOR) * forward}
+        return {
+            "model": self.model_name,
+            "batch": self.batch,
+            "seq": self.seq,
+            "tokens": self.batch * self.seq,
+            "gqa": self.gqa,
+            "include_loss": self.include_loss,
+            "costs": dict(self.costs),
+            "backward_factor": BACKWARD_FACTOR,
+            "forward": self.forward,
+            "backward": self.backward,
+            "step": self.step,
+            "log10_step": _log10(self.step),
+            "layers": [{"layer": name, **entry(forward)} for name, forward in self.by_layer().items()],
+            "rows": [{"layer": r.layer, "component": r.component, "module": r.module, **entry(r.forward)}
+                     for r in self.rows],
+        }
+
+    def table(self, by: str = "layer") -> str:
+        """Text table with forward, backward, per-step and share-of-step columns, then the totals.
+
+        by="layer": one row per decoder layer (plus embedding, rotary tables, final norm, LM head, loss);
+        by="component": one row per operation, summed over the decoder layers."""
+        if by == "layer":
+            groups, label = self.by_layer(), "layer"
+        elif by == "component":
+            groups, label = self.by_component(), "component (all layers)"
+        else:
+            raise FlopCountError(f"table(by={by!r}): choose 'layer' or 'component'")
+        step = self.step or 1
+        width = max(len(label), *(len(name) for name in groups), len("total"))
+        header = f"{label:<{width}}  {'forward':>11}  {'backward':>11}  {'per step':>11}  {'share':>7}"
+        lines = [
+            f"FLOPs of one training step{f' of {self.model_name}' if self.model_name else ''}: batch {self.batch} x "
+            f"ctx {self.seq} = {self.batch * self.seq:,} tokens",
+            f"attention: gqa={self.gqa}, {self.gqa_description()}; backward = {BACKWARD_FACTOR} x forward"
+            + ("" if self.include_loss else "; no loss (plain forward)"),
+            "",
+            header,
+            "-" * len(header),
+        ]
+        for name, forward in groups.items():
+            total = (1 + BACKWARD_FACTOR) * forward
+            lines.append(f"{name:<{width}}  {format_flops(forward, 4):>11}  "
+                         f"{format_flops(BACKWARD_FACTOR * forward, 4):>11}  {format_flops(total, 4):>11}  "
+                         f"{100 * total / step:>6.2f}%")
+        lines.append("-" * len(header))
+        lines.append(f"{'total':<{width}}  {format_flops(self.forward, 4):>11}  {format_flops(self.backward, 4):>11}"
+                     f"  {format_flops(self.step, 4):>11}  {100.0:>6.2f}%")
+        lines.append("")
+        lines.append(f"forward  {self.forward:,} FLOPs")
+        lines.append(f"backward {self.backward:,} FLOPs")
+        lines.append(f"per step {self.step:,} FLOPs (log10 {_log10(self.step):.3f})")
+        return "\n".join(lines)
+
+
+# ---- the counting context and the registry -------------------------------------------------------------------------
+
+CounterFn = Callable[[nn.Module, "CountContext"], Iterable[tuple]]
+
+_COUNTERS: dict[type, CounterFn] = {}
+
+
+@dataclass
+class _Walk:
+    """State shared by every context of one count: module paths and which modules have been counted."""
+    paths: dict[int, str]
+    counted: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class CountContext:
+    """What a counter needs besides its module: the batch shape, the GQA mode, the cost table.
+
+    A parent may pass shape hints to a child it counts: `tokens` (rows the child sees, default batch*seq),
+    `in_features`/`out_features` (widths that differ from the child's own weights, as for the GQA simplification)."""
+    batch: int
+    seq: int
+    gqa: str
+    costs: Mapping[str, int]
+    include_loss: bool
+    walk: _Walk
+    tokens: int
+    in_features: int | None = None
+    out_features: int | None = None
+
+    def count(self, module: nn.Module, name: str, *, tokens: int | None = None, in_features: int | None = None,
+              out_features: int | None = None) -> list[tuple]:
+        """Count a child module; its costs come back named `name.<component>`."""
+        child = CountContext(self.batch, self.seq, self.gqa, self.costs, self.include_loss, self.walk,
+                             self.tokens if tokens is None else tokens, in_features, out_features)
+        self.mark_counted(module)
+        return [((name, *path), flops, where) for path, flops, where in _run_counter(module, child)]
+
+    def mark_counted(self, module: nn.Module) -> None:
+        """Declare `module` accounted for (containers, or children a counter prices itself)."""
+        self.walk.counted.add(id(module))
+
+
+def _run_counter(module: nn.Module, ctx: CountContext) -> list[tuple[tuple[str, ...], int, str]]:
+    """The module's costs as (path, forward FLOPs, reporting module's path); a counter's own (name, FLOPs) pairs
+    are attributed to `module`, its children's costs keep theirs."""
+    where = ctx.walk.paths.get(id(module), "")
+    costs = []
+    for cost in counter_for(module)(module, ctx):
+        key, flops = cost[0], cost[1]
+        path = key if isinstance(key, tuple) else (key,)
+        costs.append((path, int(flops), cost[2] if len(cost) > 2 else where))
+    return costs
+
+
+def register_counter(module_type: type, fn: CounterFn) -> CounterFn | None:
+    """Count modules of `module_type` (and its subclasses) with `fn(module, ctx)`; returns the counter it replaces.
+
+    `fn` returns an iterable of (name, forward FLOPs) pairs for the work the module does itself, and includes its
+    children's costs through `ctx.count(child, "child_name")`. Every module of the tree must be counted or marked with
+    `ctx.mark_counted(child)`; `count_forward` fails on any it did not reach."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_counter needs an nn.Module subclass, got {module_type!r}")
+    if not callable(fn):
+        raise TypeError(f"counter for {module_type.__name__} must be callable, got {fn!r}")
+    previous = _COUNTERS.get(module_type)
+    _COUNTERS[module_type] = fn
+    return previous
+
+
+def unregister_counter(module_type: type) -> CounterFn | None:
+    """Remove a registered counter (e.g. a test's); returns it, or None if there was none."""
+    return _COUNTERS.pop(module_type, None)
+
+
+def is_lora_linear(module: nn.Module) -> bool:
+    """LoRA wrappers are recognised by their parts, so qwen_mini never imports the lora package."""
+    return all(hasattr(module, attr) for attr in ("base_layer", "lora_A", "lora_B", "scaling"))
+
+
+def counter_for(module: nn.Module) -> CounterFn:
+    """The counter of the module's own class, else a LoRA wrapper's, else the nearest registered base class's."""
+    if type(module) in _COUNTERS:
+        return _COUNTERS[type(module)]
+    if is_lora_linear(module):
+        return count_lora_linear
+    for cls in type(module).__mro__[1:]:
+        if cls in _COUNTERS:
+            return _COUNTERS[cls]
+    raise FlopCountError(f"no FLOP counter for module type {type(module).__module__}.{type(module).__qualname__}; "
+                         "register one with qwen_mini.flops.register_counter(module_type, fn)")
+
+
+# ---- counters for the model's modules ------------------------------------------------------------------------------
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or of a wrapper around one, read from the weight matrix (out x in)."""
+    inner = module.base_layer if is_lora_linear(module) else module
+    weight = getattr(inner, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise FlopCountError(f"cannot read the shape of {type(module).__name__}: no 2-D weight")
+    out_features, in_features = weight.shape
+    return int(in_features), int(out_features)
+
+
+def count_linear(linear: nn.Linear, ctx: CountContext):
+    in_features, out_features = linear_features(linear)
+    out_features = ctx.out_features or out_features
+    yield "matmul", matmul_flops(ctx.tokens, in_features, out_features, ctx.costs)
+    if linear.bias is not None:
+        yield "bias", ctx.tokens * out_features * ctx.costs["add"]
+
+
+def count_lora_linear(module: nn.Module, ctx: CountContext):
+    in_features, out_features = linear_features(module)
+    out_features = ctx.out_features or out_features
+    yield from ctx.count(module.base_layer, "base_layer", out_features=out_features)
+    if getattr(module, "merged", False):  # the update lives in base_layer.weight: forward skips the adapter
+        for part in (module.lora_A, module.lora_B, getattr(module, "lora_dropout", None)):
+            if part is not None:
+                ctx.mark_counted(part)
+        return
+    dropout = getattr(module, "lora_dropout", None)
+    if dropout is not None:
+        yield from ctx.count(dropout, "lora_dropout", in_features=in_features)
+    yield from ctx.count(module.lora_A, "lora_A")
+    yield from ctx.count(module.lora_B, "lora_B", out_features=out_features)
+    yield "lora_scaling", ctx.tokens * out_features * ctx.costs["mul"]
+    yield "lora_add", ctx.tokens * out_features * ctx.costs["add"]
+
+
+def count_dropout(dropout: nn.Dropout, ctx: CountContext):
+    # Training runs dropout: torch scales the Bernoulli mask by 1/(1-p), then multiplies (2 per element).
+    if dropout.p > 0:
+        if ctx.in_features is None:
+            raise FlopCountError("dropout needs its input width: count it through its parent with in_features=")
+        yield "mask", ctx.tokens * ctx.in_features * (ctx.costs["div"] + ctx.costs["mul"])
+
+
+def count_identity(module: nn.Module, ctx: CountContext):
+    return ()
+
+
+def count_embedding(embedding: nn.Embedding, ctx: CountContext):
+    yield "lookup", 0  # a gather, no arithmetic
+
+
+def count_rms_norm(norm: RMSNorm, ctx: CountContext):
+    d, c, rows = norm.weight.shape[0], ctx.costs, ctx.tokens
+    yield "square", rows * d * c["mul"]
+    yield "mean", rows * ((d - 1) * c["add"] + c["div"])
+    yield "eps", rows * c["add"]
+    yield "rsqrt", rows * (c["sqrt"] + c["inv"])
+    yield "normalize", rows * d * c["mul"]
+    yield "weight", rows * d * c["mul"]
+
+
+def count_rotary_tables(rotary: RotaryEmbedding, ctx: CountContext):
+    # Computed once per forward for every position, shared by all layers.
+    half = rotary.inv_freq.numel()
+    yield "angles", ctx.tokens * half * ctx.costs["mul"]
+    yield "cos", ctx.tokens * 2 * half * ctx.costs["cos"]
+    yield "sin", ctx.tokens * 2 * half * ctx.costs["sin"]
+
+
+def rotary_apply_flops(vectors: int, head_dim: int, costs: Mapping[str, int]) -> int:
+    """x*cos + rotate_half(x)*sin for `vectors` head vectors: 2d multiplies, d/2 negations, d additions each."""
+    return vectors * (2 * head_dim * costs["mul"] + head_dim // 2 * costs["neg"] + head_dim * costs["add"])
+
+
+def count_attention(attn: Attention, ctx: CountContext):
+    B, T, c = ctx.batch, ctx.seq, ctx.costs
+    heads, kv_heads, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q_out = linear_features(attn.q_proj)[1]
+    if q_out != heads * d:
+        raise FlopCountError(f"attention layer {attn.layer_idx}: q_proj has {q_out} outputs but n_heads * head_dim "
+                             f"= {heads} * {d}")
+    counted_kv_heads = kv_heads if ctx.gqa == "real" else heads
+    kv_width = counted_kv_heads * d if ctx.gqa == "mha" else None  # None: the projections' own width
+    yield from ctx.count(attn.q_proj, "q_proj")
+    yield from ctx.count(attn.k_proj, "k_proj", out_features=kv_width)
+    yield from ctx.count(attn.v_proj, "v_proj", out_features=kv_width)
+    yield "rope_q", rotary_apply_flops(ctx.tokens * heads, d, c)
+    yield "rope_k", rotary_apply_flops(ctx.tokens * counted_kv_heads, d, c)
+    per_head = B * heads  # score and value products run per query head whether or not k/v are shared
+    yield "scores", per_head * matmul_flops(T, d, T, c)
+    yield "scale", per_head * T * T * c["mul"]
+    yield "softmax", per_head * T * (T * c["exp"] + (T - 1) * c["add"] + T * c["div"])
+    yield "values", per_head * matmul_flops(T, T, d, c)
+    yield from ctx.count(attn.o_proj, "o_proj")
+
+
+def count_mlp(mlp: MLP, ctx: CountContext):
+    intermediate, c = linear_features(mlp.gate_proj)[1], ctx.costs
+    yield from ctx.count(mlp.gate_proj, "gate_proj")
+    yield from ctx.count(mlp.up_proj, "up_proj")
+    yield "silu", ctx.tokens * intermediate * (c["neg"] + c["exp"] + c["add"] + c["div"])
+    yield "gate_times_up", ctx.tokens * intermediate * c["mul"]
+    yield from ctx.count(mlp.down_proj, "down_proj")
+
+
+def count_block(block: Block, ctx: CountContext):
+    hidden = block.input_layernorm.weight.shape[0]
+    yield from ctx.count(block.input_layernorm, "input_layernorm")
+    yield from ctx.count(block.self_attn, "self_attn")
+    yield "residual_attn", ctx.tokens * hidden * ctx.costs["add"]
+    yield from ctx.count(block.post_attention_layernorm, "post_attention_layernorm")
+    yield from ctx.count(block.mlp, "mlp")
+    yield "residual_mlp", ctx.tokens * hidden * ctx.costs["add"]
+
+
+def count_qwen(model: Qwen, ctx: CountContext):
+    decoder = model.model
+    ctx.mark_counted(decoder)
+    ctx.mark_counted(decoder.layers)
+    yield from ctx.count(decoder.embed_tokens, "embed_tokens")
+    yield from ctx.count(decoder.rotary_emb, "rotary_emb")
+    for i, layer in enumerate(decoder.layers):
+        yield from ctx.count(layer, f"layers.{i}")
+    yield from ctx.count(decoder.norm, "norm")
+    # Training (qwen_mini.loss.causal_lm_loss) drops the last position, which has no next token to predict.
+    positions = ctx.batch * (ctx.seq - 1) if ctx.include_loss else ctx.tokens
+    yield from ctx.count(model.lm_head, "lm_head", tokens=positions)
+    if ctx.include_loss:
+        vocab = linear_features(model.lm_head)[1]
+        for name, flops in cross_entropy_flops(positions, vocab, ctx.costs).items():
+            yield ("loss", name), flops, ""
+
+
+for _type, _fn in ((nn.Linear, count_linear), (nn.Dropout, count_dropout), (nn.Identity, count_identity),
+                   (nn.Embedding, count_embedding), (RMSNorm, count_rms_norm), (RotaryEmbedding, count_rotary_tables),
+                   (Attention, count_attention), (MLP, count_mlp), (Block, count_block), (Qwen, count_qwen)):
+    register_counter(_type, _fn)
+
+
+# ---- entry points --------------------------------------------------------------------------------------------------
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise FlopCountError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def count_forward(model: nn.Module, batch: int, seq: int, gqa: str = "real", costs: Mapping[str, int] = COSTS,
+                  include_loss: bool = True) -> FlopReport:
+    """Forward FLOPs of `model` on `batch` sequences of `seq` tokens, per layer and component (see module docs)."""
+    batch, seq = _positive_int("batch", batch), _positive_int("seq", seq)
+    if gqa not in GQA_MODES:
+        raise FlopCountError(f"gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
+    if include_loss and seq < 2:
+        raise FlopCountError("a training window needs seq >= 2 (the loss predicts token t+1 from tokens <= t)")
+    costs = resolve_costs(costs)
+    walk = _Walk(paths={id(m): name for name, m in model.named_modules()})
+    ctx = CountContext(batch, seq, gqa, costs, include_loss, walk, tokens=batch * seq)
+    walk.counted.add(id(model))
+    rows = []
+    for path, flops, module_path in _run_counter(model, ctx):
+        layer, component = path[0], ".".join(path[1:]) or path[0]
+        rows.append(FlopRow(layer, component, flops, module_path))
+    missed = [name for name, m in model.named_modules() if id(m) not in walk.counted]
+    if missed:
+        raise FlopCountError(f"{len(missed)} module(s) were not counted, e.g. {missed[0]!r} "
+                             f"({type(model.get_submodule(missed[0])).__name__}): the counter of its parent does not "
+                             "know it; update the counter registered for the parent (qwen_mini.flops.register_counter)")
+    name = getattr(getattr(model, "config", None), "name", "") or ""
+    return FlopReport(rows, batch, seq, gqa, costs, include_loss, model_name=str(name))
+
+
+def training_step_flops(model: nn.Module, batch: int, ctx: int, gqa: str = "real") -> int:
+    """FLOPs of one training step (forward + backward, loss included) on `batch` windows of `ctx` tokens."""
+    return count_forward(model, batch, ctx, gqa=gqa).step
+
+
+# ---- a model to count without weights ------------------------------------------------------------------------------
+
+class _SkipRandomInitOnMeta(TorchFunctionMode):
+    """Makes random initialisation of meta tensors a no-op (a meta tensor holds no values to initialise).
+
+    Needed for speed only: torch routes `normal_` on meta tensors through a Python reference implementation whose
+    first call imports torch._dynamo, about a second — longer than the whole count."""
+    _RANDOM_INITS = {nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_,
+                     nn.init.kaiming_normal_, torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._RANDOM_INITS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def meta_model(config: QwenConfig) -> Qwen:
+    """The model of `config` on the meta device: every shape, no weights allocated (the 0.5B model in ~50 ms)."""
+    with torch.device("meta"), _SkipRandomInitOnMeta():
+        return Qwen(config)

@@ -1,0 +1,91 @@
+"""The flops.py command line, run in-process (importing torch once for the whole file)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import flops as flops_cli
+from qwen_mini import QwenConfig
+from qwen_mini.budget import write_run_record
+from qwen_mini.flops import count_forward, meta_model
+from test_flops import HAND, HAND_STEP, inject_stand_in
+
+
+def run(capsys, *argv):
+    status = flops_cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_json_for_a_config_file_matches_the_hand_count(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(HAND.to_hf()))
+    status, out, _ = run(capsys, "--config", str(tmp_path), "--batch", "2", "--ctx", "3", "--rank", "0", "--json",
+                         "--seed", "7")
+    assert status == 0
+    result = json.loads(out)
+    assert result["per_step_flops"] == result["report"]["step"] == HAND_STEP
+    assert result["settings"]["lora"]["rank"] == 0
+    status, out_file, _ = run(capsys, "--config", str(tmp_path / "config.json"), "--batch", "2", "--ctx", "3",
+                              "--rank", "0", "--json")
+    assert json.loads(out_file)["per_step_flops"] == HAND_STEP
+
+
+def test_lora_flags_reach_the_count(capsys):
+    pytest.importorskip("lora")
+    status, out, _ = run(capsys, "--model", "tiny", "--rank", "2", "--targets", "q_proj,k_proj", "--ctx", "16",
+                         "--gqa", "mha", "--json")
+    assert status == 0
+    expected = count_forward(inject_stand_in(meta_model(QwenConfig.from_name("tiny")), 2, ("q_proj", "k_proj")),
+                             4, 16, gqa="mha")
+    assert json.loads(out)["per_step_flops"] == expected.step
+
+
+def test_default_table_is_fast_and_needs_no_weights(capsys):
+    pytest.importorskip("lora")
+    flops_cli.main([])  # first call pays for imports, as `python flops.py` does before main()
+    capsys.readouterr()
+    start = time.perf_counter()
+    status, out, _ = run(capsys)
+    elapsed = time.perf_counter() - start
+    assert status == 0 and elapsed < 1.0, elapsed
+    assert "batch 4 x ctx 512" in out and "LoRA rank 4" in out and "q_proj, v_proj" in out
+    for expected in ("layers.0", "layers.23", "lm_head", "loss", "share", "per step"):
+        assert expected in out
+    status, by_component, _ = run(capsys, "--by", "component", "--rank", "0")
+    assert "self_attn.scores" in by_component and "no LoRA" in by_component
+
+
+def test_ledger_and_refused_plan(capsys, tmp_path):
+    for name, used in (("r1", 3 * 10**16), ("r2", 5 * 10**16)):
+        write_run_record(tmp_path / name, run_name=name, flops_used=used, per_step_flops=10**12,
+                         steps_done=used // 10**12, planned_flops=used, config={})
+    status, out, _ = run(capsys, "--model", "tiny", "--rank", "0", "--runs", str(tmp_path))
+    assert status == 0
+    assert "r1" in out and "r2" in out and "8.0e16" in out and "remaining    2.0e16" in out
+    status, out, err = run(capsys, "--model", "tiny", "--rank", "0", "--runs", str(tmp_path), "--steps", "10",
+                           "--max-flops", "80000000000000001")
+    assert status == 1 and "REFUSED: planned" in err and "> budget 8.0e16" in err
+    status, out, _ = run(capsys, "--model", "tiny", "--rank", "0", "--runs", str(tmp_path), "--steps", "10", "--json")
+    result = json.loads(out)
+    assert status == 0 and result["planned_run"]["fits"] and result["ledger"]["spent"] == 8 * 10**16
+
+
+def test_bad_arguments_are_usage_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        flops_cli.main(["--targets", "q_proj,w_proj"])
+    assert exit_info.value.code == 2 and "unknown LoRA target(s) w_proj" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        flops_cli.main(["--max-flops", "1.5"])
+    status, _, err = run(capsys, "--model", "qwen9-100b")
+    assert status == 2 and "neither a preset" in err
+    status, _, err = run(capsys, "--model", "tiny", "--runs", str(tmp_path / "nowhere"))
+    assert status == 2 and "no such directory" in err
+    with pytest.raises(SystemExit) as exit_info:
+        flops_cli.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--model", "--config", "--batch", "--ctx", "--rank", "--alpha", "--targets", "--steps", "--gqa",
+                 "--json", "--seed", "--runs", "--max-flops"):
+        assert flag in help_text
