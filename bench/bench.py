@@ -34,7 +34,9 @@ BENCH_CONFIGS = {
     "medium": dict(PRESETS["qwen2.5-0.5b"], num_hidden_layers=4),
     **PRESETS,
 }
-TASKS = ("forward", "train_step", "generate")
+TASKS = ("forward", "train_step", "generate", "generate_llmtime")
+# Qwen ids of the characters LLMTIME text is made of: digits 0-9 (15-24), '.' 13, ',' 11, ';' 26.
+LLMTIME_IDS = [11, 13, *range(15, 25), 26]
 
 
 def build_config(name: str) -> QwenConfig:
@@ -130,23 +132,46 @@ def task_train_step(model, impl, config, args, device):
     return {"seconds": times, "tokens": args.batch * args.ctx, "trainable": sum(p.numel() for p in params)}
 
 
-def task_generate(model, impl, config, args, device):
+def task_generate(model, impl, config, args, device, restrict_to=None):
+    """Greedy batched generation of exactly gen_new tokens per prompt. restrict_to: the only tokens allowed (the
+    forecasting case): we pass them as candidate_ids, HF gets the equivalent logits processor."""
     ids = inputs(config, args.gen_prompts, args.gen_prompt_len, device, args.seed)
     mask = torch.ones_like(ids)
     mask[::3, : args.gen_prompt_len // 10] = 0  # some left padding, as real batches of prompts have
     if impl == "ours":
         from qwen_mini import generate
 
-        fn = lambda: generate(model, ids, mask, max_new_tokens=args.gen_new)  # noqa: E731
+        fn = lambda: generate(model, ids, mask, max_new_tokens=args.gen_new, candidate_ids=restrict_to)  # noqa: E731
     else:
         kwargs = dict(max_new_tokens=args.gen_new, min_new_tokens=args.gen_new, do_sample=False,
                       pad_token_id=0, eos_token_id=None)
         if args.hf_cache != "dynamic":
             kwargs["cache_implementation"] = args.hf_cache
-        fn = lambda: model.generate(ids, attention_mask=mask, **kwargs)  # noqa: E731
+        if restrict_to is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([OnlyTokens(restrict_to, config.vocab_size, device)])
+        fn = lambda: model.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]  # noqa: E731
     with torch.inference_mode():
         times = timed(fn, device, args.gen_reps, warmup=1)
-    return {"seconds": times, "tokens": args.gen_prompts * args.gen_new}
+        tokens = fn()
+    return {"seconds": times, "tokens": args.gen_prompts * args.gen_new,
+            "output_checksum": int((tokens.long() * torch.arange(1, tokens.shape[1] + 1, device=device)).sum())}
+
+
+def task_generate_llmtime(model, impl, config, args, device):
+    return task_generate(model, impl, config, args, device, restrict_to=LLMTIME_IDS)
+
+
+class OnlyTokens:
+    """HF logits processor: every token outside `allowed` gets -inf."""
+
+    def __init__(self, allowed, vocab_size, device):
+        self.blocked = torch.ones(vocab_size, dtype=torch.bool, device=device)
+        self.blocked[allowed] = False
+
+    def __call__(self, input_ids, scores):
+        return scores.masked_fill(self.blocked, float("-inf"))
 
 
 def current_memory(device) -> int:
@@ -225,6 +250,10 @@ def main(argv=None):
             if proc.returncode or not lines:
                 raise SystemExit(f"{task}/{impl} failed:\n{proc.stderr[-3000:]}")
             results[f"{task}/{impl}"] = json.loads(lines[-1][len("RESULT "):])
+        ours, theirs = results[f"{task}/ours"], results[f"{task}/hf"]
+        if "output_checksum" in ours and ours["output_checksum"] != theirs["output_checksum"]:
+            print(f"[bench] WARNING: {task}: our tokens differ from HF's (checksums {ours['output_checksum']} vs "
+                  f"{theirs['output_checksum']})")
     import transformers, peft  # noqa: E401  (versions for the record)
 
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "processor": platform.processor(),
@@ -250,14 +279,14 @@ def without_out_flag(argv: list[str]) -> list[str]:
 
 
 def format_table(record) -> str:
-    rows = [f"{'task':<11} {'ours s':>9} {'HF s':>9} {'time ours/HF':>12} {'ours tok/s':>11} {'HF tok/s':>10} "
+    rows = [f"{'task':<16} {'ours s':>9} {'HF s':>9} {'time ours/HF':>12} {'ours tok/s':>11} {'HF tok/s':>10} "
             f"{'ours GiB':>9} {'HF GiB':>8} {'task GiB ours/HF':>17}"]
     results = record["results"]
     for task in TASKS:
         if f"{task}/ours" not in results:
             continue
         a, b = results[f"{task}/ours"], results[f"{task}/hf"]
-        rows.append(f"{task:<11} {a['median_s']:>9.3f} {b['median_s']:>9.3f} {a['median_s'] / b['median_s']:>12.2f} "
+        rows.append(f"{task:<16} {a['median_s']:>9.3f} {b['median_s']:>9.3f} {a['median_s'] / b['median_s']:>12.2f} "
                     f"{a['tokens_per_s']:>11.1f} {b['tokens_per_s']:>10.1f} {a['peak_bytes'] / 2**30:>9.2f} "
                     f"{b['peak_bytes'] / 2**30:>8.2f} "
                     f"{a['task_peak_bytes'] / 2**30:>7.2f}/{b['task_peak_bytes'] / 2**30:<5.2f}"

@@ -39,17 +39,29 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, stop_token_ids: Iterable[int] = (),
-             allowed_tokens: AllowedTokens | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+             allowed_tokens: AllowedTokens | None = None, pad_token_id: int | None = None,
+             candidate_ids: torch.Tensor | list[int] | None = None) -> torch.Tensor:
     """New tokens (batch, n <= max_new_tokens). A row that produced a stop token is filled with `pad_token_id`
-    afterwards (default: the first stop token, else 0); generation ends when every row has stopped."""
+    afterwards (default: the first stop token, else 0); generation ends when every row has stopped.
+
+    candidate_ids: every token that may ever be produced (e.g. all a grammar allows, stop tokens included). The LM
+    head is then computed for these rows only; greedy output is identical, sampling draws from the identical
+    distribution, and a decode step of a 0.5B model skips a 151,936 x 896 matmul."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, prompt_len>0), got shape {tuple(input_ids.shape)}")
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(stop_ids[0]) if len(stop_ids) else 0
     B, P = input_ids.shape
+    head = model.lm_head.weight
+    if candidate_ids is not None:
+        candidate_ids = torch.as_tensor(candidate_ids, dtype=torch.long, device=input_ids.device).unique()
+        missing = stop_ids[~torch.isin(stop_ids, candidate_ids)]
+        if len(missing):
+            raise ValueError(f"stop token(s) {missing.tolist()} are not among candidate_ids")
+        head = head[candidate_ids]
     cache = model.new_cache(B, P + max_new_tokens)
-    logits = prefill(model, input_ids, attention_mask, cache)
+    logits = prefill(model, input_ids, attention_mask, cache, head)
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     ones = torch.ones(B, 1, dtype=torch.long, device=input_ids.device)
@@ -57,23 +69,28 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         if allowed_tokens is not None:
             allowed = allowed_tokens(step, out[:, :step])
             if allowed is not None:
-                logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+                allowed = allowed.to(logits.device)
+                if candidate_ids is not None:
+                    allowed = allowed[:, candidate_ids]
+                logits = logits.masked_fill(~allowed, float("-inf"))
         token = sample_next(logits, temperature, top_k, top_p, generator)
+        if candidate_ids is not None:
+            token = candidate_ids[token]
         token = token.masked_fill(finished, pad_token_id)
         out[:, step] = token
         finished |= torch.isin(token, stop_ids)
         if bool(finished.all()) or step == max_new_tokens - 1:
             return out[:, :step + 1]
-        logits = decode_one(model, token[:, None], ones, cache)
+        logits = decode_one(model, token[:, None], ones, cache, head)
     return out
 
 
-def prefill(model: Qwen, input_ids, attention_mask, cache) -> torch.Tensor:
+def prefill(model: Qwen, input_ids, attention_mask, cache, head: torch.Tensor) -> torch.Tensor:
     """Fill the cache with the prompts; logits of the last position only (the full-vocab logits of every prompt
-    position would cost more memory than the cache)."""
+    position would cost more memory than the cache). `head`: the LM head's weight rows to score."""
     hidden = model.hidden_states(input_ids, attention_mask, kv_cache=cache)
-    return model.lm_head(hidden[:, -1]).float()
+    return (hidden[:, -1] @ head.T).float()
 
 
-def decode_one(model: Qwen, token, attention_mask, cache) -> torch.Tensor:
-    return model.lm_head(model.hidden_states(token, attention_mask, kv_cache=cache)[:, -1]).float()
+def decode_one(model: Qwen, token, attention_mask, cache, head: torch.Tensor) -> torch.Tensor:
+    return (model.hidden_states(token, attention_mask, kv_cache=cache)[:, -1] @ head.T).float()

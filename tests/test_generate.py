@@ -126,3 +126,23 @@ def test_top_k_draws_only_from_the_k_best():
     draws = sample_next(logits, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(1))
     top3 = logits.topk(3, dim=-1).indices
     assert (top3 == draws[:, None]).any(-1).all()
+
+
+def test_candidate_ids_give_the_same_tokens_as_masking_the_full_vocabulary():
+    model = random_model(CONFIG, seed=10)
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, [9, 4, 6], seed=10)
+    candidates = [2, 5, 7, 11, 13, 40, 77, 100]
+
+    def grammar(step, generated):  # alternate between two halves of the candidates
+        allowed = torch.zeros(3, CONFIG.vocab_size, dtype=torch.bool)
+        allowed[:, candidates[:4] if step % 2 else candidates[4:]] = True
+        return allowed
+
+    full = generate(model, input_ids, mask, max_new_tokens=10, allowed_tokens=grammar, stop_token_ids=[13])
+    sliced = generate(model, input_ids, mask, max_new_tokens=10, allowed_tokens=grammar, stop_token_ids=[13],
+                      candidate_ids=candidates)
+    assert torch.equal(full, sliced)
+    no_hook = generate(model, input_ids, mask, max_new_tokens=10, candidate_ids=candidates)
+    assert torch.isin(no_hook, torch.tensor(candidates)).all()
+    with pytest.raises(ValueError, match=r"stop token\(s\) \[3\] are not among candidate_ids"):
+        generate(model, input_ids, mask, max_new_tokens=2, stop_token_ids=[3], candidate_ids=candidates)
