@@ -1,0 +1,1 @@
+"""Lotka-Volterra data, LLMTIME encoding and tokenized datasets."""
