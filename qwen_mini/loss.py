@@ -69,17 +69,20 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def causal_lm_loss(model: Qwen, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[:, t+1] from positions <= t (labels aligned with input_ids, HF
-    convention); positions labelled -100 are ignored. Equal to the plain `F.cross_entropy` over full logits."""
+                   attention_mask: torch.Tensor | None = None, chunk_size: int = 1024,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting labels[:, t+1] from positions <= t (labels aligned with input_ids, HF
+    convention); positions labelled -100 are ignored. Equal to the plain `F.cross_entropy` over full logits.
+    reduction "sum" gives the summed loss (for averaging over tokens of several processes)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     hidden = model.hidden_states(input_ids, attention_mask)[:, :-1].reshape(-1, model.config.hidden_size)
     targets = labels[:, 1:].reshape(-1)
-    n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    if not torch.is_grad_enabled():
-        with torch.no_grad():
-            return LinearCrossEntropy.forward(_NoGradContext(), hidden, model.lm_head.weight, targets,
-                                              chunk_size) / n_valid
-    return LinearCrossEntropy.apply(hidden, model.lm_head.weight, targets, chunk_size) / n_valid
+    if torch.is_grad_enabled():
+        total = LinearCrossEntropy.apply(hidden, model.lm_head.weight, targets, chunk_size)
+    else:
+        total = LinearCrossEntropy.forward(_NoGradContext(), hidden, model.lm_head.weight, targets, chunk_size)
+    return total if reduction == "sum" else total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class _NoGradContext:

@@ -41,3 +41,5 @@ def test_loss_without_grad_and_all_ignored_labels():
         assert abs(causal_lm_loss(model, input_ids, input_ids).item()
                    - reference_loss(model, input_ids, input_ids).item()) <= 1e-5
         assert causal_lm_loss(model, input_ids, torch.full_like(input_ids, -100)).item() == 0.0
+        total = causal_lm_loss(model, input_ids, input_ids, reduction="sum").item()
+        assert abs(total / (2 * 8) - reference_loss(model, input_ids, input_ids).item()) <= 1e-5
