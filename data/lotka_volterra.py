@@ -21,6 +21,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from qwen_mini.fileio import atomic_write
+
 PARAM_NAMES = ("alpha", "beta", "gamma", "delta", "x0", "y0")
 
 # Ranges the simulator draws from (uniformly). Rates are set through the equilibrium (x*, y*) = (gamma/delta,
@@ -102,18 +104,16 @@ def validate(trajectories: np.ndarray, time: np.ndarray, where: str = "data") ->
 def save(path: str | os.PathLike, data: LVData) -> Path:
     """Write the schema atomically (a partly written file never replaces a good one)."""
     validate(data.trajectories, data.time, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("trajectories", data=data.trajectories.astype(np.float32))
-        f.create_dataset("time", data=data.time.astype(np.float64))
-        if data.params:
-            group = f.create_group("params")
-            for key, value in data.params.items():
-                group.create_dataset(key, data=value)
-    os.replace(tmp, path)
-    return path
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("trajectories", data=data.trajectories.astype(np.float32))
+            f.create_dataset("time", data=data.time.astype(np.float64))
+            if data.params:
+                group = f.create_group("params")
+                for key, value in data.params.items():
+                    group.create_dataset(key, data=value)
+
+    return atomic_write(path, write)
 
 
 # ---- simulation --------------------------------------------------------------------------------------------------

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import math
 import operator
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from .fileio import write_json_atomic
 from .flops import count_forward, format_flops
 
 __all__ = ["DEFAULT_BUDGET", "RECORD_NAME", "BudgetExceeded", "LedgerError", "LedgerRow", "RunPlan", "check_budget",
@@ -111,22 +110,7 @@ def write_run_record(run_dir, *, run_name: str, flops_used, per_step_flops, step
     }
     if record["flops_used"] > 0:
         record["log10_flops_used"] = round(log10(record["flops_used"]), 4)
-    text = json.dumps(record, indent=2, default=str) + "\n"
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RECORD_NAME
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{RECORD_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_json_atomic(Path(run_dir) / RECORD_NAME, record)
 
 
 def _read_record(path: Path) -> LedgerRow:

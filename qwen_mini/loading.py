@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import QwenConfig
+from .fileio import atomic_write
 from .hub import resolve_dir
 from .model import Qwen
 
@@ -100,9 +101,7 @@ def save_pretrained(model: Qwen, directory: str | os.PathLike, dtype: torch.dtyp
         state.pop("lm_head.weight")
     config = model.config.to_hf()
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = directory / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / "model.safetensors")
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
