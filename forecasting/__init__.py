@@ -1,0 +1,1 @@
+"""Forecasting: grammar-constrained batched generation, metrics, baselines and plots."""
