@@ -11,7 +11,6 @@ import torch
 
 from data.dataset import make_eval_example
 from data.lotka_volterra import Split, load_or_simulate, split_indices
-from qwen_mini import load_model_and_tokenizer
 from qwen_mini.fileio import write_json_atomic
 
 from .baselines import lotka_volterra_forecast, persistence
@@ -156,7 +155,9 @@ def format_table(result: dict) -> str:
 
 def untrained_model_of_run(run_config: dict, device):
     """The run's base model without its adapter or fine-tuning (the "untrained" baseline)."""
-    model, _ = load_model_and_tokenizer(run_config["model"], device=device, seed=run_config.get("model_seed") or 0)
+    from training.run import load_base_model
+
+    model, _ = load_base_model(run_config, device=device)
     model.requires_grad_(False)
     return model.eval()
 

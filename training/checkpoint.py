@@ -1,0 +1,100 @@
+"""Resumable training state in `<run>/checkpoint.pt`, written atomically (temporary file + rename).
+
+A checkpoint holds only what the run cannot rebuild from its settings: the trainable parameters (the adapters of a
+LoRA run, every weight of a --full run), the optimizer and scheduler states, the data position and the RNG states.
+Restoring it and running on gives the same losses as never stopping (bit for bit on CPU).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qwen_mini.fileio import atomic_write
+
+from .run import CHECKPOINT_NAME, RunDirError
+
+FORMAT_VERSION = 1
+
+
+def rng_states() -> dict:
+    """Every random generator a run may draw from (torch CPU and CUDA for dropout and init; Python and NumPy's
+    global generators in case user code draws from them), as tensors and plain values that torch.load reads with
+    weights_only=True."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = states["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    random.setstate(states["python"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained, by name, on the CPU."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer, scheduler, step: int, data_position: dict,
+                    flops_used: int, trajectory: dict) -> Path:
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "data_position": data_position,
+        "flops_used": flops_used,
+        "trajectory": trajectory,  # the settings that produced it, checked when resuming
+        "trainable": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_states(),
+    }
+    return atomic_write(Path(run_dir) / CHECKPOINT_NAME, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(run_dir: Path, mmap: bool = False) -> dict | None:
+    """The run's checkpoint (None if it has none). mmap=True maps the tensors instead of reading them: a cheap way to
+    look at the step of a large checkpoint."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise RunDirError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise RunDirError(f"{path}: not a train.py checkpoint of format {FORMAT_VERSION}")
+    return state
+
+
+def restore_checkpoint(state: dict, *, model: nn.Module, optimizer, scheduler) -> None:
+    """Put a checkpoint's weights, optimizer, scheduler and RNG states back (the data position follows from the
+    step)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = state["trainable"]
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise RunDirError(f"checkpoint does not fit the model: {len(missing)} trainable tensor(s) missing "
+                          f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise RunDirError(f"checkpoint tensor {name!r} has shape {tuple(saved[name].shape)}, the model's "
+                                  f"{tuple(p.shape)}")
+            p.copy_(saved[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(state["rng"])

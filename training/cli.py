@@ -1,0 +1,179 @@
+"""The train.py command line: flags -> TrainConfig(s) -> train_run / run_grid -> summary table."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import flops as flops_cli
+from data.lotka_volterra import DataError
+from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError as ModelConfigError
+from qwen_mini.budget import DEFAULT_BUDGET, BudgetExceeded, LedgerError
+
+from .config import DEFAULT_MODEL, DTYPES, SCHEDULES, ConfigError, TrainConfig
+from .distributed import from_environment, shutdown
+from .grid import SUMMARY_NAME, expand_grid, format_summary, grid_dir, run_grid
+from .loop import train_run
+from .run import RunDirError
+
+DESCRIPTION = """\
+Fine-tune Qwen2.5 with LoRA (or every weight, --full) on Lotka-Volterra series in LLMTIME text, under a FLOP budget.
+
+  python train.py --rank 8 --ctx 768                      LoRA on Qwen/Qwen2.5-0.5B-Instruct, simulated data
+  python train.py --lr 1e-5 5e-5 --rank 4 8               a grid: one run per combination, then a summary table
+  python train.py --model tiny --full --steps 300         offline demo: the tiny random model, all weights
+  python train.py <same flags> --resume                   continue a stopped run from its last checkpoint
+  torchrun --nproc_per_node 2 train.py ...                data parallel (NCCL on GPU, gloo on CPU)
+
+Each run directory gets config.json, metrics.jsonl, loss_curve.png, flops.json (its entry in the budget ledger,
+see `python flops.py --runs runs`), checkpoint.pt, and adapter/ (PEFT format) or model/ (--full)."""
+
+EPILOG = """\
+Before a run (or a whole grid) starts, its planned FLOPs (steps x FLOPs per step, counted by qwen_mini.flops) plus
+every FLOP already recorded under --runs-dir must fit --max-flops; otherwise nothing is loaded or trained.
+Exit status: 0 done, 1 the run failed (data, model, checkpoint or run directory), 2 bad arguments, 3 refused by
+the FLOP budget, 130 interrupted (Ctrl-C)."""
+
+EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def finite_float(minimum: float, strict: bool):
+    """An argparse type for finite numbers > minimum (strict) or >= minimum."""
+    wanted = f"a number {'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_float, non_negative_float = finite_float(0, strict=True), finite_float(0, strict=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(model=DEFAULT_MODEL)
+    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive_int, non_negative_int = flops_cli.positive_int, flops_cli.non_negative_int
+
+    what = p.add_argument_group("model and data")
+    what.add_argument("--model", default=d.model,
+                      help="hub id or local directory with config.json, *.safetensors and tokenizer.json; 'tiny' = "
+                           "the tiny preset with random weights and a character tokenizer, for offline runs "
+                           "(default: %(default)s)")
+    what.add_argument("--data", default=None, metavar="H5",
+                      help="Lotka-Volterra h5 file (/trajectories (N, T, 2), /time); default: the built-in "
+                           "simulated set (1000 trajectories, generated once and cached)")
+    what.add_argument("--decimals", type=non_negative_int, default=d.decimals,
+                      help="decimals of the LLMTIME numbers (default: %(default)s)")
+    what.add_argument("--split-seed", type=int, default=d.split_seed,
+                      help="seed of the 70/15/15 train/val/test split of the trajectories (default: %(default)s)")
+
+    adapt = p.add_argument_group("what is trained")
+    adapt.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    adapt.add_argument("--rank", type=positive_int, nargs="+", default=[d.rank], metavar="R",
+                       help="LoRA rank; several values make a grid (default: %(default)s)")
+    adapt.add_argument("--alpha", type=float, default=None,
+                       help="LoRA alpha, scaling = alpha / rank (default: the rank, i.e. scaling 1)")
+    adapt.add_argument("--targets", type=flops_cli.target_list, default=d.targets, metavar="LIST",
+                       help=f"comma-separated projections that get adapters (default: {','.join(d.targets)})")
+    adapt.add_argument("--lora-dropout", type=non_negative_float, default=d.lora_dropout,
+                       help="dropout on the adapters' input (default: %(default)s)")
+
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=positive_float, nargs="+", default=[d.lr], metavar="LR",
+                       help="AdamW learning rate; several values make a grid (default: %(default)s)")
+    optim.add_argument("--batch", type=positive_int, default=d.batch,
+                       help="windows per step, over all processes (default: %(default)s)")
+    optim.add_argument("--ctx", type=positive_int, nargs="+", default=[d.ctx], metavar="TOKENS",
+                       help="tokens per window; several values make a grid (default: %(default)s)")
+    optim.add_argument("--stride", type=positive_int, default=None,
+                       help="tokens between the starts of consecutive windows (default: ctx // 2)")
+    optim.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    optim.add_argument("--warmup", type=non_negative_int, default=d.warmup,
+                       help="steps of linear learning-rate warmup (default: %(default)s)")
+    optim.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                       help="after warmup: constant, or cosine decay to 0 at --steps (default: %(default)s)")
+    optim.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip,
+                       help="clip the gradient norm to this value; 0 = no clipping (default: %(default)s)")
+    optim.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
+                       help="AdamW weight decay (default: %(default)s)")
+    optim.add_argument("--seed", type=int, default=d.seed,
+                       help="seed of the adapters' initialisation, the batch order and dropout (default: %(default)s)")
+
+    evaluation = p.add_argument_group("evaluation, checkpoints, output")
+    evaluation.add_argument("--eval-every", type=positive_int, default=None,
+                            help="steps between validation losses (default: steps // 10); also at step 0 and the end")
+    evaluation.add_argument("--val-batches", type=positive_int, default=d.val_batches,
+                            help="batches of validation windows, a fixed subset spread over the val split "
+                                 "(default: %(default)s)")
+    evaluation.add_argument("--checkpoint-every", type=non_negative_int, default=d.checkpoint_every,
+                            help="steps between checkpoints; 0 = only at the end (default: %(default)s)")
+    evaluation.add_argument("--out", default=None, metavar="DIR",
+                            help="the run directory (default: RUNS_DIR/<model>_<r RANK|full>_lr<LR>_ctx<CTX>); for a "
+                                 "grid, the directory holding its runs and summary.json (default: RUNS_DIR/grid_...)")
+    evaluation.add_argument("--runs-dir", default=d.runs_dir, metavar="DIR",
+                            help="where runs live: the FLOP ledger sums every flops.json under it "
+                                 "(default: %(default)s)")
+    evaluation.add_argument("--resume", action="store_true",
+                            help="continue the run(s) in their directories from the last checkpoint, with the same "
+                                 "settings (--steps may grow)")
+    evaluation.add_argument("--max-flops", type=flops_cli.flop_count, default=DEFAULT_BUDGET, metavar="FLOPS",
+                            help="FLOP budget of all runs under --runs-dir together (default: 1e17)")
+
+    hardware = p.add_argument_group("hardware")
+    hardware.add_argument("--device", default=d.device,
+                          help="auto (CUDA if available), cpu, cuda, cuda:1 ... (default: %(default)s)")
+    hardware.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                          help="float32, or bfloat16: autocast and (LoRA) a bf16 base model; auto = bfloat16 on "
+                               "CUDA, float32 on CPU (default: %(default)s)")
+    hardware.add_argument("--activation-checkpointing", action="store_true",
+                          help="recompute each block's activations in the backward pass: less memory for long "
+                               "contexts, about a third more compute (counted in the FLOPs)")
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> list:
+    """The TrainConfig of every run the flags ask for."""
+    settings = {key: value for key, value in vars(args).items() if key not in ("lr", "rank", "ctx")}
+    return expand_grid(settings, args.lr, args.rank, args.ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configs = configs_from_args(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    dist = from_environment(args.device)
+    try:
+        if len(configs) == 1:
+            results = [train_run(configs[0], dist=dist)]
+        else:
+            results = run_grid(configs, dist=dist)
+    except BudgetExceeded as e:
+        print(f"train.py: refused by the FLOP budget: {e}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    except KeyboardInterrupt:
+        print("train.py: interrupted; to continue from the last checkpoint, run the same command with --resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (RunDirError, ConfigError, DataError, CheckpointError, CheckpointNotFound, ModelConfigError, LedgerError,
+            FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        shutdown()
+    if dist.is_main:
+        print(format_summary([result.summary_row() for result in results]))
+        for result in results:
+            print(f"run directory: {result.run_dir}")
+        if len(configs) > 1:
+            print(f"summary: {grid_dir(configs) / SUMMARY_NAME}")
+    return 0

@@ -1,0 +1,137 @@
+"""One training run's settings (`TrainConfig`), their checks, and the names runs get from them."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora import VALID_TARGETS
+from qwen_mini.budget import DEFAULT_BUDGET
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("auto", "float32", "bfloat16")
+# Steps of each trajectory the LLMTIME scaler is fitted on: data.dataset's evaluation context, so training text and
+# forecast prompts are scaled by the same rule.
+FIT_STEPS = 50
+# The tiny preset's random weights are drawn with this seed whatever --seed is, so runs with different seeds adapt
+# the same base model and `load_run` can rebuild it.
+TINY_MODEL_SEED = 0
+
+# Settings that change what a run computes: a resumed run must have the same values as the run it continues.
+# (--steps may grow; --eval-every, --checkpoint-every, --val-batches, --device and the output paths may change.)
+TRAJECTORY_KEYS = ("model", "data", "full", "rank", "alpha", "targets", "lora_dropout", "lr", "batch", "ctx", "stride",
+                   "decimals", "seed", "split_seed", "warmup", "schedule", "grad_clip", "weight_decay", "dtype")
+
+
+class ConfigError(ValueError):
+    """Settings that cannot make a training run."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = DEFAULT_MODEL
+    data: str | None = None  # h5 path; None = the built-in simulated set
+    full: bool = False  # train every weight instead of LoRA adapters
+    rank: int = 4
+    alpha: float | None = None  # None = rank
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_dropout: float = 0.0
+    lr: float = 1e-5
+    batch: int = 4  # windows per optimizer step, over all processes
+    ctx: int = 512
+    stride: int | None = None  # None = ctx // 2
+    steps: int = 1000
+    eval_every: int | None = None  # None = steps // 10 (at least 1)
+    val_batches: int = 8
+    checkpoint_every: int = 100  # 0 = only at the end
+    decimals: int = 2
+    seed: int = 0
+    split_seed: int = 0
+    warmup: int = 0
+    schedule: str = "constant"
+    grad_clip: float = 1.0  # 0 = no clipping
+    weight_decay: float = 0.0
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    max_flops: int = DEFAULT_BUDGET
+    runs_dir: str = "runs"
+    out: str | None = None  # the run directory; None = runs_dir / run_name
+    resume: bool = False
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if self.stride is None:
+            self.stride = self.ctx // 2
+        if self.eval_every is None:
+            self.eval_every = max(self.steps // 10, 1)
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+        def non_negative(name, kind=int):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, kind)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+        for name in ("batch", "ctx", "steps", "eval_every", "val_batches", "stride", "max_flops"):
+            positive(name)
+        for name in ("checkpoint_every", "decimals", "warmup"):
+            non_negative(name)
+        for name in ("grad_clip", "weight_decay", "lora_dropout"):
+            non_negative(name, float)
+        if self.ctx < 2:
+            raise ConfigError(f"ctx must be >= 2 (the loss predicts token t+1 from tokens <= t), got {self.ctx}")
+        if self.stride > self.ctx:
+            raise ConfigError(f"stride {self.stride} > ctx {self.ctx} would skip tokens between windows")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if self.lora_dropout >= 1:
+            raise ConfigError(f"lora_dropout must be < 1, got {self.lora_dropout}")
+        if not self.full:
+            positive("rank")
+            if not math.isfinite(self.alpha):
+                raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}")
+            unknown = [t for t in self.targets if t not in VALID_TARGETS]
+            if unknown or not self.targets:
+                raise ConfigError(f"LoRA targets must be among {', '.join(VALID_TARGETS)}, got {list(self.targets)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.warmup >= self.steps and self.schedule == "cosine":
+            raise ConfigError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps}) for a cosine decay")
+
+    # ---- names and places -----------------------------------------------------------------------------------------
+    @property
+    def model_tag(self) -> str:
+        """The model's short name: 'tiny', 'Qwen2.5-0.5B-Instruct' (hub id or directory: its last component)."""
+        return Path(str(self.model).rstrip("/")).name or str(self.model)
+
+    @property
+    def run_name(self) -> str:
+        """The values that tell runs of a grid apart: model, LoRA rank (or 'full'), learning rate, context."""
+        mode = "full" if self.full else f"r{self.rank}"
+        return f"{self.model_tag}_{mode}_lr{self.lr:g}_ctx{self.ctx}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out is not None else Path(self.runs_dir) / self.run_name
+
+    def to_dict(self) -> dict:
+        """Every setting, JSON-ready (what config.json records as the flags)."""
+        values = dataclasses.asdict(self)
+        values["targets"] = list(self.targets)
+        return values
+
+    def trajectory_values(self) -> dict:
+        values = self.to_dict()
+        return {key: values[key] for key in TRAJECTORY_KEYS}

@@ -1,0 +1,114 @@
+"""The run directory: what a training run writes, and `load_run`, which the forecaster uses to read it back.
+
+    <run>/config.json     every setting, the data source, the train/val/test split, model spec, trainable parameters
+    <run>/metrics.jsonl   one JSON line per step: step, train_loss, val_loss (null between evaluations), lr,
+                          grad_norm (before clipping), flops (training FLOPs so far), tokens_per_s (window
+                          positions, padding included); step 0 holds the untrained model's val loss
+    <run>/loss_curve.png  train and validation loss against steps
+    <run>/flops.json      the run's record in the FLOP budget ledger (qwen_mini.budget)
+    <run>/checkpoint.pt   the latest resumable state: trainable weights, optimizer, scheduler, data position, RNG
+    <run>/adapter/        LoRA runs: the adapter in Hugging Face PEFT format (adapter_config.json + safetensors)
+    <run>/model/          --full runs: every weight (config.json + model.safetensors) and the tokenizer
+
+This layout is read by forecast.py; keep it, and `load_run`, stable.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import lora
+from qwen_mini import load_model_and_tokenizer
+
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss_curve.png"
+CHECKPOINT_NAME = "checkpoint.pt"
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+
+
+class RunDirError(ValueError):
+    """A run directory that is missing, incomplete or does not match the run being started."""
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The run's config.json as a dict."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: not a training run directory (no {CONFIG_NAME}; train.py writes it when a run "
+                          "starts)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path}: unreadable run config ({e})") from None
+    missing = [key for key in ("model", "full") if key not in config]
+    if not isinstance(config, dict) or missing:
+        raise RunDirError(f"{path}: not a train.py run config (missing {', '.join(missing) or 'everything'})")
+    return config
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The run's metrics.jsonl, one dict per line (empty if the run has not logged anything yet)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path}:{number}: not a JSON line ({e})") from None
+    return rows
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             merge: bool = True):
+    """(model, tokenizer, run config) of a trained run, in eval mode with every parameter frozen.
+
+    LoRA runs: the base model named in config["model"] (the tiny preset is rebuilt from its recorded seed) with the
+    adapter from `adapter/` applied; merge=True folds it into the weights (plain linears, fastest inference).
+    --full runs: the weights and tokenizer saved in `model/`. `dtype` None keeps the stored dtype; an adapter is
+    merged in float32 before any cast."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if config["full"]:
+        weights = run_dir / MODEL_DIR
+        needed = [weights / name for name in ("config.json", "model.safetensors", "tokenizer.json")]
+        _require(run_dir, needed, "a --full run saves its weights and tokenizer there when training ends")
+        model, tokenizer = load_model_and_tokenizer(weights, dtype=dtype, device=device)
+    else:
+        adapter = run_dir / ADAPTER_DIR
+        needed = [adapter / lora.ADAPTER_CONFIG_NAME, adapter / lora.ADAPTER_WEIGHTS_NAME]
+        _require(run_dir, needed, "a LoRA run saves its adapter there when training ends")
+        model, tokenizer = load_base_model(config, dtype=None if dtype is None else torch.float32)
+        lora.load_adapter(model, adapter)
+        if merge:
+            lora.merge_and_unload(model)
+        model = model.to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer, config
+
+
+def load_base_model(config: dict, device=None, dtype=None):
+    """(model, tokenizer) the run started from: its --model (a local directory by its recorded absolute path,
+    the tiny preset by its recorded seed), before any training."""
+    base = config.get("model_dir") if config.get("model_dir") and Path(config["model_dir"]).is_dir() \
+        else config["model"]
+    return load_model_and_tokenizer(base, dtype=dtype, device=device, seed=config.get("model_seed") or 0)
+
+
+def _require(run_dir: Path, paths: list[Path], why: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in missing)
+        raise RunDirError(f"{run_dir}: missing {names} ({why}; was the run stopped before its last step? "
+                          f"`python train.py --out {run_dir} --resume` with its settings finishes it)")
