@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.hf_twin import hf_twin  # noqa: E402
 from qwen_mini import PRESETS, Qwen, QwenConfig  # noqa: E402
 
 # Medium CPU config: the real vocabulary and layer shapes of Qwen2.5-0.5B, fewer layers, so the LM head's cost is
@@ -69,17 +70,7 @@ def build_models(config: QwenConfig, impl: str, device, dtype, seed: int):
     ours = Qwen(config).to(device=device, dtype=dtype).eval()
     if impl == "ours":
         return ours
-    import transformers
-
-    hf_config = transformers.Qwen2Config(**config.to_hf())
-    hf_config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        hf = transformers.Qwen2ForCausalLM(hf_config)
-    hf.load_state_dict(ours.state_dict(), assign=True)
-    hf.tie_weights()
-    with torch.device(device):
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
-    return hf.to(device=device, dtype=dtype).eval()
+    return hf_twin(ours)
 
 
 def inputs(config, batch, length, device, seed):

@@ -11,6 +11,8 @@ import itertools
 import numpy as np
 import torch
 
+from data.lotka_volterra import lv_rhs, rk4
+
 
 def persistence(context: np.ndarray, horizon: int) -> np.ndarray:
     """(T, V) context -> (horizon, V) copies of its last step."""
@@ -18,24 +20,9 @@ def persistence(context: np.ndarray, horizon: int) -> np.ndarray:
 
 
 def rk4_torch(params: torch.Tensor, state: torch.Tensor, times: torch.Tensor, substeps: int) -> torch.Tensor:
-    """params (B, 4) = alpha, beta, gamma, delta; state (B, 2); times (T,) -> (B, T, 2)."""
+    """params (B, 4) = alpha, beta, gamma, delta; state (B, 2); times (T,) -> (B, T, 2), differentiable."""
     alpha, beta, gamma, delta = params.unbind(-1)
-
-    def rhs(s):
-        x, y = s[:, 0], s[:, 1]
-        return torch.stack([alpha * x - beta * x * y, delta * x * y - gamma * y], dim=-1)
-
-    out = [state]
-    for t0, t1 in zip(times[:-1], times[1:]):
-        h = (t1 - t0) / substeps
-        for _ in range(substeps):
-            k1 = rhs(state)
-            k2 = rhs(state + 0.5 * h * k1)
-            k3 = rhs(state + 0.5 * h * k2)
-            k4 = rhs(state + h * k3)
-            state = state + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-        out.append(state)
-    return torch.stack(out, dim=1)
+    return rk4(lambda s: lv_rhs(s, alpha, beta, gamma, delta), state, times, substeps)
 
 
 def initial_guesses(contexts: np.ndarray, rates=(0.04, 0.1, 0.25, 0.6, 1.5)) -> np.ndarray:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qwen_mini.fileio import atomic_write
+from qwen_mini.loading import check_state_dict
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "LoRALinear", "PEFT_PREFIX",
            "VALID_TARGETS", "inject", "load_adapter", "lora_layers", "lora_state_dict", "mark_only_lora_trainable",
@@ -405,20 +406,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         _wrap(model, paths, rank, alpha, dropout)
 
     params = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
-    missing = [k for k in params if k not in tensors]
-    unexpected = [k for k in tensors if k not in params]
-    if missing:
-        raise AdapterError(f"{weights_path}: missing tensor {missing[0]!r} (expected shape "
-                           f"{tuple(params[missing[0]].shape)})"
-                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    if unexpected:
-        raise AdapterError(f"{weights_path}: unexpected tensor {unexpected[0]!r} with shape "
-                           f"{tuple(tensors[unexpected[0]].shape)} (not an adapter of this config's model)"
-                           + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
-    for key, param in params.items():
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise AdapterError(f"{weights_path}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the file "
-                               f"but the model expects {tuple(param.shape)}")
+    check_state_dict(params, tensors, weights_path, error=AdapterError)
     with torch.no_grad():
         for name, layer in lora_layers(model):
             prefix = PEFT_PREFIX + (f"{name}." if name else "")

@@ -44,20 +44,22 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | None
     return model.to(device=device, dtype=dtype).eval()
 
 
-def check_state_dict(expected: dict, found: dict, where) -> None:
+def check_state_dict(expected: dict, found: dict, where, error: type[Exception] = CheckpointError) -> None:
+    """Strict name and shape check of `found` tensors against the `expected` ones; the first fault raises `error`
+    naming the tensor and both shapes."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     if missing:
-        raise CheckpointError(f"{where}: missing tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise error(f"{where}: missing tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})"
+                    + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]!r} with shape "
-                              f"{tuple(found[unexpected[0]].shape)} (not part of this config's model)"
-                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+        raise error(f"{where}: unexpected tensor {unexpected[0]!r} with shape "
+                    f"{tuple(found[unexpected[0]].shape)} (not part of this model)"
+                    + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     for key, ref in expected.items():
         if tuple(found[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(found[key].shape)} in the checkpoint "
-                                  f"but the config expects {tuple(ref.shape)}")
+            raise error(f"{where}: tensor {key!r} has shape {tuple(found[key].shape)} in the file "
+                        f"but the model expects {tuple(ref.shape)}")
 
 
 def read_safetensors(root: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,9 @@
-"""Simulator (checked by the LV invariant), h5 schema validation, default data source, split."""
+"""Simulator (checked by the LV invariant), h5 schema validation, default data source, split, CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -17,6 +22,21 @@ def test_simulated_trajectories_are_positive_and_conserve_the_lv_invariant():
     assert drift.max() <= 1e-4
     assert 0.5 < np.median(x[..., 0].max(axis=1)) < 10  # coursework magnitudes
     np.testing.assert_allclose(x[:, 0, 0], data.params["x0"], rtol=1e-6)
+    np.testing.assert_allclose(data.time, np.arange(100) * 200 / 99)  # the coursework grid
+
+
+def test_parameters_come_from_the_documented_ranges_and_are_recorded():
+    data = lv.simulate(n=300, steps=10, seed=4)
+    p = data.params
+    for key, values in (("alpha", p["alpha"]), ("gamma", p["gamma"]), ("x0", p["x0"]), ("y0", p["y0"]),
+                        ("prey_equilibrium", p["gamma"] / p["delta"]), ("predator_equilibrium", p["alpha"] / p["beta"])):
+        low, high = lv.DEFAULT_RANGES[key]
+        assert low - 1e-12 <= values.min() and values.max() <= high + 1e-12, key
+    assert data.attrs["seed"] == 4 and json.loads(data.attrs["ranges"])["alpha"] == list(lv.DEFAULT_RANGES["alpha"])
+    narrow = lv.simulate(n=5, steps=10, seed=4, alpha=(0.2, 0.2))
+    assert np.all(narrow.params["alpha"] == 0.2)
+    with pytest.raises(ValueError, match=r"range gamma=\(0.3, 0.1\) must satisfy 0 < low <= high"):
+        lv.simulate(n=5, steps=10, gamma=(0.3, 0.1))
 
 
 def test_rk4_is_fourth_order_on_exponential_growth():
@@ -36,9 +56,12 @@ def test_save_then_load_is_identical(tmp_path):
     back = lv.load(tmp_path / "x.h5")
     assert np.array_equal(back.trajectories, data.trajectories) and np.array_equal(back.time, data.time)
     assert all(np.array_equal(back.params[k], data.params[k]) for k in lv.PARAM_NAMES)
+    assert back.attrs == data.attrs and back.path == str(tmp_path / "x.h5")
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file behind
 
 
 def write_h5(path, trajectories, time, extra=None):
+    """An h5 file written directly with h5py (not by `save`), so the loader is tested against the raw schema."""
     with h5py.File(path, "w") as f:
         if trajectories is not None:
             f["trajectories"] = trajectories
@@ -58,6 +81,8 @@ TIME = np.arange(6, dtype=np.float64)
     (GOOD, None, r"dataset /time is missing"),
     (np.ones((4, 6, 3)), TIME, r"/trajectories has shape \(4, 6, 3\), expected \(N, T, 2\)"),
     (GOOD, np.arange(5.0), r"/time has shape \(5,\), expected \(6,\)"),
+    (np.ones((0, 6, 2)), TIME, r"needs at least 1 trajectory of at least 2 steps"),
+    (np.array([[["a", "b"]]]).astype("S1"), np.arange(1.0), r"/trajectories has dtype \|S1, expected real numbers"),
 ])
 def test_schema_violations_are_named(tmp_path, trajectories, time, message):
     path = write_h5(tmp_path / "bad.h5", trajectories, time)
@@ -78,7 +103,19 @@ def test_bad_values_are_named_with_their_index(tmp_path, index, value, message):
         lv.load(path)
 
 
+def test_params_group_must_follow_the_schema(tmp_path):
+    params = {f"params/{k}": np.ones(4) for k in lv.PARAM_NAMES}
+    assert lv.load(write_h5(tmp_path / "ok.h5", GOOD, TIME, extra=params)).params["beta"].shape == (4,)
+    with pytest.raises(lv.DataError, match=r"/params/beta has shape \(3,\), expected \(4,\)"):
+        lv.load(write_h5(tmp_path / "shape.h5", GOOD, TIME, extra={**params, "params/beta": np.ones(3)}))
+    del params["params/y0"]
+    with pytest.raises(lv.DataError, match=r"/params lacks y0"):
+        lv.load(write_h5(tmp_path / "partial.h5", GOOD, TIME, extra=params))
+
+
 def test_time_must_increase_and_extra_datasets_are_ignored(tmp_path):
+    with pytest.raises(lv.DataError, match=r"time\[4\] is not finite \(nan\)"):
+        lv.load(write_h5(tmp_path / "n.h5", GOOD, np.array([0, 1, 2, 3, np.nan, 5.0])))
     with pytest.raises(lv.DataError, match=r"time is not strictly increasing: time\[2\]=2\.0, time\[3\]=2\.0"):
         lv.load(write_h5(tmp_path / "t.h5", GOOD, np.array([0, 1, 2, 2, 4, 5.0])))
     data = lv.load(write_h5(tmp_path / "ok.h5", GOOD, TIME, extra={"notes": np.arange(3)}))
@@ -111,6 +148,25 @@ def test_default_data_is_simulated_once_and_cached(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     second = lv.load_or_simulate(None)
     assert path.stat().st_mtime_ns == mtime and np.array_equal(first.trajectories, second.trajectories)
+    assert np.array_equal(first.trajectories, lv.simulate(12, lv.DEFAULT_STEPS, lv.DEFAULT_SEED).trajectories)
+
+
+def test_default_cache_name_follows_the_simulator_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_MINI_CACHE", str(tmp_path))
+    name = lv.default_data_path().name
+    assert name.startswith("lv_simulated_n1000_t100_seed0_") and name.endswith(".h5")
+    monkeypatch.setitem(lv.DEFAULT_RANGES, "alpha", (0.1, 0.2))  # a changed simulator must not reuse an old file
+    assert lv.default_data_path().name != name
+    monkeypatch.delenv("QWEN_MINI_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert lv.default_data_path().parent == tmp_path / "xdg" / "qwen_mini"
+
+
+def test_a_broken_cached_file_is_named_with_a_way_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_MINI_CACHE", str(tmp_path))
+    lv.default_data_path().write_text("not hdf5")
+    with pytest.raises(lv.DataError, match="cached default data set: delete it"):
+        lv.load_or_simulate(None)
 
 
 def test_split_is_seeded_disjoint_complete_and_recorded():
@@ -125,6 +181,18 @@ def test_split_is_seeded_disjoint_complete_and_recorded():
     assert np.array_equal(restored.test, split.test) and restored.which(int(split.val[0])) == "val"
     with pytest.raises(ValueError, match="summing to 1"):
         lv.split_indices(10, fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(KeyError, match="trajectory index 1000 is in no split"):
+        split.which(1000)
+
+
+@pytest.mark.parametrize("fractions", [(0.7, 0.15, 0.15), (0.5, 0.5, 0.0), (1.0, 0.0, 0.0), (0.34, 0.33, 0.33)])
+def test_split_partitions_small_sets_exactly(fractions):
+    for n in range(0, 25):
+        split = lv.split_indices(n, seed=n, fractions=fractions)
+        parts = [split.train, split.val, split.test]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+        assert all(np.array_equal(p, np.sort(p)) for p in parts)
+        assert abs(len(split.train) - n * fractions[0]) <= 1 and abs(len(split.val) - n * fractions[1]) <= 1
 
 
 def test_cli_simulates_and_checks(tmp_path, capsys):
@@ -134,3 +202,18 @@ def test_cli_simulates_and_checks(tmp_path, capsys):
     assert lv.main(["--check", str(out)]) == 0
     assert "5 trajectories x 20 steps" in capsys.readouterr().out
     assert lv.main(["--check", str(tmp_path / "nope.h5")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        lv.main(["--help"])
+    assert exit_info.value.code == 0 and "--simulate" in capsys.readouterr().out
+
+
+def test_module_runs_as_a_script(tmp_path):
+    """`python -m data.lotka_volterra --simulate --out FILE` writes a file that loads."""
+    out = tmp_path / "some.h5"
+    result = subprocess.run([sys.executable, "-m", "data.lotka_volterra", "--simulate", "--out", str(out),
+                             "--n", "4", "--steps", "30", "--seed", "5"], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    data = lv.load(out)
+    assert data.trajectories.shape == (4, 30, 2)
+    assert np.array_equal(data.trajectories, lv.simulate(4, 30, seed=5).trajectories)

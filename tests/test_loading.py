@@ -76,7 +76,7 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
     write_checkpoint(CONFIG, tmp_path)
     rewrite_tensors(tmp_path, lambda t: t.update({"model.layers.0.self_attn.k_proj.bias": torch.zeros(5)}))
     with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.k_proj\.bias' has shape \(5,\) in the "
-                                              r"checkpoint but the config expects \(32,\)"):
+                                              r"file but the model expects \(32,\)"):
         from_pretrained(tmp_path)
 
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from conftest import left_padded_batch, randomize_
+from bench.hf_twin import hf_twin
+from conftest import left_padded_batch
 from qwen_mini import Qwen, QwenConfig
 
 
@@ -47,7 +48,7 @@ def test_explicit_position_ids_match_transformers(parity_checkpoint):
 
 def full_size_pair(dtype=torch.float32, device="cpu"):
     """Our 0.5B model with random weights and HF's, sharing the very same tensors (no 2 GB round trip to disk)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     config = QwenConfig.from_name("qwen2.5-0.5b")
     torch.manual_seed(0)
     ours = Qwen(config)
@@ -57,14 +58,7 @@ def full_size_pair(dtype=torch.float32, device="cpu"):
             if name.endswith("bias") or name.endswith("norm.weight"):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     ours = ours.to(device=device, dtype=dtype).eval()
-    hf_config = transformers.Qwen2Config(**config.to_hf())
-    with torch.device("meta"):
-        hf = transformers.Qwen2ForCausalLM(hf_config)
-    hf.load_state_dict(ours.state_dict(), assign=True)
-    hf.tie_weights()
-    with torch.device(device):
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
-    return ours, hf.to(device=device, dtype=dtype).eval(), config
+    return ours, hf_twin(ours), config
 
 
 def test_full_size_config_matches_transformers_fp32():
