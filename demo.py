@@ -4,7 +4,7 @@ against the baselines, and say where the plots and metrics are. A few minutes on
     python demo.py [--steps N] [--seed S]
 
 It is exactly these two commands, with a fresh run directory each time (earlier demo runs are kept):
-    python train.py --model tiny --full --steps 1200 --batch 16 --ctx 256 --lr 3e-3 --warmup 50 --schedule cosine \
+    python train.py --model tiny --full --steps 600 --batch 16 --ctx 256 --lr 3e-3 --warmup 50 --schedule cosine \
         --out runs/demo
     python forecast.py --run runs/demo
 """
@@ -28,7 +28,7 @@ def fresh_dir(base: Path) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1200, help="training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--runs-dir", default="runs", help="(default: %(default)s)")
     args = p.parse_args(argv)
