@@ -1,14 +1,21 @@
 """Forecast Lotka-Volterra trajectories with a trained run (or a plain model) and compare with baselines.
 
-    python forecast.py --run runs/r8_lr1e-05_ctx768                # the run's test split, all baselines
-    python forecast.py --run runs/demo --sample 972                 # one trajectory (by index in the h5), plotted
-    python forecast.py --model Qwen/Qwen2.5-0.5B-Instruct --limit 50
+    python forecast.py --run runs/demo                              # the run's test split, all baselines
+    python forecast.py --run runs/demo --sample 972                 # one trajectory (its index in the h5), plotted
+    python forecast.py --model Qwen/Qwen2.5-0.5B-Instruct --limit 50   # the untrained model, 50 test trajectories
     python forecast.py --run runs/demo --num-samples 10 --temperature 0.8 --top-p 0.9   # median + 10-90 % band
 
-Protocol (printed with the results): the first --context steps are the prompt, the next --horizon steps the
-target; the LLMTIME scaler is fitted on the context only; decimals as in training. Every method, model and
-baselines (persistence, the run's untrained base model, a Lotka-Volterra least-squares fit), sees the same
-context. Writes metrics.json, per_trajectory.csv and PNG plots to --out.
+Protocol (printed with the results and written to metrics.json): the first --context steps (default 50) of each
+trajectory are the prompt and the next --horizon steps (default 50) the target; each trajectory's LLMTIME scaler
+is fitted on its context only; the decimals are the run's (2 for a plain model). Generation is batched over
+trajectories with a KV cache, greedy unless sampling is asked for, and constrained to the number grammar, so every
+forecast parses to exactly --horizon steps. Metrics (MSE, MAE, R2, error per horizon step) are on original units,
+per species, over all forecast trajectories. Baselines on the same contexts: persistence (the last context
+value), untrained (the run's base model, before training), lv_fit (a Lotka-Volterra least-squares fit of the
+context, integrated over the horizon on the data's time grid).
+
+Writes metrics.json, per_trajectory.csv, trajectory_<index>.png, error_vs_horizon.png and error_distribution.png
+to --out. Exit status: 0 done, 2 bad arguments, run directory, model or data.
 """
 from __future__ import annotations
 
@@ -16,83 +23,133 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+from forecasting.evaluate import BASELINES, Protocol, evaluate, format_table, select_trajectories, write_outputs
+from forecasting.source import from_model, from_run, parse_dtype, pick_device
 
-from forecasting.evaluate import BASELINES, Protocol, evaluate, format_table, pick_device, untrained_model_of_run
-from qwen_mini import load_model_and_tokenizer
+EXIT_USAGE = 2
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bounded(kind, low, high=None, low_open=False):
+    """argparse type: a `kind` number >= low (> low if low_open) and <= high."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            span = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a value {span}, got {text!r}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="forecast.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="training run directory (adapter or weights + its config)")
-    source.add_argument("--model", help="hub id, local directory or 'tiny': forecast with this model as is")
-    p.add_argument("--data", help="h5 file (default: the run's data, else the built-in simulated set)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="(default: %(default)s)")
-    p.add_argument("--sample", type=int, nargs="+", help="trajectory index(es) in the h5 file, whatever the split")
-    p.add_argument("--samples-idx", help="comma list of trajectory indices (same as --sample)")
-    p.add_argument("--limit", type=int, help="only the first N trajectories of the split")
-    p.add_argument("--context", type=int, default=50, help="context steps (default: %(default)s)")
-    p.add_argument("--horizon", type=int, default=50, help="forecast steps (default: %(default)s)")
-    p.add_argument("--decimals", type=int, help="LLMTIME decimals (default: the run's, else 2)")
-    p.add_argument("--unconstrained", action="store_true", help="no number grammar: parse failures are counted")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per trajectory (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
-    p.add_argument("--baselines", default=",".join(BASELINES),
-                   help=f"comma list of {','.join(BASELINES)} (default: all)")
-    p.add_argument("--no-baselines", action="store_true", help="model only")
-    p.add_argument("--batch", type=int, default=32, help="rows generated together (default: %(default)s)")
-    p.add_argument("--out", help="output directory (default: RUN/forecast, else forecasts/<model>)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    source.add_argument("--run", metavar="RUN_DIR", help="training run directory (train.py --out): its weights or "
+                        "adapter, data, split and decimals")
+    source.add_argument("--model", help="hub id, local directory or 'tiny': forecast with this model as it is")
+
+    which = p.add_argument_group("which trajectories")
+    which.add_argument("--data", metavar="H5", help="h5 file (default: the run's data, else the built-in simulated "
+                       "set)")
+    which.add_argument("--split", default="test", choices=["train", "val", "test"],
+                       help="the split to forecast (default: %(default)s)")
+    which.add_argument("--limit", type=bounded(int, 1), help="only the first N trajectories of the split")
+    which.add_argument("--sample", type=bounded(int, 0), nargs="+", metavar="INDEX",
+                       help="trajectory index(es) in the h5 file, whatever their split (the split is reported; "
+                            "a training-split one is warned about)")
+    which.add_argument("--samples-idx", metavar="I,J,...", help="comma list of indices: the same as --sample")
+
+    protocol = p.add_argument_group("protocol")
+    protocol.add_argument("--context", type=bounded(int, 1), default=50, help="prompt steps (default: %(default)s)")
+    protocol.add_argument("--horizon", type=bounded(int, 1), default=50,
+                          help="forecast steps (default: %(default)s)")
+    protocol.add_argument("--decimals", type=bounded(int, 0), help="LLMTIME decimals (default: the run's, else 2)")
+    protocol.add_argument("--unconstrained", action="store_true",
+                          help="no number grammar (a step counter still ends each row): unparseable forecasts are "
+                               "counted and left unscored")
+    protocol.add_argument("--int-digits", type=bounded(int, 1), default=3,
+                          help="integer digits the grammar allows per scaled number (default: %(default)s)")
+    protocol.add_argument("--allow-negative", action="store_true",
+                          help="let the grammar write negative numbers (off: populations are non-negative)")
+    protocol.add_argument("--num-samples", type=bounded(int, 1), default=1,
+                          help="samples per trajectory; > 1 reports their median and 10-90 %% band "
+                               "(default: %(default)s)")
+    protocol.add_argument("--temperature", type=bounded(float, 0.0), default=0.0,
+                          help="0 = greedy (default: %(default)s)")
+    protocol.add_argument("--top-p", type=bounded(float, 0.0, 1.0, low_open=True),
+                          help="nucleus sampling mass (default: off)")
+    protocol.add_argument("--baselines", default=",".join(BASELINES),
+                          help="comma list of %(default)s (default: all)")
+    protocol.add_argument("--no-baselines", action="store_true", help="the model only")
+
+    how = p.add_argument_group("how")
+    how.add_argument("--batch", type=bounded(int, 1), default=32,
+                     help="rows (trajectories x samples) generated together (default: %(default)s)")
+    how.add_argument("--out", help="output directory (default: RUN_DIR/forecast, or forecasts/<model>; "
+                                   "'_<index>' appended for --sample)")
+    how.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
+    how.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                     help="model weights (default: %(default)s, as stored)")
+    how.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    how.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def requested_samples(args) -> list[int]:
+    samples = list(args.sample or [])
+    if args.samples_idx:
+        try:
+            samples += [int(s) for s in args.samples_idx.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--samples-idx must be a comma list of integers, got {args.samples_idx!r}") from None
+    return samples
+
+
+def requested_baselines(args) -> list[str]:
+    if args.no_baselines:
+        return []
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+    return baselines
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from data.lotka_volterra import DataError, Split
-    from training.run import RunDirError, load_run
-
-    samples = list(args.sample or [])
-    try:
-        if args.samples_idx:
-            samples += [int(s) for s in args.samples_idx.split(",") if s.strip()]
-    except ValueError:
-        print(f"error: --samples-idx must be a comma list of integers, got {args.samples_idx!r}", file=sys.stderr)
-        return 2
-    baselines = [] if args.no_baselines else [b.strip() for b in args.baselines.split(",") if b.strip()]
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        print(f"error: unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}", file=sys.stderr)
-        return 2
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    try:
+    args = build_parser().parse_args(argv)
+    try:  # everything the user can get wrong is checked before the first forecast
+        samples, baselines = requested_samples(args), requested_baselines(args)
+        if args.num_samples > 1 and args.temperature <= 0:
+            raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+        device, dtype = pick_device(args.device), parse_dtype(args.dtype)
         if args.run:
-            model, tokenizer, run_config = load_run(args.run, device=device)
-            data_path = args.data or run_config.get("data")
-            split = Split.from_dict(run_config["split"]) if "split" in run_config and not args.data else None
-            decimals = args.decimals if args.decimals is not None else run_config.get("decimals", 2)
-            untrained = untrained_model_of_run(run_config, device) if "untrained" in baselines else None
-            out = Path(args.out or Path(args.run) / "forecast")
+            source = from_run(args.run, data_path=args.data, decimals=args.decimals, context=args.context,
+                              device=device, dtype=dtype)
         else:
-            model, tokenizer = load_model_and_tokenizer(args.model, device=device, seed=args.seed)
-            data_path, split, untrained = args.data, None, None  # the model itself is the untrained one
-            decimals = args.decimals if args.decimals is not None else 2
-            out = Path(args.out or Path("forecasts") / Path(args.model).name)
-        protocol = Protocol(args.context, args.horizon, decimals, not args.unconstrained, args.num_samples,
-                            args.temperature, args.top_p, args.seed)
-        result = evaluate(model, tokenizer, data_path=data_path, split=split, split_name=args.split,
-                          samples=samples or None, limit=args.limit, protocol=protocol, baselines=baselines,
-                          untrained_model=untrained, out_dir=out, batch=args.batch, progress=not args.quiet)
-    except (RunDirError, DataError, ValueError, FileNotFoundError) as e:
+            source = from_model(args.model, data_path=args.data, decimals=args.decimals, device=device, dtype=dtype)
+        steps = source.data.trajectories.shape[1]
+        if args.context + args.horizon > steps:
+            raise ValueError(f"--context {args.context} + --horizon {args.horizon} steps exceed the {steps} steps of "
+                             f"each trajectory in {source.data.path}")
+        selection = select_trajectories(source.split, args.split, samples or None, args.limit)
+    except (ValueError, OSError) as e:  # RunDirError, DataError, CheckpointError, ... are ValueErrors
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    print(f"\nwrote {out}/metrics.json, per_trajectory.csv and plots: " +
-          ", ".join(sorted(p.name for p in out.glob("*.png"))))
+        return EXIT_USAGE
+    protocol = Protocol(args.context, args.horizon, source.decimals, not args.unconstrained, args.num_samples,
+                        args.temperature, args.top_p, args.seed, args.int_digits, args.allow_negative)
+    print(f"forecasting {selection.label} of {source.data.path} with {source.label} on {device}", file=sys.stderr)
+    evaluation = evaluate(source.model, source.tokenizer, source.data, source.split, selection, protocol,
+                          baselines=baselines, load_untrained=source.load_untrained, batch=args.batch,
+                          progress=not args.quiet)
+    out = Path(args.out) if args.out else source.default_out.with_name(
+        source.default_out.name + "".join(f"_{i}" for i in samples[:5]))
+    evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
+    written = write_outputs(evaluation, out)
+    print(format_table(evaluation.summary()))
+    print(f"\nwrote {', '.join(p.name for p in written)} to {out}/")
     return 0
 
 

@@ -1,166 +1,268 @@
-"""The evaluation protocol: pick trajectories, forecast them, run the baselines, score, write and plot."""
+"""The evaluation protocol: pick trajectories, forecast them with the model, run the baselines on the same
+contexts, score everything on the same trajectories, and write metrics.json, per_trajectory.csv and the plots."""
 from __future__ import annotations
 
 import csv
+import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from data.dataset import make_eval_example
-from data.lotka_volterra import Split, load_or_simulate, split_indices
-from qwen_mini.fileio import write_json_atomic
+from data.dataset import EvalExample, make_eval_example
+from data.lotka_volterra import LVData, Split
+from qwen_mini.fileio import atomic_write, write_json_atomic
 
-from .baselines import lotka_volterra_forecast, persistence
-from .forecast import GenerationStats, forecast_examples
+from .baselines import LVFit, lotka_volterra_forecast, persistence
+from .forecast import Forecast, GenerationStats, forecast_examples
 from .metrics import forecast_metrics, per_trajectory_errors
 from .plots import plot_error_distribution, plot_error_vs_horizon, plot_trajectory
 
+MODEL = "model"
 BASELINES = ("persistence", "untrained", "lv_fit")
+PLOTTED_FROM_A_SPLIT = 3  # trajectories plotted one by one when a whole split is forecast
 
 
-@dataclass
+@dataclass(frozen=True)
 class Protocol:
-    context: int = 50
-    horizon: int = 50
-    decimals: int = 2
-    constrained: bool = True
+    context: int = 50  # steps in the prompt
+    horizon: int = 50  # steps forecast and scored
+    decimals: int = 2  # LLMTIME decimals: those the model was trained with
+    constrained: bool = True  # the number grammar (else only a per-row step counter, and failures are counted)
     num_samples: int = 1
-    temperature: float = 0.0
+    temperature: float = 0.0  # 0: greedy
     top_p: float | None = None
     seed: int = 0
+    int_digits: int = 3  # integer digits the grammar allows per number (scaled values below 1000)
+    allow_negative: bool = False  # populations are non-negative
 
     def describe(self) -> str:
-        how = "greedy" if self.temperature <= 0 else \
-            f"{self.num_samples} samples, temperature {self.temperature}, top-p {self.top_p} (median scored)"
-        return (f"context {self.context} steps -> horizon {self.horizon} steps; scaler fitted on the context only; "
-                f"{self.decimals} decimals; {how}; grammar constraint {'on' if self.constrained else 'off'}; "
-                f"metrics on original units")
+        how = "greedy decoding" if self.temperature <= 0 else (
+            f"{self.num_samples} samples per trajectory at temperature {self.temperature:g}"
+            f"{f', top-p {self.top_p:g}' if self.top_p is not None else ''} (median scored, 10-90 % band), "
+            f"seed {self.seed}")
+        grammar = (f"number grammar on (<= {self.int_digits} integer digits, "
+                   f"{'signed' if self.allow_negative else 'non-negative'})" if self.constrained
+                   else "number grammar off (unparseable forecasts counted, not scored)")
+        return (f"context {self.context} steps -> horizon {self.horizon} steps; LLMTIME scaler fitted on the context "
+                f"only; {self.decimals} decimals; {how}; {grammar}; metrics on original units, every method on the "
+                f"same trajectories")
 
 
 @dataclass
 class Selection:
-    indices: list[int]
-    split: Split
+    indices: list[int]  # trajectory indices in the data file, in forecast order
     label: str  # what was asked for, for the report
-    plot_indices: list[int] = field(default_factory=list)
+    plot_indices: list[int]  # trajectories that get their own plot
 
 
-def select_trajectories(n: int, split: Split, split_name: str, samples: list[int] | None, limit: int | None
-                        ) -> Selection:
+def select_trajectories(split: Split, split_name: str = "test", samples: list[int] | None = None,
+                        limit: int | None = None) -> Selection:
+    """The trajectories of `split_name` (the first `limit` of them), or the `samples` (indices in the data file,
+    whatever their split; each one's split is reported, and a training-split one is warned about)."""
     if samples:
-        bad = [i for i in samples if not 0 <= i < n]
+        if limit is not None:
+            raise ValueError("--limit selects from a split; it cannot be combined with --sample")
+        bad = [i for i in samples if not 0 <= i < split.n]
         if bad:
-            raise ValueError(f"trajectory index {bad[0]} is out of range: the data has {n} trajectories (0..{n - 1})")
+            raise ValueError(f"trajectory index {bad[0]} is out of range: the data has {split.n} trajectories "
+                             f"(indices 0..{split.n - 1})")
         for i in samples:
             where = split.which(i)
+            print(f"trajectory {i} is in the {where} split", file=sys.stderr)
             if where == "train":
-                print(f"warning: trajectory {i} is in the training split; its forecast is not a held-out result",
-                      file=sys.stderr)
-        return Selection(list(samples), split, f"trajectories {samples}", plot_indices=list(samples))
-    indices = split[split_name].tolist()[:limit] if limit else split[split_name].tolist()
-    return Selection(indices, split, f"{split_name} split ({len(indices)} trajectories)", plot_indices=indices[:3])
+                print(f"warning: trajectory {i} is in the training split: the model has seen it, so its forecast "
+                      f"is not a held-out result", file=sys.stderr)
+        memberships = ", ".join(f"{i} ({split.which(i)})" for i in samples)
+        return Selection(list(samples), f"trajectories {memberships}", list(dict.fromkeys(samples)))
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    indices = split[split_name].tolist()[:limit]
+    if not indices:
+        raise ValueError(f"the {split_name} split is empty ({split.n} trajectories in all)")
+    of = f"first {len(indices)} of " if limit is not None and limit < len(split[split_name]) else ""
+    return Selection(indices, f"{of}{split_name} split ({len(indices)} trajectories)",
+                     indices[:PLOTTED_FROM_A_SPLIT])
 
 
-def evaluate(model, tokenizer, *, data_path: str | None, split: Split | None, split_name: str = "test",
-             samples: list[int] | None = None, limit: int | None = None, protocol: Protocol = Protocol(),
-             baselines=BASELINES, untrained_model=None, out_dir: Path, batch: int = 16, progress: bool = True,
-             label: str = "model") -> dict:
-    data = load_or_simulate(data_path)
-    split = split if split is not None else split_indices(len(data), seed=0)
-    if split.n != len(data):
-        raise ValueError(f"the run's split covers {split.n} trajectories but {data.path} has {len(data)}: "
-                         f"pass the run's --data")
-    selection = select_trajectories(len(data), split, split_name, samples, limit)
+@dataclass
+class Evaluation:
+    protocol: Protocol
+    selection: Selection
+    data: LVData
+    split: Split
+    examples: list[EvalExample]
+    forecasts: dict[str, list[Forecast]]  # generated methods (the model, the untrained model): their samples
+    predictions: dict[str, np.ndarray]  # every method: (N, horizon, V) point forecasts, NaN where unparseable
+    targets: np.ndarray  # (N, horizon, V)
+    scored: np.ndarray  # (N,) bool: every method has a complete forecast (all of them, with the grammar)
+    metrics: dict[str, dict | None]  # per method, over the scored trajectories (None: none scored)
+    stats: GenerationStats  # the model's generation
+    lv_fit: LVFit | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Everything metrics.json records."""
+        model_forecasts = self.forecasts[MODEL]
+        samples = len(model_forecasts) * self.protocol.num_samples
+        failures = {name: sum(f.parse_failures for f in fcs) for name, fcs in self.forecasts.items()}
+        summary = {
+            "protocol": self.protocol.describe(),
+            "protocol_settings": asdict(self.protocol),
+            "selection": self.selection.label,
+            "trajectories": self.selection.indices,
+            "data": self.data.path,
+            "split": {"seed": self.split.seed, "fractions": list(self.split.fractions), "n": self.split.n},
+            "n_trajectories": len(self.examples),
+            "n_scored": int(self.scored.sum()),
+            "parse_failures": failures[MODEL],
+            "parse_failure_rate": failures[MODEL] / samples if samples else 0.0,
+            "parse_failures_by_method": failures,
+            "generated_tokens": self.stats.new_tokens,
+            "generation_seconds": self.stats.seconds,
+            "tokens_per_s": self.stats.tokens_per_s,
+            "metrics": self.metrics,
+            "notes": self.notes,
+        }
+        if self.lv_fit is not None:
+            summary["lv_fit"] = {"median_context_mse_scaled": float(np.median(self.lv_fit.loss)),
+                                 "iterations": self.lv_fit.iterations,
+                                 "diverged_forecasts": int((~np.isfinite(self.predictions["lv_fit"])).any(axis=(1, 2))
+                                                           .sum())}
+        return summary
+
+
+def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection, protocol: Protocol | None = None, *,
+             baselines=BASELINES, load_untrained=None, batch: int = 16, progress: bool = True) -> Evaluation:
+    """Forecast the selected trajectories with `model` and the chosen baselines under `protocol`.
+
+    `load_untrained`: a callable returning the base model before training (the "untrained" baseline); None when
+    `model` is itself untrained, and then that baseline is skipped with a note."""
+    protocol = protocol or Protocol()
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
     examples = [make_eval_example(data.trajectories[i], i, protocol.context, protocol.horizon, protocol.decimals)
                 for i in selection.indices]
-    gen_kwargs = dict(decimals=protocol.decimals, batch=batch, constrained=protocol.constrained,
+    generation = dict(decimals=protocol.decimals, batch=batch, constrained=protocol.constrained,
                       num_samples=protocol.num_samples, temperature=protocol.temperature, top_p=protocol.top_p,
-                      seed=protocol.seed, progress=progress)
+                      seed=protocol.seed, int_digits=protocol.int_digits, allow_negative=protocol.allow_negative,
+                      progress=progress)
     stats = GenerationStats()
-    forecasts = forecast_examples(model, tokenizer, examples, stats=stats, **gen_kwargs)
-    predictions = {label: np.stack([f.median for f in forecasts])}
-    bands = [f.band() if protocol.num_samples > 1 else None for f in forecasts]
+    forecasts = {MODEL: forecast_examples(model, tokenizer, examples, stats=stats, label=MODEL, **generation)}
+    notes = []
+    if "untrained" in baselines:
+        if load_untrained is None:
+            notes.append("untrained baseline skipped: --model forecasts with a model as it is, and there is no run "
+                         "to take a base model from")
+        else:
+            untrained = load_untrained()
+            forecasts["untrained"] = forecast_examples(untrained, tokenizer, examples, label="untrained", **generation)
+            del untrained
+    predictions = {name: np.stack([f.median for f in fcs]) for name, fcs in forecasts.items()}
     if "persistence" in baselines:
         predictions["persistence"] = np.stack([persistence(ex.context, protocol.horizon) for ex in examples])
-    if "untrained" in baselines and untrained_model is not None:
-        untrained = forecast_examples(untrained_model, tokenizer, examples, **gen_kwargs)
-        predictions["untrained"] = np.stack([f.median for f in untrained])
-    if "lv_fit" in baselines:
-        contexts = np.stack([ex.context for ex in examples])
-        predictions["lv_fit"], _ = lotka_volterra_forecast(contexts, data.time, protocol.horizon)
+    lv_fit = None
+    if "lv_fit" in baselines:  # the data schema guarantees two variables: prey and predator
+        predictions["lv_fit"], lv_fit = lotka_volterra_forecast(np.stack([ex.context for ex in examples]),
+                                                                data.time, protocol.horizon)
+    predictions = {name: predictions[name] for name in (MODEL, *BASELINES) if name in predictions}  # table order
     targets = np.stack([ex.target for ex in examples])
-
-    # Every method is scored on the trajectories that every method forecast in full (with the constraint: all).
-    complete = np.all([np.isfinite(p).all(axis=(1, 2)) for p in predictions.values()], axis=0)
-    parse_failures = sum(not r.ok for f in forecasts for r in f.reports)
-    metrics = {name: forecast_metrics(p[complete], targets[complete]) if complete.any() else None
+    # The generated methods may fail to parse (without the grammar); all methods are scored on the trajectories
+    # that every generated method forecast in full, so each row of the table covers the same trajectories.
+    scored = np.all([~np.isnan(predictions[name]).any(axis=(1, 2)) for name in forecasts], axis=0)
+    metrics = {name: forecast_metrics(p[scored], targets[scored]) if scored.any() else None
                for name, p in predictions.items()}
+    return Evaluation(protocol, selection, data, split, examples, forecasts, predictions, targets, scored, metrics,
+                      stats, lv_fit, notes)
+
+
+def write_outputs(evaluation: Evaluation, out_dir: Path) -> list[Path]:
+    """metrics.json, per_trajectory.csv and the PNG plots in `out_dir`; returns the files written."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {
-        "protocol": protocol.describe(), "protocol_settings": protocol.__dict__, "selection": selection.label,
-        "data": data.path, "n_trajectories": len(examples), "n_scored": int(complete.sum()),
-        "parse_failures": parse_failures, "parse_failure_rate": parse_failures / max(1, len(examples) * protocol.num_samples),
-        "generated_tokens": stats.new_tokens, "generation_seconds": stats.seconds,
-        "tokens_per_s": stats.tokens_per_s, "metrics": metrics,
-    }
-    write_json_atomic(out_dir / "metrics.json", result)
-    write_per_trajectory_csv(out_dir / "per_trajectory.csv", examples, predictions, targets, forecasts, split)
-    write_plots(out_dir, data.time, examples, predictions, bands, metrics, targets, complete, selection, label)
-    return result
+    summary = evaluation.summary()
+    summary["non_finite"] = "NaN and infinite values are written as null"
+    written = [write_json_atomic(out_dir / "metrics.json", json_safe(summary)),
+               write_per_trajectory_csv(out_dir / "per_trajectory.csv", evaluation)]
+    return written + write_plots(out_dir, evaluation)
 
 
-def write_per_trajectory_csv(path, examples, predictions, targets, forecasts, split: Split) -> None:
-    errors = {name: per_trajectory_errors(p, targets) for name, p in predictions.items()}
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "split", "parsed_ok", *[f"{n}_{m}" for n in predictions for m in ("mse", "mae")]])
-        for row, (ex, fc) in enumerate(zip(examples, forecasts)):
-            writer.writerow([ex.index, split.which(ex.index), all(r.ok for r in fc.reports),
-                             *[f"{errors[n][m][row]:.6g}" for n in predictions for m in ("mse", "mae")]])
+def json_safe(value):
+    """Replace NaN and infinities (not valid JSON) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
-def write_plots(out_dir, time, examples, predictions, bands, metrics, targets, complete, selection, label) -> None:
-    by_index = {ex.index: row for row, ex in enumerate(examples)}
-    for index in selection.plot_indices:
-        row = by_index[index]
-        ex = examples[row]
-        baselines = {n: p[row] for n, p in predictions.items() if n != label}
-        plot_trajectory(out_dir / f"trajectory_{index}.png", time, ex.context, ex.target, predictions[label][row],
-                        bands[row], baselines, f"trajectory {index} ({selection.split.which(index)} split)")
-    scored = {n: m for n, m in metrics.items() if m is not None}
+def write_per_trajectory_csv(path: Path, evaluation: Evaluation) -> Path:
+    """One row per forecast trajectory: its index and split, whether the model's samples parsed, whether it was
+    scored, each method's MSE and MAE per species, and the LV fit's parameters."""
+    errors = {name: per_trajectory_errors(p, evaluation.targets) for name, p in evaluation.predictions.items()}
+    columns = [f"{name}_{metric}" for name, e in errors.items() for metric in e]
+    lv = evaluation.lv_fit
+    lv_columns = ["lv_alpha", "lv_beta", "lv_gamma", "lv_delta", "lv_x0", "lv_y0", "lv_context_mse"] if lv else []
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "split", "model_samples_parsed", "scored", *columns, *lv_columns])
+            for row, (ex, fc) in enumerate(zip(evaluation.examples, evaluation.forecasts[MODEL])):
+                values = [errors[name][metric][row] for name, e in errors.items() for metric in e]
+                lv_values = [*lv.params[row], *lv.state0[row], lv.loss[row]] if lv else []
+                writer.writerow([ex.index, evaluation.split.which(ex.index),
+                                 f"{len(fc.samples) - fc.parse_failures}/{len(fc.samples)}",
+                                 bool(evaluation.scored[row]), *(f"{v:.6g}" for v in values + lv_values)])
+
+    return atomic_write(path, write)
+
+
+def write_plots(out_dir: Path, evaluation: Evaluation) -> list[Path]:
+    written = []
+    row_of = {ex.index: row for row, ex in enumerate(evaluation.examples)}
+    banded = evaluation.protocol.num_samples > 1
+    for index in evaluation.selection.plot_indices:
+        row = row_of[index]
+        ex = evaluation.examples[row]
+        others = {name: p[row] for name, p in evaluation.predictions.items() if name != MODEL}
+        band = evaluation.forecasts[MODEL][row].band() if banded else None
+        title = (f"trajectory {index} ({evaluation.split.which(index)} split): context {len(ex.context)} steps, "
+                 f"forecast {len(ex.target)}")
+        written.append(plot_trajectory(out_dir / f"trajectory_{index}.png", evaluation.data.time, ex.context,
+                                       ex.target, evaluation.predictions[MODEL][row], band, others, title))
+    scored = {name: m for name, m in evaluation.metrics.items() if m is not None}
     if scored:
-        plot_error_vs_horizon(out_dir / "error_vs_horizon.png", scored)
-        errors = {n: per_trajectory_errors(p[complete], targets[complete])["mse"] for n, p in predictions.items()}
-        plot_error_distribution(out_dir / "error_distribution.png", errors)
+        written.append(plot_error_vs_horizon(out_dir / "error_vs_horizon.png", scored))
+        mask = evaluation.scored
+        errors = {name: per_trajectory_errors(p[mask], evaluation.targets[mask])
+                  for name, p in evaluation.predictions.items()}
+        written.append(plot_error_distribution(out_dir / "error_distribution.png", errors))
+    return written
 
 
-def format_table(result: dict) -> str:
-    lines = [f"protocol: {result['protocol']}", f"forecast: {result['selection']}; scored {result['n_scored']} of "
-             f"{result['n_trajectories']}; parse failures {result['parse_failures']} "
-             f"({100 * result['parse_failure_rate']:.1f} %); generation {result['tokens_per_s']:.0f} tokens/s",
-             f"{'method':<13} {'prey MSE':>10} {'prey MAE':>9} {'prey R2':>8} {'pred MSE':>10} {'pred MAE':>9} "
-             f"{'pred R2':>8}"]
-    for name, m in result["metrics"].items():
+def format_table(summary: dict) -> str:
+    """The printed report: protocol, what was forecast, generation speed, and one row per method."""
+    lines = [f"protocol: {summary['protocol']}",
+             f"data: {summary['data']}; forecast: {summary['selection']}",
+             f"scored {summary['n_scored']} of {summary['n_trajectories']} trajectories; model parse failures "
+             f"{summary['parse_failures']} ({100 * summary['parse_failure_rate']:.1f} % of samples); generation "
+             f"{summary['generated_tokens']} tokens in {summary['generation_seconds']:.2f} s = "
+             f"{summary['tokens_per_s']:.0f} tokens/s"]
+    header = f"{'method':<12}" + "".join(f"{f'{species} {m}':>{w}}" for species in ("prey", "pred")
+                                         for m, w in (("MSE", 11), ("MAE", 10), ("R2", 11), ("medMSE", 12)))
+    lines += [header, "-" * len(header)]
+    for name, m in summary["metrics"].items():
         if m is None:
-            lines.append(f"{name:<13} (no complete forecast to score)")
+            lines.append(f"{name:<12}  (no trajectory to score)")
             continue
-        p, q = m["prey"], m["predator"]
-        lines.append(f"{name:<13} {p['mse']:>10.4g} {p['mae']:>9.4g} {p['r2']:>8.3f} {q['mse']:>10.4g} "
-                     f"{q['mae']:>9.4g} {q['r2']:>8.3f}")
+        cells = "".join(f"{m[s]['mse']:>11.4g}{m[s]['mae']:>10.4g}{m[s]['r2']:>11.4g}"
+                        f"{m[s]['median_trajectory_mse']:>12.4g}" for s in ("prey", "predator"))
+        lines.append(f"{name:<12}{cells}")
+    lines.append("medMSE: median over trajectories of each one's MSE; R2 over all scored values of the species")
+    lines += [f"note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)
-
-
-def untrained_model_of_run(run_config: dict, device):
-    """The run's base model without its adapter or fine-tuning (the "untrained" baseline)."""
-    from training.run import load_base_model
-
-    model, _ = load_base_model(run_config, device=device)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)

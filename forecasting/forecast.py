@@ -1,5 +1,6 @@
-"""Batched forecasting of many trajectories with `qwen_mini.generate`: prompts from the context, KV cache, the
-number grammar, K samples per trajectory, and decoding back to original units."""
+"""Batched forecasting of many trajectories with `qwen_mini.generate`: one left-padded batch of prompts per call,
+KV cache, the number grammar (or, unconstrained, a per-row step counter), K samples per trajectory, and decoding
+back to original units with each trajectory's own context-fitted scaler."""
 from __future__ import annotations
 
 import time
@@ -13,33 +14,46 @@ from data.dataset import EvalExample
 from data.llmtime import ParseReport, decode
 from qwen_mini import generate
 
-from .grammar import NumberGrammar
+from .grammar import NumberGrammar, StepCounter, max_forecast_tokens
 
 
 @dataclass
 class Forecast:
-    index: int
-    samples: np.ndarray  # (K, horizon, V) original units; NaN where a sample failed to parse that far
+    index: int  # trajectory index in the data file
+    samples: np.ndarray  # (K, horizon, V) original units; NaN from the step where a sample stopped parsing
     reports: list[ParseReport]  # one per sample
-    texts: list[str]
+    texts: list[str]  # the generated text of each sample
+
+    @property
+    def complete_samples(self) -> np.ndarray:
+        """(k, horizon, V): the samples that parsed to the full horizon."""
+        return self.samples[np.isfinite(self.samples).all(axis=(1, 2))]
 
     @property
     def median(self) -> np.ndarray:
-        return np.median(self.samples, axis=0)  # NaN where a sample failed: such forecasts are reported, not scored
+        """(horizon, V) point forecast: the median of the complete samples (the only sample when greedy); NaN when
+        none is complete, so a failed forecast is reported, never scored as if it were one."""
+        complete = self.complete_samples
+        return np.median(complete, axis=0) if len(complete) else np.full(self.samples.shape[1:], np.nan)
 
     def band(self, low: float = 10, high: float = 90) -> tuple[np.ndarray, np.ndarray]:
-        return np.percentile(self.samples, low, axis=0), np.percentile(self.samples, high, axis=0)
+        """(low, high) percentiles over the complete samples, each (horizon, V)."""
+        complete = self.complete_samples
+        if not len(complete):
+            nan = np.full(self.samples.shape[1:], np.nan)
+            return nan, nan
+        return np.percentile(complete, low, axis=0), np.percentile(complete, high, axis=0)
 
     @property
-    def complete(self) -> bool:
-        """Every sample parsed to the full horizon."""
-        return bool(np.isfinite(self.samples).all())
+    def parse_failures(self) -> int:
+        """Samples that did not parse to the full horizon."""
+        return len(self.samples) - len(self.complete_samples)
 
 
 @dataclass
 class GenerationStats:
-    new_tokens: int = 0
-    seconds: float = 0.0
+    new_tokens: int = 0  # tokens the rows generated, each row's stop token included, padding after it not
+    seconds: float = 0.0  # wall time inside generate (prefill + decoding)
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,37 +62,59 @@ class GenerationStats:
 
 def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals: int = 2, batch: int = 16,
                       constrained: bool = True, num_samples: int = 1, temperature: float = 0.0,
-                      top_p: float | None = None, seed: int = 0, progress: bool = True,
-                      stats: GenerationStats | None = None) -> list[Forecast]:
-    """Forecast each example's horizon from its prompt. `batch` counts generated rows (trajectories x samples)."""
+                      top_p: float | None = None, seed: int = 0, int_digits: int = 3, allow_negative: bool = False,
+                      progress: bool = True, label: str = "forecast", stats: GenerationStats | None = None
+                      ) -> list[Forecast]:
+    """Forecast each example's horizon (the length of its target) from its prompt; one Forecast per example.
+
+    `batch` counts generated rows (trajectories x samples) per generate call. Greedy when temperature is 0;
+    otherwise `num_samples` draws per trajectory from one torch.Generator seeded with `seed`. With `constrained`
+    every sample parses to exactly the horizon; without, whatever the model writes is decoded and the failures are
+    reported in each Forecast's `reports`. `label` names the progress bar (one step per batch)."""
+    if num_samples < 1 or batch < 1:
+        raise ValueError(f"num_samples and batch must be >= 1, got num_samples={num_samples}, batch={batch}")
     if num_samples > 1 and temperature <= 0:
-        raise ValueError("several samples per trajectory need --temperature > 0 (greedy samples are identical)")
+        raise ValueError("several samples per trajectory need a temperature > 0 (greedy samples are all the same)")
+    if not examples:
+        return []
+    shapes = {ex.target.shape for ex in examples}
+    if len(shapes) > 1:
+        raise ValueError(f"all examples must share one (horizon, n_vars), got {sorted(shapes)}")
+    (horizon, n_vars), = shapes
     stats = stats if stats is not None else GenerationStats()
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    rows = [(ex, k) for ex in examples for k in range(num_samples)]
-    texts: dict[int, list[str]] = {ex.index: [] for ex in examples}
-    for start in tqdm(range(0, len(rows), batch), desc="forecast", unit="batch", disable=not progress):
+    rows = [(position, ex) for position, ex in enumerate(examples) for _ in range(num_samples)]
+    texts: list[list[str]] = [[] for _ in examples]  # by position: the same trajectory may be asked for twice
+    for start in tqdm(range(0, len(rows), batch), desc=label, unit="batch", disable=not progress):
         chunk = rows[start:start + batch]
-        chunk_examples = [ex for ex, _ in chunk]
-        horizon, n_vars = chunk_examples[0].target.shape
-        input_ids, attention_mask = tokenizer.encode_batch([ex.prompt for ex in chunk_examples])
-        grammar = NumberGrammar(tokenizer, model.config.vocab_size, len(chunk), n_vars, horizon, decimals)
+        input_ids, attention_mask = tokenizer.encode_batch([ex.prompt for _, ex in chunk])
+        if constrained:
+            hook = NumberGrammar(tokenizer, model.config.vocab_size, len(chunk), n_vars, horizon, decimals,
+                                 int_digits, allow_negative, device=device)
+            candidate_ids = hook.candidate_ids
+        else:
+            hook = StepCounter(tokenizer, model.config.vocab_size, len(chunk), horizon, device=device)
+            candidate_ids = None
         began = time.perf_counter()
         tokens = generate(model, input_ids.to(device), attention_mask.to(device),
-                          max_new_tokens=grammar.max_new_tokens(), temperature=temperature, top_p=top_p,
-                          generator=generator, stop_token_ids=[grammar.stop_id],
-                          allowed_tokens=grammar if constrained else None,
-                          candidate_ids=grammar.candidate_ids if constrained else None)
+                          max_new_tokens=max_forecast_tokens(horizon, n_vars, decimals, int_digits, allow_negative),
+                          temperature=temperature, top_p=top_p, generator=generator, stop_token_ids=[hook.stop_id],
+                          allowed_tokens=hook, candidate_ids=candidate_ids)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         stats.seconds += time.perf_counter() - began
-        for (ex, _), row in zip(chunk, tokens.tolist()):
-            row = row[:row.index(grammar.stop_id)] if grammar.stop_id in row else row
-            stats.new_tokens += len(row) + 1
-            texts[ex.index].append(tokenizer.decode(row, skip_special_tokens=True))
-    return [to_forecast(ex, texts[ex.index], decimals) for ex in examples]
+        for (position, _), row in zip(chunk, tokens.tolist()):
+            if hook.stop_id in row:
+                row = row[:row.index(hook.stop_id)]
+                stats.new_tokens += 1  # the stop token was generated too
+            stats.new_tokens += len(row)
+            texts[position].append(tokenizer.decode(row, skip_special_tokens=True))
+    return [to_forecast(ex, ex_texts, decimals) for ex, ex_texts in zip(examples, texts)]
 
 
 def to_forecast(example: EvalExample, texts: list[str], decimals: int) -> Forecast:
+    """Decode each sample's text with the example's scaler: its first `horizon` well-formed steps, NaN after."""
     horizon, n_vars = example.target.shape
     samples = np.full((len(texts), horizon, n_vars), np.nan)
     reports = []

@@ -1,9 +1,14 @@
-"""A token constraint that only lets a model write well-formed LLMTIME steps.
+"""A token constraint that lets a model write nothing but well-formed LLMTIME steps, `horizon` of them.
 
-Per row it tracks where it is in "d.dd,d.dd;" and allows only the characters that keep the text well formed:
-digits of the integer part (at most `int_digits`, no leading zeros), the point, exactly `decimals` fractional
-digits, "," between variables, ";" after the last one. After `horizon` steps only the stop token is allowed, so
-every row ends with exactly `horizon` parseable steps.
+The number grammar, per variable: an optional "-" (only when negatives are allowed; LV populations are not
+negative, so off by default), 1 to `int_digits` integer digits without leading zeros, then "." and exactly
+`decimals` digits (no point when decimals is 0). Numbers are joined by "," within a step and each step ends with
+";". After `horizon` steps only the stop token is allowed, so every row ends with exactly `horizon` steps that
+`data.llmtime.decode` parses, and `qwen_mini.generate` stops once every row has written its stop token.
+
+The state of every row is a handful of integer tensors on the model's device, updated from the last generated
+token each step, so the constraint costs a few vector operations per step whatever the batch size (no Python loop
+over rows, no host-device copy).
 """
 from __future__ import annotations
 
@@ -11,84 +16,164 @@ import torch
 
 from data.llmtime import STEP_SEP, VAR_SEP
 
+DIGITS = "0123456789"
+POINT = "."
+MINUS = "-"
+
 
 def single_token_ids(tokenizer, chars: str) -> dict[str, int]:
-    """Id of each character; each must be exactly one token on its own (true for Qwen's tokenizer and ours)."""
+    """The id of each character of `chars`, looked up with `tokenizer.token_to_id`. The grammar steers the model
+    one character at a time, so each character must be exactly one token: its id must exist and encoding the
+    character alone must give just that id (true for Qwen2.5's tokenizer and the tiny preset's)."""
     ids = {}
     for ch in chars:
+        token_id = tokenizer.token_to_id(ch)
         encoded = tokenizer.encode(ch)
-        if len(encoded) != 1:
-            raise ValueError(f"the tokenizer splits {ch!r} into {len(encoded)} tokens ({encoded}); the number grammar "
-                             f"needs one token per character")
-        ids[ch] = encoded[0]
+        if token_id is None or encoded != [token_id]:
+            raise ValueError(f"the number grammar needs {ch!r} to be exactly one token, but the tokenizer has "
+                             f"token_to_id({ch!r}) = {token_id} and encodes {ch!r} as {encoded}")
+        ids[ch] = token_id
     return ids
 
 
+def max_forecast_tokens(horizon: int, n_vars: int, decimals: int = 2, int_digits: int = 3,
+                        allow_negative: bool = False) -> int:
+    """Characters of the longest forecast the grammar admits (every number at full width, each followed by its
+    separator), plus the stop token: the token budget of one forecast."""
+    number = int(allow_negative) + int_digits + (1 + decimals if decimals else 0)
+    return horizon * n_vars * (number + 1) + 1
+
+
 class NumberGrammar:
-    """allowed_tokens hook for `qwen_mini.generate` (stateful: one instance per generate call)."""
+    """The `allowed_tokens` hook of `qwen_mini.generate` for `batch` rows forecasting `horizon` steps of `n_vars`
+    numbers each. Stateful: it reads one new token per call, so use one instance per generate call."""
 
     def __init__(self, tokenizer, vocab_size: int, batch: int, n_vars: int, horizon: int, decimals: int = 2,
-                 int_digits: int = 3, allow_negative: bool = False, stop_id: int | None = None):
-        self.n_vars, self.horizon, self.decimals, self.int_digits = n_vars, horizon, decimals, int_digits
-        self.ids = single_token_ids(tokenizer, "0123456789." + VAR_SEP + STEP_SEP + ("-" if allow_negative else ""))
+                 int_digits: int = 3, allow_negative: bool = False, stop_id: int | None = None,
+                 device: torch.device | str | None = None):
+        if batch < 1 or n_vars < 1 or horizon < 1 or int_digits < 1 or decimals < 0:
+            raise ValueError(f"NumberGrammar needs batch, n_vars, horizon, int_digits >= 1 and decimals >= 0, got "
+                             f"batch={batch}, n_vars={n_vars}, horizon={horizon}, int_digits={int_digits}, "
+                             f"decimals={decimals}")
+        self.batch, self.n_vars, self.horizon = batch, n_vars, horizon
+        self.decimals, self.int_digits, self.allow_negative = decimals, int_digits, allow_negative
+        self.vocab_size = vocab_size
         self.stop_id = tokenizer.eos_id if stop_id is None else stop_id
         if self.stop_id is None:
             raise ValueError("the tokenizer has no eos token to end a forecast with; pass stop_id")
-        self.char_of = {i: c for c, i in self.ids.items()}
-        self.allow_negative = allow_negative
-        self.vocab_size, self.batch = vocab_size, batch
-        self.state = [dict(var=0, steps=0, number="") for _ in range(batch)]
-        masks = {}
-        for name, chars in {"digits": "0123456789", "point": ".", "var": VAR_SEP,
-                            "step": STEP_SEP, "minus": "-" if allow_negative else ""}.items():
-            mask = torch.zeros(vocab_size, dtype=torch.bool)
-            mask[[self.ids[c] for c in chars]] = True
-            masks[name] = mask
-        stop = torch.zeros(vocab_size, dtype=torch.bool)
-        stop[self.stop_id] = True
-        masks["stop"] = stop
-        self.masks = masks
+        chars = DIGITS + POINT + VAR_SEP + STEP_SEP + (MINUS if allow_negative else "")
+        self.ids = single_token_ids(tokenizer, chars)
+        if self.stop_id in self.ids.values():
+            raise ValueError(f"the stop token {self.stop_id} is also the token of a grammar character")
+        too_big = [i for i in (*self.ids.values(), self.stop_id) if not 0 <= i < vocab_size]
+        if too_big:
+            raise ValueError(f"token id(s) {too_big} are outside the model's vocabulary of {vocab_size}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # Columns of the small per-step mask: the ten digits, point, variable separator, step separator, minus (if
+        # allowed), stop; scattered into a full-vocabulary mask each step.
+        self.column_ids = torch.tensor([self.ids[c] for c in chars] + [self.stop_id], device=self.device)
+        self.is_digit = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+        self.is_digit[[self.ids[c] for c in DIGITS]] = True
+        zeros = lambda dtype: torch.zeros(batch, dtype=dtype, device=self.device)  # noqa: E731
+        self.steps = zeros(torch.long)  # completed steps
+        self.var = zeros(torch.long)  # which variable of the step is being written
+        self.int_len = zeros(torch.long)  # integer digits of the current number so far
+        self.frac_len = zeros(torch.long)  # digits after its point so far
+        self.has_point = zeros(torch.bool)
+        self.leading_zero = zeros(torch.bool)  # its integer part is "0": only the point (or an end) may follow
+        self.negative = zeros(torch.bool)
+        self.tokens_read = 0
 
     @property
     def candidate_ids(self) -> list[int]:
-        """Every token the grammar can ever allow (for generate's candidate_ids)."""
+        """Every token the grammar can ever allow (for generate's candidate_ids: the LM head scores only these)."""
         return sorted({*self.ids.values(), self.stop_id})
 
     def max_new_tokens(self) -> int:
-        per_number = int(self.allow_negative) + self.int_digits + (1 + self.decimals if self.decimals else 0)
-        return self.horizon * self.n_vars * (per_number + 1) + 1
+        return max_forecast_tokens(self.horizon, self.n_vars, self.decimals, self.int_digits, self.allow_negative)
 
-    def _advance(self, row: int, token: int) -> None:
-        s = self.state[row]
-        ch = self.char_of.get(token)
-        if ch == VAR_SEP:
-            s["var"] += 1
-            s["number"] = ""
-        elif ch == STEP_SEP:
-            s["var"], s["number"] = 0, ""
-            s["steps"] += 1
-        elif ch is not None:
-            s["number"] += ch
+    def read(self, tokens: torch.Tensor) -> None:
+        """Advance every row's state by its newly generated token (B,). Tokens outside the grammar (e.g. the stop
+        token, or padding after it) leave the state unchanged."""
+        tokens = tokens.to(self.device)
+        digit = self.is_digit[tokens.clamp(0, self.vocab_size - 1)]
+        point, var_sep, step_sep = (tokens == self.ids[c] for c in (POINT, VAR_SEP, STEP_SEP))
+        minus = tokens == self.ids[MINUS] if self.allow_negative else torch.zeros_like(point)
+        integer_digit = digit & ~self.has_point
+        self.leading_zero |= integer_digit & (self.int_len == 0) & (tokens == self.ids["0"])
+        self.int_len += integer_digit.long()
+        self.frac_len += (digit & self.has_point).long()
+        self.has_point |= point
+        self.negative |= minus
+        ends_number = var_sep | step_sep
+        for state in (self.int_len, self.frac_len):
+            state.masked_fill_(ends_number, 0)
+        for state in (self.has_point, self.leading_zero, self.negative):
+            state.masked_fill_(ends_number, False)
+        self.var += var_sep.long()
+        self.var.masked_fill_(step_sep, 0)
+        self.steps += step_sep.long()
+        self.tokens_read += 1
 
-    def _allowed(self, row: int) -> torch.Tensor:
-        s, m = self.state[row], self.masks
-        if s["steps"] >= self.horizon:
-            return m["stop"]
-        number = s["number"]
-        digits = number.lstrip("-")
-        end = m["var"] if s["var"] < self.n_vars - 1 else m["step"]
-        if "." in digits:
-            return m["digits"] if len(digits.split(".")[1]) < self.decimals else end
-        if digits == "":
-            first = m["digits"]
-            return first | m["minus"] if number == "" else first
-        complete = end if self.decimals == 0 else m["point"]
-        if digits == "0" or len(digits) >= self.int_digits:
-            return complete  # no leading zeros; at most int_digits before the point
-        return m["digits"] | complete
+    def allowed(self) -> torch.Tensor:
+        """(B, vocab_size) bool: the tokens each row may write next."""
+        done = self.steps >= self.horizon
+        started = self.int_len > 0
+        digit = torch.where(self.has_point, self.frac_len < self.decimals,
+                            ~started | (~self.leading_zero & (self.int_len < self.int_digits)))
+        point = torch.full_like(done, self.decimals > 0) & started & ~self.has_point
+        number_complete = started & (self.has_point & (self.frac_len == self.decimals) if self.decimals
+                                     else torch.ones_like(done))
+        last_var = self.var == self.n_vars - 1
+        var_sep, step_sep = number_complete & ~last_var, number_complete & last_var
+        minus = torch.full_like(done, self.allow_negative) & ~started & ~self.negative & ~self.has_point
+        columns = [*[digit] * len(DIGITS), point, var_sep, step_sep] + ([minus] if self.allow_negative else [])
+        columns = torch.stack(columns, dim=1) & ~done[:, None]  # a finished row may only stop
+        columns = torch.cat([columns, done[:, None]], dim=1)
+        mask = torch.zeros(self.batch, self.vocab_size, dtype=torch.bool, device=self.device)
+        mask[:, self.column_ids] = columns
+        return mask
 
     def __call__(self, step: int, generated: torch.Tensor) -> torch.Tensor:
+        # generate passes the `step` tokens written so far; this grammar has read all but the newest one.
+        if self.tokens_read != max(step - 1, 0):
+            raise RuntimeError(f"NumberGrammar was asked about step {step} after reading {self.tokens_read} tokens: "
+                               f"use a new grammar for every generate call")
         if step > 0:
-            for row, token in enumerate(generated[:, -1].tolist()):
-                self._advance(row, token)
-        return torch.stack([self._allowed(row) for row in range(self.batch)])
+            self.read(generated[:, -1])
+        return self.allowed()
+
+
+class StepCounter:
+    """The `allowed_tokens` hook for unconstrained forecasts: any token may follow, but a row that has written
+    `horizon` step separators may only stop, so no row generates past its horizon while others finish. The model can
+    still write malformed text; decoding counts it. A token that merges the separator with other characters (";\\n"
+    in Qwen's vocabulary) counts as many separators as it holds."""
+
+    def __init__(self, tokenizer, vocab_size: int, batch: int, horizon: int, stop_id: int | None = None,
+                 device: torch.device | str | None = None):
+        self.batch, self.horizon, self.vocab_size = batch, horizon, vocab_size
+        self.stop_id = tokenizer.eos_id if stop_id is None else stop_id
+        if self.stop_id is None:
+            raise ValueError("the tokenizer has no eos token to end a forecast with; pass stop_id")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        separators = [0] * vocab_size
+        for token_id in range(min(vocab_size, tokenizer.vocab_size)):
+            # Byte-level BPE spells printable ASCII as itself, so the token string shows the separator.
+            token = tokenizer.id_to_token(token_id) or ""
+            separators[token_id] = token.count(STEP_SEP)
+        self.separators = torch.tensor(separators, device=self.device)
+        self.steps = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.tokens_read = 0
+
+    def __call__(self, step: int, generated: torch.Tensor) -> torch.Tensor:
+        if self.tokens_read != max(step - 1, 0):
+            raise RuntimeError(f"StepCounter was asked about step {step} after reading {self.tokens_read} tokens: "
+                               f"use a new one for every generate call")
+        if step > 0:
+            self.steps += self.separators[generated[:, -1].to(self.device).clamp(0, self.vocab_size - 1)]
+            self.tokens_read += 1
+        done = self.steps >= self.horizon
+        mask = (~done)[:, None].expand(self.batch, self.vocab_size).clone()
+        mask[:, self.stop_id] = True
+        return mask

@@ -3,28 +3,45 @@ from __future__ import annotations
 
 import numpy as np
 
+SPECIES = ("prey", "predator")
 
-def forecast_metrics(predictions: np.ndarray, targets: np.ndarray, names=("prey", "predator")) -> dict:
-    """predictions, targets: (N, horizon, V). Per variable: MSE, MAE, R^2 (1 - SSE/SST, SST around the mean of all
-    target values of that variable) and MSE/MAE at each horizon step (averaged over trajectories)."""
+
+def variable_names(n_vars: int) -> list[str]:
+    return list(SPECIES) if n_vars == len(SPECIES) else [f"var{v}" for v in range(n_vars)]
+
+
+def forecast_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict:
+    """predictions, targets: (N, horizon, V) in original units. Per variable, pooled over the N trajectories:
+    mse, mae; r2 = 1 - SSE/SST with SST around the mean of all N*horizon target values of that variable (NaN if
+    they are all equal); mse_by_step, mae_by_step: (horizon,) averaged over trajectories; median_trajectory_mse:
+    the median over trajectories of each one's MSE, which a few diverging forecasts cannot dominate."""
     predictions, targets = np.asarray(predictions, float), np.asarray(targets, float)
-    if predictions.shape != targets.shape or predictions.ndim != 3:
-        raise ValueError(f"predictions {predictions.shape} and targets {targets.shape} must both be (N, horizon, V)")
+    if predictions.shape != targets.shape or predictions.ndim != 3 or predictions.shape[0] == 0:
+        raise ValueError(f"predictions {predictions.shape} and targets {targets.shape} must both be (N, horizon, V) "
+                         f"with N >= 1")
     out = {"n_trajectories": int(predictions.shape[0])}
-    for v, name in enumerate(names[:predictions.shape[2]]):
-        error = predictions[..., v] - targets[..., v]
-        sst = ((targets[..., v] - targets[..., v].mean()) ** 2).sum()
-        out[name] = {
-            "mse": float((error ** 2).mean()),
-            "mae": float(np.abs(error).mean()),
-            "r2": float(1.0 - (error ** 2).sum() / sst) if sst > 0 else float("nan"),
-            "mse_by_step": (error ** 2).mean(axis=0).tolist(),
-            "mae_by_step": np.abs(error).mean(axis=0).tolist(),
-        }
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowed (inf) forecast scores inf, not a warning
+        for v, name in enumerate(variable_names(predictions.shape[2])):
+            error = predictions[..., v] - targets[..., v]
+            squared = error ** 2
+            sst = ((targets[..., v] - targets[..., v].mean()) ** 2).sum()
+            out[name] = {
+                "mse": float(squared.mean()),
+                "mae": float(np.abs(error).mean()),
+                "r2": float(1.0 - squared.sum() / sst) if sst > 0 else float("nan"),
+                "median_trajectory_mse": float(np.median(squared.mean(axis=1))),
+                "mse_by_step": squared.mean(axis=0).tolist(),
+                "mae_by_step": np.abs(error).mean(axis=0).tolist(),
+            }
     return out
 
 
 def per_trajectory_errors(predictions: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
-    """(N,) MSE and MAE of each trajectory over its horizon and variables."""
+    """Each trajectory's MSE and MAE over its horizon, per variable: {"prey_mse": (N,), "prey_mae": (N,), ...}."""
     error = np.asarray(predictions, float) - np.asarray(targets, float)
-    return {"mse": (error ** 2).mean(axis=(1, 2)), "mae": np.abs(error).mean(axis=(1, 2))}
+    out = {}
+    with np.errstate(over="ignore", invalid="ignore"):
+        for v, name in enumerate(variable_names(error.shape[2])):
+            out[f"{name}_mse"] = (error[..., v] ** 2).mean(axis=1)
+            out[f"{name}_mae"] = np.abs(error[..., v]).mean(axis=1)
+    return out

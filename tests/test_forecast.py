@@ -1,4 +1,5 @@
-"""forecast.py and forecasting/: the grammar, batching, metrics, baselines and the CLI."""
+"""forecast.py and forecasting/: the number grammar, batched generation, metrics, baselines and the CLI."""
+import csv
 import json
 
 import numpy as np
@@ -6,14 +7,33 @@ import pytest
 import torch
 
 import forecast
+from conftest import QWEN_TOKENIZER_DIR
 from data.dataset import make_eval_example
 from data.llmtime import decode
-from data.lotka_volterra import save, simulate
-from forecasting.baselines import fit_lotka_volterra, lotka_volterra_forecast, persistence
+from data.lotka_volterra import load, save, simulate, split_indices
+from forecasting.baselines import gradient_matching_guess, lotka_volterra_forecast, persistence
 from forecasting.forecast import forecast_examples
-from forecasting.grammar import NumberGrammar
-from forecasting.metrics import forecast_metrics
-from qwen_mini import char_tokenizer, load_model_and_tokenizer
+from forecasting.grammar import NumberGrammar, StepCounter, max_forecast_tokens, single_token_ids
+from forecasting.metrics import forecast_metrics, per_trajectory_errors
+from qwen_mini import Qwen, QwenConfig, Tokenizer, char_tokenizer, load_model_and_tokenizer, save_pretrained
+
+HORIZON = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matrices are far too small to share between threads, and on a busy 2-core machine a second
+    spinning thread slows every step a hundredfold; restored for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def private_data_cache(tmp_path, monkeypatch):
+    """Should a CLI call fall back to the default data set, it is simulated here, not into the user's cache."""
+    monkeypatch.setenv("QWEN_MINI_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -24,72 +44,169 @@ def tiny():
 @pytest.fixture(scope="module")
 def examples():
     data = simulate(n=6, steps=40, seed=11)
-    return [make_eval_example(data.trajectories[i], i, n_context=20, horizon=8) for i in range(6)]
+    return [make_eval_example(data.trajectories[i], i, n_context=20, horizon=HORIZON) for i in range(6)]
 
 
-@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.5, num_samples=3, top_p=0.95)])
-def test_constrained_output_always_parses_to_exactly_the_horizon(tiny, examples, sampling):
+def assert_well_formed(text: str, steps: int, n_vars: int = 2, decimals: int = 2):
+    """Exactly `steps` steps of `n_vars` numbers "d.dd" (1-3 integer digits, no leading zero), each ending in ";"."""
+    assert text.endswith(";") and text.count(";") == steps, text
+    for step in text[:-1].split(";"):
+        numbers = step.split(",")
+        assert len(numbers) == n_vars, text
+        for number in numbers:
+            integer, fraction = number.split(".")
+            assert 1 <= len(integer) <= 3 and (integer == "0" or not integer.startswith("0")), text
+            assert len(fraction) == decimals and (integer + fraction).isdigit(), text
+
+
+# ---- the grammar -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.5, num_samples=3, top_p=0.95)],
+                         ids=["greedy", "sampled"])
+def test_constrained_output_of_a_random_model_always_parses_to_exactly_the_horizon(tiny, examples, sampling):
     model, tokenizer = tiny
     forecasts = forecast_examples(model, tokenizer, examples, batch=4, progress=False, seed=1, **sampling)
-    for fc in forecasts:
+    for ex, fc in zip(examples, forecasts):
+        assert len(fc.texts) == sampling.get("num_samples", 1)
         for text, report in zip(fc.texts, fc.reports):
-            assert report.ok and report.n_steps == 8, text
-            assert text.count(";") == 8 and all(len(number.split(".")[1]) == 2
-                                                for step in text.split(";")[:-1] for number in step.split(","))
-        assert np.isfinite(fc.samples).all() and fc.samples.shape == (sampling.get("num_samples", 1), 8, 2)
+            assert_well_formed(text, HORIZON)
+            assert report.ok and report.n_steps == HORIZON
+            values, _ = decode(text, ex.scaler, decimals=2)
+            np.testing.assert_array_equal(fc.samples[fc.texts.index(text)], values)
+        assert fc.parse_failures == 0 and fc.samples.shape == (len(fc.texts), HORIZON, 2)
 
 
-def test_batched_forecasting_equals_one_trajectory_at_a_time(tiny, examples):
+def test_grammar_allows_exactly_the_next_characters_of_a_number(tiny):
+    tokenizer = char_tokenizer()
+    grammar = NumberGrammar(tokenizer, 32, batch=1, n_vars=2, horizon=1, decimals=2, int_digits=2)
+    written, allowed = [], []
+    for ch in "10.25,0.50;":
+        mask = grammar(len(written), torch.tensor([written], dtype=torch.long))
+        allowed.append({tokenizer.decode([i]) for i in mask[0].nonzero().flatten().tolist()})
+        written.append(tokenizer.token_to_id(ch))
+    mask = grammar(len(written), torch.tensor([written]))
+    digits = set("0123456789")
+    assert allowed[0] == digits  # a number starts with a digit (no minus: off by default)
+    assert allowed[1] == digits | {"."}  # "1": a second integer digit or the point
+    assert allowed[2] == {"."}  # "10": int_digits=2 reached
+    assert allowed[3] == allowed[4] == digits  # exactly two decimals
+    assert allowed[5] == {","}  # first variable done
+    assert allowed[7] == {"."}  # "0": no leading zeros
+    assert allowed[10] == {";"}  # last variable done: the step ends
+    assert {tokenizer.decode([i]) for i in mask[0].nonzero().flatten().tolist()} == {"<|eos|>"}  # horizon reached
+    assert max_forecast_tokens(horizon=1, n_vars=2, decimals=2, int_digits=2) == len("10.25,10.25;") + 1
+
+
+def test_grammar_with_negatives_and_without_decimals():
+    tokenizer = char_tokenizer()
+    grammar = NumberGrammar(tokenizer, 32, batch=2, n_vars=1, horizon=2, decimals=0, allow_negative=True)
+    rows = ["-7;", "40;"]
+    seen = [[], []]
+    for step in range(3):
+        generated = torch.tensor([[tokenizer.token_to_id(c) for c in row[:step]] for row in rows]).view(2, step)
+        mask = grammar(step, generated)
+        for r in range(2):
+            seen[r].append({tokenizer.decode([i]) for i in mask[r].nonzero().flatten().tolist()})
+    digits = set("0123456789")
+    assert seen[0][0] == digits | {"-"} and seen[0][1] == digits and seen[0][2] == digits | {";"}
+    assert seen[1][1] == digits | {";"}  # "4": no point when decimals=0
+    assert seen[1][2] == digits | {";"}  # "40"
+
+
+def test_grammar_refuses_a_tokenizer_that_splits_a_character():
+    class NoSemicolon:
+        eos_id = 1
+
+        def token_to_id(self, ch):
+            return None if ch == ";" else 2 + "0123456789.,-".index(ch)
+
+        def encode(self, ch):
+            return [self.token_to_id(ch)]
+
+    with pytest.raises(ValueError, match="needs ';' to be exactly one token"):
+        NumberGrammar(NoSemicolon(), 32, batch=1, n_vars=2, horizon=1)
+    with pytest.raises(RuntimeError, match="new grammar for every generate call"):
+        grammar = NumberGrammar(char_tokenizer(), 32, batch=1, n_vars=2, horizon=1)
+        grammar(0, torch.zeros(1, 0, dtype=torch.long))
+        grammar(5, torch.zeros(1, 5, dtype=torch.long))
+
+
+@pytest.mark.skipif(not (QWEN_TOKENIZER_DIR / "tokenizer.json").is_file(), reason="no Qwen2.5 tokenizer fixture")
+def test_grammar_with_qwens_tokenizer_and_vocabulary(examples):
+    """Qwen's vocabulary is mostly multi-character tokens, and the model's vocabulary (151936) exceeds the
+    tokenizer's: a random model with that vocabulary still writes only well-formed steps, one character a token."""
+    tokenizer = Tokenizer.from_pretrained(QWEN_TOKENIZER_DIR)
+    assert single_token_ids(tokenizer, "0123456789.,;") == {**{str(d): 15 + d for d in range(10)},
+                                                             ".": 13, ",": 11, ";": 26}
+    config = QwenConfig(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    model = Qwen(config).eval()
+    for sampling in (dict(), dict(temperature=2.0, num_samples=2)):
+        forecasts = forecast_examples(model, tokenizer, examples[:2], batch=4, progress=False, **sampling)
+        for fc in forecasts:
+            for text in fc.texts:
+                assert_well_formed(text, HORIZON)
+
+
+# ---- batching and unconstrained generation ----------------------------------------------------------------------
+
+def test_batched_forecasting_equals_one_trajectory_at_a_time(tiny):
     model, tokenizer = tiny
-    batched = forecast_examples(model, tokenizer, examples, batch=6, progress=False)
+    data = simulate(n=6, steps=40, seed=11)
+    # Contexts of 15..25 steps: prompts of different lengths, so the batches are left padded.
+    examples = [make_eval_example(data.trajectories[i], i, n_context=15 + 2 * i, horizon=HORIZON) for i in range(6)]
+    # 6 trajectories in batches of 4 (the second one partly filled) against one at a time: same greedy tokens.
+    batched = forecast_examples(model, tokenizer, examples, batch=4, progress=False)
     for ex, fc in zip(examples, batched):
         alone = forecast_examples(model, tokenizer, [ex], batch=1, progress=False)[0]
         assert alone.texts == fc.texts
+        np.testing.assert_array_equal(alone.samples, fc.samples)
 
 
 def test_unconstrained_failures_are_counted_not_raised(tiny, examples):
     model, tokenizer = tiny
-    forecasts = forecast_examples(model, tokenizer, examples[:2], constrained=False, progress=False)
-    for fc in forecasts:  # a random model writes garbage: it is reported, the valid prefix kept
-        report = fc.reports[0]
-        values, again = decode(fc.texts[0], examples[0].scaler, decimals=2)
-        assert report.n_steps == again.n_steps
-        assert np.isnan(fc.samples[0, report.n_steps:]).all() if report.n_steps < 8 else True
+    forecasts = forecast_examples(model, tokenizer, examples[:3], constrained=False, progress=False)
+    for ex, fc in zip(examples, forecasts):
+        values, report = decode(fc.texts[0], ex.scaler, decimals=2)
+        assert fc.reports[0] == report  # what the forecaster reports is what decoding the text says
+        complete = report.n_steps >= HORIZON
+        assert fc.parse_failures == (0 if complete else 1)
+        assert np.isnan(fc.samples[0, report.n_steps:]).all() and np.isfinite(fc.samples[0, :report.n_steps]).all()
+        assert fc.texts[0].count(";") <= HORIZON  # the step counter ends every row at the horizon
+    assert sum(fc.parse_failures for fc in forecasts) > 0  # a random model does write garbage
 
 
-def test_grammar_by_hand():
-    tok = char_tokenizer()
-    grammar = NumberGrammar(tok, 32, batch=1, n_vars=2, horizon=1, decimals=2, int_digits=2)
-    allowed_text = []
+def test_step_counter_stops_a_row_after_horizon_separators():
+    tokenizer = char_tokenizer()
+    counter = StepCounter(tokenizer, 32, batch=2, horizon=2)
+    semicolon, digit = tokenizer.token_to_id(";"), tokenizer.token_to_id("5")
+    counter(0, torch.zeros(2, 0, dtype=torch.long))
+    counter(1, torch.tensor([[semicolon], [digit]]))
+    mask = counter(2, torch.tensor([[semicolon, semicolon], [digit, semicolon]]))
+    assert mask[0].nonzero().flatten().tolist() == [tokenizer.eos_id]  # two steps written: only stop
+    assert bool(mask[1].all())  # one step written: anything
 
-    def allowed_chars(step, generated):
-        mask = grammar(step, generated)[0]
-        return {tok.decode([i]) for i in mask.nonzero().flatten().tolist()}
 
-    written = []
-    for ch in "10.25,0.50;":
-        allowed_text.append(allowed_chars(len(written), torch.tensor([written])))
-        written.append(tok.encode(ch)[0])
-    digits = set("0123456789")
-    assert allowed_text[0] == digits  # first digit
-    assert allowed_text[1] == digits | {"."}
-    assert allowed_text[2] == {"."}  # int_digits=2 reached
-    assert allowed_text[3] == allowed_text[4] == digits
-    assert allowed_text[5] == {","}
-    assert allowed_text[7] == {"."}  # after a leading zero only the point
-    assert allowed_text[10] == {";"}
-    assert allowed_chars(len(written), torch.tensor([written])) == {"<|eos|>"}  # horizon reached
-
+# ---- metrics and baselines ---------------------------------------------------------------------------------------
 
 def test_metrics_match_a_hand_computation():
-    targets = np.array([[[1.0, 2.0], [3.0, 4.0]]])  # one trajectory, 2 steps, 2 species
-    predictions = np.array([[[2.0, 2.0], [3.0, 1.0]]])
+    targets = np.array([[[1.0, 2.0], [3.0, 4.0]], [[2.0, 2.0], [2.0, 2.0]]])  # 2 trajectories, 2 steps, 2 species
+    predictions = np.array([[[2.0, 2.0], [3.0, 1.0]], [[2.0, 4.0], [0.0, 2.0]]])
     m = forecast_metrics(predictions, targets)
-    # prey errors (1, 0): MSE 0.5, MAE 0.5, SST = (1-2)^2 + (3-2)^2 = 2 -> R2 = 1 - 1/2
-    assert m["prey"]["mse"] == 0.5 and m["prey"]["mae"] == 0.5 and m["prey"]["r2"] == 0.5
-    # predator errors (0, -3): MSE 4.5, MAE 1.5, SST = 1 + 1 = 2 -> R2 = 1 - 9/2
-    assert m["predator"]["mse"] == 4.5 and m["predator"]["mae"] == 1.5 and m["predator"]["r2"] == -3.5
-    assert m["prey"]["mse_by_step"] == [1.0, 0.0] and m["predator"]["mae_by_step"] == [0.0, 3.0]
+    # prey errors: traj 0 (1, 0), traj 1 (0, -2). MSE = (1 + 0 + 0 + 4) / 4 = 1.25, MAE = 3/4.
+    # prey targets 1, 3, 2, 2: mean 2, SST = 1 + 1 + 0 + 0 = 2, SSE = 5 -> R2 = 1 - 5/2 = -1.5.
+    # per-trajectory MSE 0.5 and 2 -> median 1.25; by step: MSE (1+0)/2, (0+4)/2; MAE (1+0)/2, (0+2)/2.
+    prey = m["prey"]
+    assert (prey["mse"], prey["mae"], prey["r2"], prey["median_trajectory_mse"]) == (1.25, 0.75, -1.5, 1.25)
+    assert prey["mse_by_step"] == [0.5, 2.0] and prey["mae_by_step"] == [0.5, 1.0]
+    # predator errors: traj 0 (0, -3), traj 1 (2, 0). MSE = 13/4, MAE = 5/4; targets 2, 4, 2, 2: mean 2.5,
+    # SST = 0.25 + 2.25 + 0.25 + 0.25 = 3 -> R2 = 1 - 13/3; per-trajectory MSE 4.5 and 2 -> median 3.25.
+    pred = m["predator"]
+    assert (pred["mse"], pred["mae"], pred["median_trajectory_mse"]) == (3.25, 1.25, 3.25)
+    assert pred["r2"] == pytest.approx(1 - 13 / 3, rel=1e-15)
+    errors = per_trajectory_errors(predictions, targets)
+    assert errors["prey_mse"].tolist() == [0.5, 2.0] and errors["predator_mae"].tolist() == [1.5, 1.0]
 
 
 def test_persistence_is_the_last_context_value():
@@ -98,39 +215,101 @@ def test_persistence_is_the_last_context_value():
 
 
 def test_lv_fit_recovers_known_parameters_from_a_noise_free_context():
-    data = simulate(n=8, steps=100, seed=21)
-    forecast_values, fit = lotka_volterra_forecast(data.trajectories[:, :50], data.time, 50)
+    data = simulate(n=4, steps=100, seed=21)
+    forecasts, fit = lotka_volterra_forecast(data.trajectories[:, :50], data.time, 50)
     true = np.stack([data.params[k] for k in ("alpha", "beta", "gamma", "delta")], axis=1)
-    assert (np.abs(fit["params"] - true) / true).max() <= 1e-2
-    np.testing.assert_allclose(fit["state0"], np.stack([data.params["x0"], data.params["y0"]], 1), rtol=1e-2)
-    error = np.abs(forecast_values - data.trajectories[:, 50:]).max() / data.trajectories[:, 50:].max()
-    assert error <= 1e-2
+    assert (np.abs(fit.params - true) / true).max() <= 1e-2
+    np.testing.assert_allclose(fit.state0, np.stack([data.params["x0"], data.params["y0"]], 1), rtol=1e-2)
+    future = data.trajectories[:, 50:]
+    assert np.abs(forecasts - future).max() <= 1e-3 * future.max()  # 50 steps ahead, ~2 orbits
 
+
+def test_gradient_matching_guess_is_close_on_clean_data():
+    data = simulate(n=3, steps=400, seed=5, t_end=200)  # fine sampling: finite differences are accurate
+    guess = gradient_matching_guess(data.trajectories, data.time)
+    true = np.stack([data.params[k] for k in ("alpha", "beta", "gamma", "delta")], axis=1)
+    assert (np.abs(guess[:, :4] - true) / true).max() < 0.1
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def thousand_h5(tmp_path_factory):
     path = tmp_path_factory.mktemp("lv") / "lv1000.h5"
-    save(path, simulate(n=1000, steps=100, seed=3))
+    save(path, simulate(n=1000, steps=100, seed=3, substeps=10))
     return str(path)
 
 
 def test_cli_sample_972_writes_plots_and_metrics(thousand_h5, tmp_path, capsys):
     out = tmp_path / "fc"
-    code = forecast.main(["--model", "tiny", "--data", thousand_h5, "--sample", "972", "--out", str(out), "--quiet",
-                          "--horizon", "20", "--baselines", "persistence"])
-    assert code == 0
+    code = forecast.main(["--model", "tiny", "--data", thousand_h5, "--sample", "972", "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
     for name in ("metrics.json", "per_trajectory.csv", "trajectory_972.png", "error_vs_horizon.png",
                  "error_distribution.png"):
-        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0, name
     result = json.loads((out / "metrics.json").read_text())
-    assert result["parse_failures"] == 0 and set(result["metrics"]) == {"model", "persistence"}
-    assert "scaler fitted on the context only" in capsys.readouterr().out
+    assert result["trajectories"] == [972] and result["parse_failures"] == 0 and result["n_scored"] == 1
+    assert set(result["metrics"]) == {"model", "persistence", "lv_fit"}  # untrained: the model itself
+    assert result["protocol_settings"]["context"] == 50 and result["protocol_settings"]["horizon"] == 50
+    assert result["metrics"]["lv_fit"]["prey"]["mse"] < 1e-4  # noise-free LV data: the fit is near exact
+    assert "scaler fitted on the context only" in captured.out and "tokens/s" in captured.out
+    where = split_indices(1000, seed=0).which(972)  # a plain model's data is split as train.py splits it
+    assert f"trajectory 972 is in the {where} split" in captured.err
 
 
-def test_cli_errors_are_clear(thousand_h5, tmp_path, capsys):
+def test_cli_errors_name_the_bad_value(thousand_h5, tmp_path, capsys):
     assert forecast.main(["--model", "tiny", "--data", thousand_h5, "--sample", "1000", "--quiet"]) == 2
     assert "trajectory index 1000 is out of range" in capsys.readouterr().err
     assert forecast.main(["--run", str(tmp_path / "missing_run"), "--quiet"]) == 2
     assert "missing_run: no such run directory" in capsys.readouterr().err
     assert forecast.main(["--model", "tiny", "--baselines", "oracle", "--quiet"]) == 2
     assert "unknown baseline(s) ['oracle']" in capsys.readouterr().err
+    assert forecast.main(["--model", "tiny", "--data", thousand_h5, "--context", "60", "--quiet"]) == 2
+    assert "--context 60 + --horizon 50 steps exceed the 100 steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        forecast.main(["--model", "tiny", "--top-p", "1.5"])
+    assert exit_info.value.code == 2 and "1.5" in capsys.readouterr().err
+
+
+def make_run_dir(root, data_path, test_indices, n):
+    """A --full run directory as train.py lays it out (training/run.py): config.json and model/ (weights of a
+    tiny model with other random weights than the base, and the tokenizer)."""
+    run = root / "run"
+    torch.manual_seed(1)
+    trained = Qwen(QwenConfig.from_name("tiny")).eval()
+    save_pretrained(trained, run / "model")
+    char_tokenizer().save_pretrained(run / "model")
+    rest = [i for i in range(n) if i not in test_indices]
+    split = {"seed": 0, "fractions": [0.7, 0.15, 0.15], "n": n, "train": rest[:-2], "val": rest[-2:],
+             "test": list(test_indices)}
+    config = {"model": "tiny", "full": True, "data": data_path, "decimals": 2, "split": split, "fit_steps": 50,
+              "model_seed": 0}
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
+def test_cli_run_uses_its_split_and_compares_with_its_untrained_base(tmp_path, capsys):
+    data_path = tmp_path / "lv12.h5"
+    save(data_path, simulate(n=12, steps=70, seed=4, substeps=10))
+    run = make_run_dir(tmp_path, str(data_path), test_indices=[3, 7, 10], n=12)
+    code = forecast.main(["--run", str(run), "--horizon", "10", "--quiet", "--baselines", "persistence,untrained"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((run / "forecast" / "metrics.json").read_text())
+    assert result["trajectories"] == [3, 7, 10] and result["n_scored"] == 3
+    with open(run / "forecast" / "per_trajectory.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["index"], r["split"]) for r in rows] == [("3", "test"), ("7", "test"), ("10", "test")]
+    # the untrained baseline is the tiny base (seed 0), forecast exactly as `--model tiny` forecasts it
+    base, tokenizer = load_model_and_tokenizer("tiny", seed=0)
+    data = load(data_path)
+    examples = [make_eval_example(data.trajectories[i], i, 50, 10) for i in (3, 7, 10)]
+    expected = np.stack([f.median for f in forecast_examples(base, tokenizer, examples, progress=False)])
+    targets = np.stack([ex.target for ex in examples])
+    assert result["metrics"]["untrained"]["prey"]["mse"] == pytest.approx(
+        float(((expected - targets)[..., 0] ** 2).mean()), rel=1e-12)
+    # persistence, scored by hand
+    last = np.stack([ex.context[-1] for ex in examples])[:, None, :]
+    assert result["metrics"]["persistence"]["predator"]["mae"] == pytest.approx(
+        float(np.abs(last - targets)[..., 1].mean()), rel=1e-12)
+    assert result["metrics"]["model"] != result["metrics"]["untrained"]  # the run's weights are not the base's

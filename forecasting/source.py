@@ -1,0 +1,117 @@
+"""What forecast.py forecasts with: a training run directory (its weights, data, split and decimals) or a plain
+model (hub id, local directory or the tiny preset), and which data and split go with it."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data.lotka_volterra import LVData, Split, load_or_simulate, split_indices
+from qwen_mini import load_model_and_tokenizer
+
+# The tiny preset's random weights use this seed whatever --seed is, as training does (training.config), so
+# `--model tiny` is the very model every tiny run starts from.
+TINY_MODEL_SEED = 0
+DEFAULT_DECIMALS = 2
+DEFAULT_SPLIT_SEED = 0  # train.py's --split-seed default: the split a run on the same data would have used
+
+
+@dataclass
+class ForecastSource:
+    model: torch.nn.Module
+    tokenizer: object
+    label: str  # how the output names it: the run directory or the model spec
+    decimals: int
+    data: LVData
+    split: Split
+    split_origin: str  # where the split came from, for the report
+    load_untrained: Callable[[], torch.nn.Module] | None  # the base model before training; None: the model is it
+    default_out: Path  # output directory when --out is not given
+    notes: list[str] = field(default_factory=list)  # mismatches worth telling the user (also written to the output)
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """'auto' (None: the stored dtype), 'float32' or 'bfloat16'."""
+    choices = {"auto": None, None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in choices:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return choices[name]
+
+
+def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decimals: int | None = None,
+             context: int | None = None, device=None, dtype: torch.dtype | None = None) -> ForecastSource:
+    """A trained run: its model (adapter merged), its data file and train/val/test split, its decimals. Another
+    data file (`data_path`) is split afresh with the run's split seed, with a note saying so."""
+    from training.run import load_base_model, load_run
+
+    model, tokenizer, config = load_run(run_dir, device=device, dtype=dtype)
+    run_data = config.get("data") or config.get("data_source")
+    if run_data and not Path(run_data).is_file():
+        run_data = None  # the default simulated set, cached elsewhere now: load_or_simulate rebuilds the same one
+    source_note = []
+    if data_path is not None and (run_data is None or Path(data_path).resolve() != Path(run_data).resolve()):
+        data = load_or_simulate(data_path)
+        split_seed = config.get("split", {}).get("seed", DEFAULT_SPLIT_SEED)
+        split = split_indices(len(data), seed=split_seed)
+        origin = f"seed {split_seed} over {data.path} (not the run's data)"
+        trained_on = run_data or "the default simulated set"
+        source_note.append(f"--data {data_path} is not the data run {run_dir} trained on ({trained_on}); its "
+                           f"trajectories are split afresh with the run's split seed {split_seed}")
+    else:
+        data = load_or_simulate(run_data if data_path is None else data_path)
+        if "split" not in config:
+            raise ValueError(f"{run_dir}: the run config records no train/val/test split")
+        split = Split.from_dict(config["split"])
+        if split.n != len(data):
+            raise ValueError(f"run {run_dir} split {split.n} trajectories but {data.path} has {len(data)}: "
+                             f"the data file changed since training")
+        origin = f"the run's (seed {split.seed})"
+    run_decimals = config.get("decimals", DEFAULT_DECIMALS)
+    if decimals is not None and decimals != run_decimals:
+        source_note.append(f"--decimals {decimals} differs from the {run_decimals} the run trained with")
+    fit_steps = config.get("fit_steps")
+    if context is not None and fit_steps is not None and context != fit_steps:
+        source_note.append(f"--context {context}: the run's training texts were scaled on their first {fit_steps} "
+                           f"steps, so prompts are scaled differently from what the model learned")
+
+    def load_untrained():
+        base, _ = load_base_model(config, device=device, dtype=dtype)
+        base.requires_grad_(False)
+        return base.eval()
+
+    source = ForecastSource(model, tokenizer, str(run_dir), run_decimals if decimals is None else decimals, data,
+                            split, origin, load_untrained, Path(run_dir) / "forecast")
+    for message in source_note:
+        source.note(message)
+    return source
+
+
+def from_model(spec: str, *, data_path: str | None = None, decimals: int | None = None, device=None,
+               dtype: torch.dtype | None = None) -> ForecastSource:
+    """A model as it is (no run): the trajectories are split as train.py would split them (seed 0)."""
+    model, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, device=device, seed=TINY_MODEL_SEED)
+    model.requires_grad_(False)
+    data = load_or_simulate(data_path)
+    split = split_indices(len(data), seed=DEFAULT_SPLIT_SEED)
+    name = Path(str(spec).rstrip("/")).name or str(spec)
+    return ForecastSource(model.eval(), tokenizer, str(spec), DEFAULT_DECIMALS if decimals is None else decimals,
+                          data, split, f"seed {DEFAULT_SPLIT_SEED}, as train.py splits it", None,
+                          Path("forecasts") / name)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto': CUDA when available, else CPU; anything else as torch.device reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
