@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2.5 tokenizer from ../shared/fixtures; tests using it skip cleanly where it is absent."""
+    from qwen_mini import Tokenizer
+
+    if not (QWEN_TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.skip("../shared/fixtures/qwen2.5-tokenizer not present")
+    return Tokenizer.from_pretrained(QWEN_TOKENIZER_DIR)
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """Give every parameter (biases and norm weights included) random values, so parity tests exercise them all."""
     gen = torch.Generator().manual_seed(seed)

@@ -2,18 +2,10 @@
 import numpy as np
 import pytest
 
-from conftest import QWEN_TOKENIZER_DIR
 from data.dataset import IGNORE_INDEX, TrainWindows, make_eval_example, shuffled_order, window_starts
 from data.llmtime import Scaler, encode
 from data.lotka_volterra import simulate
-from qwen_mini import Tokenizer, char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def qwen_tokenizer():
-    if not (QWEN_TOKENIZER_DIR / "tokenizer.json").is_file():
-        pytest.skip("../shared/fixtures/qwen2.5-tokenizer not present")
-    return Tokenizer.from_pretrained(QWEN_TOKENIZER_DIR)
+from qwen_mini import char_tokenizer
 
 
 def test_every_value_in_0_10_costs_the_same_number_of_tokens(qwen_tokenizer):

@@ -2,15 +2,7 @@
 import pytest
 import torch
 
-from conftest import QWEN_TOKENIZER_DIR
 from qwen_mini import QwenConfig, Tokenizer, char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def qwen_tokenizer():
-    if not (QWEN_TOKENIZER_DIR / "tokenizer.json").is_file():
-        pytest.skip("../shared/fixtures/qwen2.5-tokenizer not present")
-    return Tokenizer.from_pretrained(QWEN_TOKENIZER_DIR)
 
 
 def test_llmtime_text_is_one_token_per_character(qwen_tokenizer):
