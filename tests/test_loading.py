@@ -197,3 +197,17 @@ def test_load_model_and_tokenizer_tiny_is_seeded_and_checkpoints_round_trip(tmp_
     again, tok2 = load_model_and_tokenizer(tmp_path)
     assert_same_weights(a, again)
     assert tok2.encode("1.5;") == tok.encode("1.5;")
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    import os
+
+    from qwen_mini.fileio import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_json_atomic(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
