@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import forecast
-from conftest import QWEN_TOKENIZER_DIR
 from data.dataset import make_eval_example
 from data.llmtime import decode
 from data.lotka_volterra import load, save, simulate, split_indices
@@ -15,7 +14,7 @@ from forecasting.baselines import gradient_matching_guess, lotka_volterra_foreca
 from forecasting.forecast import forecast_examples
 from forecasting.grammar import NumberGrammar, StepCounter, max_forecast_tokens, single_token_ids
 from forecasting.metrics import forecast_metrics, per_trajectory_errors
-from qwen_mini import Qwen, QwenConfig, Tokenizer, char_tokenizer, load_model_and_tokenizer, save_pretrained
+from qwen_mini import Qwen, QwenConfig, char_tokenizer, load_model_and_tokenizer, save_pretrained
 
 HORIZON = 8
 
@@ -131,11 +130,10 @@ def test_grammar_refuses_a_tokenizer_that_splits_a_character():
         grammar(5, torch.zeros(1, 5, dtype=torch.long))
 
 
-@pytest.mark.skipif(not (QWEN_TOKENIZER_DIR / "tokenizer.json").is_file(), reason="no Qwen2.5 tokenizer fixture")
-def test_grammar_with_qwens_tokenizer_and_vocabulary(examples):
+def test_grammar_with_qwens_tokenizer_and_vocabulary(qwen_tokenizer, examples):
     """Qwen's vocabulary is mostly multi-character tokens, and the model's vocabulary (151936) exceeds the
     tokenizer's: a random model with that vocabulary still writes only well-formed steps, one character a token."""
-    tokenizer = Tokenizer.from_pretrained(QWEN_TOKENIZER_DIR)
+    tokenizer = qwen_tokenizer
     assert single_token_ids(tokenizer, "0123456789.,;") == {**{str(d): 15 + d for d in range(10)},
                                                              ".": 13, ",": 11, ";": 26}
     config = QwenConfig(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
