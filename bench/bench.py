@@ -35,7 +35,9 @@ BENCH_CONFIGS = {
     "medium": dict(PRESETS["qwen2.5-0.5b"], num_hidden_layers=4),
     **PRESETS,
 }
-TASKS = ("forward", "train_step", "generate", "generate_llmtime")
+TASKS = ("forward", "train_step", "generate", "generate_llmtime", "forecast")
+# The Qwen2.5 tokenizer for the forecast task: the shared fixture when this checkout sits beside it, else the hub.
+SHARED_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "qwen2.5-tokenizer"
 # Qwen ids of the characters LLMTIME text is made of: digits 0-9 (15-24), '.' 13, ',' 11, ';' 26.
 LLMTIME_IDS = [11, 13, *range(15, 25), 26]
 
@@ -160,6 +162,74 @@ def task_generate_llmtime(model, impl, config, args, device):
     return task_generate(model, impl, config, args, device, restrict_to=LLMTIME_IDS)
 
 
+def task_forecast(model, impl, config, args, device):
+    """The forecaster's workload: `fc_samples` sampled forecasts of `fc_horizon` LLMTIME steps for each of
+    `fc_trajectories` simulated trajectories, under the number grammar, stopping at the stop token. Ours: one
+    prefill per prompt shared by its samples (`num_samples`) and the LM head for the grammar's tokens only. HF:
+    `generate` with num_return_sequences and the very same grammar as a logits processor. The draws differ (each
+    implementation samples its own way), so the check is that every row of both is a complete forecast."""
+    from data.dataset import make_eval_example
+    from data.lotka_volterra import simulate
+    from forecasting.grammar import NumberGrammar, max_forecast_tokens
+    from qwen_mini import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    data = simulate(n=args.fc_trajectories, steps=args.fc_context + args.fc_horizon, seed=args.seed)
+    examples = [make_eval_example(trajectory, i, args.fc_context, args.fc_horizon)
+                for i, trajectory in enumerate(data.trajectories)]
+    ids, mask = (t.to(device) for t in tokenizer.encode_batch([ex.prompt for ex in examples]))
+    n_vars, rows = data.trajectories.shape[-1], len(examples) * args.fc_samples
+    max_new = max_forecast_tokens(args.fc_horizon, n_vars)
+
+    def grammar():
+        return NumberGrammar(tokenizer, config.vocab_size, rows, n_vars, args.fc_horizon, device=device)
+
+    if impl == "ours":
+        from qwen_mini import generate
+
+        def fn(new=max_new):
+            hook = grammar()
+            return generate(model, ids, mask, max_new_tokens=new, num_samples=args.fc_samples,
+                            temperature=args.fc_temperature, generator=torch.Generator(device).manual_seed(args.seed),
+                            stop_token_ids=[hook.stop_id], allowed_tokens=hook, candidate_ids=hook.candidate_ids)
+    else:
+        from transformers import LogitsProcessorList
+
+        def fn(new=max_new):
+            hook = grammar()
+            torch.manual_seed(args.seed)
+            # top_k=0 and top_p=1: no warper may cut the vocabulary before the grammar's mask (ours applies none).
+            return model.generate(ids, attention_mask=mask, do_sample=True, temperature=args.fc_temperature,
+                                  top_k=0, top_p=1.0, num_return_sequences=args.fc_samples, max_new_tokens=new,
+                                  eos_token_id=hook.stop_id, pad_token_id=hook.stop_id,
+                                  logits_processor=LogitsProcessorList([GrammarProcessor(hook, ids.shape[1])])
+                                  )[:, ids.shape[1]:]
+    with torch.inference_mode():
+        fn(2)  # warm-up without a whole generation
+        outputs = []
+        times = timed(lambda: outputs.append(fn()), device, args.gen_reps, warmup=0)
+    stop_id = grammar().stop_id
+    tokens = outputs[-1].cpu()
+    stopped = tokens == stop_id
+    # tokens each row generated, its stop token included (not the padding after it)
+    lengths = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, tokens.shape[1])
+    steps = (tokens == tokenizer.token_to_id(";")).sum(1)
+    return {"seconds": times, "tokens": int(lengths.sum()), "rows": rows, "prompt_tokens": int(mask.sum()),
+            "complete_rows": int(((steps == args.fc_horizon) & stopped.any(1)).sum())}
+
+
+class GrammarProcessor:
+    """HF logits processor around one of our `allowed_tokens` hooks (e.g. NumberGrammar): the same constraint for
+    both implementations, at the same per-step cost."""
+
+    def __init__(self, hook, prompt_len: int):
+        self.hook, self.prompt_len = hook, prompt_len
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        return scores.masked_fill(~self.hook(generated.shape[1], generated).to(scores.device), float("-inf"))
+
+
 class OnlyTokens:
     """HF logits processor: every token outside `allowed` gets -inf."""
 
@@ -220,6 +290,13 @@ def main(argv=None):
     p.add_argument("--gen-prompt-len", type=int, default=500)
     p.add_argument("--gen-new", type=int, default=500)
     p.add_argument("--gen-reps", type=int, default=1)
+    p.add_argument("--fc-trajectories", type=int, default=10, help="forecast task: simulated trajectories")
+    p.add_argument("--fc-samples", type=int, default=10, help="forecast task: samples per trajectory")
+    p.add_argument("--fc-context", type=int, default=50, help="forecast task: context steps (~10 tokens each)")
+    p.add_argument("--fc-horizon", type=int, default=50, help="forecast task: forecast steps")
+    p.add_argument("--fc-temperature", type=float, default=0.8)
+    p.add_argument("--tokenizer", default=str(SHARED_TOKENIZER) if SHARED_TOKENIZER.is_dir() else "Qwen/Qwen2.5-0.5B",
+                   help="Qwen2.5 tokenizer (directory or hub id) for the forecast task (default: %(default)s)")
     p.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],
                    help="HF generate's cache implementation")
     p.add_argument("--autocast", action="store_true", help="bf16 autocast for the training step on CUDA")
@@ -251,6 +328,10 @@ def main(argv=None):
         if "output_checksum" in ours and ours["output_checksum"] != theirs["output_checksum"]:
             print(f"[bench] WARNING: {task}: our tokens differ from HF's (checksums {ours['output_checksum']} vs "
                   f"{theirs['output_checksum']})")
+        for impl, result in (("ours", ours), ("hf", theirs)):
+            if result.get("complete_rows", result.get("rows")) != result.get("rows"):
+                print(f"[bench] WARNING: {task}/{impl}: only {result['complete_rows']} of {result['rows']} rows are "
+                      f"complete forecasts")
     import transformers, peft  # noqa: E401  (versions for the record)
 
     record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "processor": platform.processor(),

@@ -67,7 +67,8 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
                       ) -> list[Forecast]:
     """Forecast each example's horizon (the length of its target) from its prompt; one Forecast per example.
 
-    `batch` counts generated rows (trajectories x samples) per generate call. Greedy when temperature is 0;
+    `batch` counts generated rows (trajectories x samples) per generate call; a call holds all samples of its
+    trajectories (so at least one trajectory's), and prefills each prompt once for them. Greedy when temperature is 0;
     otherwise `num_samples` draws per trajectory from one torch.Generator seeded with `seed`. With `constrained`
     every sample parses to exactly the horizon; without, whatever the model writes is decoded and the failures are
     reported in each Forecast's `reports`. `label` names the progress bar (one step per batch)."""
@@ -84,32 +85,33 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
     stats = stats if stats is not None else GenerationStats()
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    rows = [(position, ex) for position, ex in enumerate(examples) for _ in range(num_samples)]
+    per_call = max(1, batch // num_samples)  # trajectories per generate call
     texts: list[list[str]] = [[] for _ in examples]  # by position: the same trajectory may be asked for twice
-    for start in tqdm(range(0, len(rows), batch), desc=label, unit="batch", disable=not progress):
-        chunk = rows[start:start + batch]
-        input_ids, attention_mask = tokenizer.encode_batch([ex.prompt for _, ex in chunk])
+    for start in tqdm(range(0, len(examples), per_call), desc=label, unit="batch", disable=not progress):
+        chunk = examples[start:start + per_call]
+        rows = len(chunk) * num_samples
+        input_ids, attention_mask = tokenizer.encode_batch([ex.prompt for ex in chunk])
         if constrained:
-            hook = NumberGrammar(tokenizer, model.config.vocab_size, len(chunk), n_vars, horizon, decimals,
+            hook = NumberGrammar(tokenizer, model.config.vocab_size, rows, n_vars, horizon, decimals,
                                  int_digits, allow_negative, device=device)
             candidate_ids = hook.candidate_ids
         else:
-            hook = StepCounter(tokenizer, model.config.vocab_size, len(chunk), horizon, device=device)
+            hook = StepCounter(tokenizer, model.config.vocab_size, rows, horizon, device=device)
             candidate_ids = None
         began = time.perf_counter()
-        tokens = generate(model, input_ids.to(device), attention_mask.to(device),
+        tokens = generate(model, input_ids.to(device), attention_mask.to(device), num_samples=num_samples,
                           max_new_tokens=max_forecast_tokens(horizon, n_vars, decimals, int_digits, allow_negative),
                           temperature=temperature, top_p=top_p, generator=generator, stop_token_ids=[hook.stop_id],
                           allowed_tokens=hook, candidate_ids=candidate_ids)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.seconds += time.perf_counter() - began
-        for (position, _), row in zip(chunk, tokens.tolist()):
+        for row_index, row in enumerate(tokens.tolist()):
             if hook.stop_id in row:
                 row = row[:row.index(hook.stop_id)]
                 stats.new_tokens += 1  # the stop token was generated too
             stats.new_tokens += len(row)
-            texts[position].append(tokenizer.decode(row, skip_special_tokens=True))
+            texts[start + row_index // num_samples].append(tokenizer.decode(row, skip_special_tokens=True))
     return [to_forecast(ex, ex_texts, decimals) for ex, ex_texts in zip(examples, texts)]
 
 

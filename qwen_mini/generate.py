@@ -40,18 +40,23 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, stop_token_ids: Iterable[int] = (),
              allowed_tokens: AllowedTokens | None = None, pad_token_id: int | None = None,
-             candidate_ids: torch.Tensor | list[int] | None = None) -> torch.Tensor:
-    """New tokens (batch, n <= max_new_tokens). A row that produced a stop token is filled with `pad_token_id`
+             candidate_ids: torch.Tensor | list[int] | None = None, num_samples: int = 1) -> torch.Tensor:
+    """New tokens (batch * num_samples, n <= max_new_tokens). A row that produced a stop token is filled with `pad_token_id`
     afterwards (default: the first stop token, else 0); generation ends when every row has stopped.
 
     candidate_ids: every token that may ever be produced (e.g. all a grammar allows, stop tokens included). The LM
     head is then computed for these rows only; greedy output is identical, sampling draws from the identical
-    distribution, and a decode step of a 0.5B model skips a 151,936 x 896 matmul."""
+    distribution, and a decode step of a 0.5B model skips a 151,936 x 896 matmul.
+
+    num_samples: rows per prompt (row b * num_samples + k is prompt b's k-th sample). Each prompt is prefilled once
+    and its cache copied to its samples' rows, so K samples cost one prefill, not K."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, prompt_len>0), got shape {tuple(input_ids.shape)}")
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(stop_ids[0]) if len(stop_ids) else 0
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     B, P = input_ids.shape
     head = model.lm_head.weight
     if candidate_ids is not None:
@@ -60,8 +65,12 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         if len(missing):
             raise ValueError(f"stop token(s) {missing.tolist()} are not among candidate_ids")
         head = head[candidate_ids]
-    cache = model.new_cache(B, P + max_new_tokens)
+    # With several samples the prompts' cache needs no room to grow: only its copies, one per sample, do.
+    cache = model.new_cache(B, P + max_new_tokens if num_samples == 1 else P)
     logits = prefill(model, input_ids, attention_mask, cache, head)
+    if num_samples > 1:
+        cache = cache.repeat_interleave(num_samples, max_len=P + max_new_tokens)
+        logits, B = logits.repeat_interleave(num_samples, dim=0), B * num_samples
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     ones = torch.ones(B, 1, dtype=torch.long, device=input_ids.device)

@@ -134,6 +134,24 @@ class KVCache:
         self.v[layer_idx, :, :, start:end] = v
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
 
+    def repeat_interleave(self, repeats: int, max_len: int | None = None) -> "KVCache":
+        """A new cache (room for `max_len` positions, default the same) whose row b * repeats + r holds a copy of
+        this cache's row b: the prompt's cache for each of its samples."""
+        max_len = self.max_len if max_len is None else max_len
+        if max_len < self.length:
+            raise ValueError(f"a cache holding {self.length} positions cannot be copied into {max_len}")
+        L, B, H, _, D = self.k.shape
+        copy = object.__new__(KVCache)
+        copy.k = self.k.new_zeros(L, B * repeats, H, max_len, D)
+        copy.v = self.v.new_zeros(L, B * repeats, H, max_len, D)
+        copy.slot_mask = self.slot_mask.new_zeros(B * repeats, max_len)
+        filled = slice(0, self.length)
+        copy.k[..., filled, :] = self.k[..., filled, :].repeat_interleave(repeats, dim=1)
+        copy.v[..., filled, :] = self.v[..., filled, :].repeat_interleave(repeats, dim=1)
+        copy.slot_mask[:, filled] = self.slot_mask[:, filled].repeat_interleave(repeats, dim=0)
+        copy.max_len, copy.length = max_len, self.length
+        return copy
+
 
 class Qwen(nn.Module):
     def __init__(self, config: QwenConfig):

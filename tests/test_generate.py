@@ -146,3 +146,39 @@ def test_candidate_ids_give_the_same_tokens_as_masking_the_full_vocabulary():
     assert torch.isin(no_hook, torch.tensor(candidates)).all()
     with pytest.raises(ValueError, match=r"stop token\(s\) \[3\] are not among candidate_ids"):
         generate(model, input_ids, mask, max_new_tokens=2, stop_token_ids=[3], candidate_ids=candidates)
+
+
+def test_num_samples_share_one_prefill_and_equal_repeating_each_prompt():
+    model = random_model(CONFIG, seed=12)
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, [9, 3, 6], seed=12)
+    repeated_ids, repeated_mask = input_ids.repeat_interleave(4, dim=0), mask.repeat_interleave(4, dim=0)
+
+    def draw(ids, attention_mask, **kw):
+        return generate(model, ids, attention_mask, max_new_tokens=10, temperature=1.0,
+                        generator=torch.Generator().manual_seed(3), **kw)
+
+    shared = draw(input_ids, mask, num_samples=4)
+    assert shared.shape == (12, 10)
+    assert torch.equal(shared, draw(repeated_ids, repeated_mask))  # same rows, same draws, same tokens
+    assert len({tuple(row) for row in shared[:4].tolist()}) > 1  # the samples of one prompt really differ
+    greedy = generate(model, input_ids, mask, max_new_tokens=10, num_samples=2)
+    assert torch.equal(greedy, generate(model, input_ids, mask, max_new_tokens=10).repeat_interleave(2, dim=0))
+
+
+def test_kv_cache_repeat_interleave_copies_rows_in_order():
+    model = random_model(CONFIG, seed=13)
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, [5, 2], seed=13)
+    cache = model.new_cache(2, 8)
+    with torch.no_grad():
+        model(input_ids, mask, kv_cache=cache)
+    copy = cache.repeat_interleave(3, max_len=12)
+    assert copy.length == 5 and copy.max_len == 12 and copy.k.shape[3] == 12
+    for row in range(6):
+        assert torch.equal(copy.k[:, row, :, :8], cache.k[:, row // 3])
+        assert torch.equal(copy.v[:, row, :, :8], cache.v[:, row // 3])
+        assert torch.equal(copy.slot_mask[row, :8], cache.slot_mask[row // 3])
+    assert not copy.slot_mask[:, 5:].any()
+    copy.k.zero_()
+    assert cache.k.abs().sum() > 0  # a copy, not a view: samples write their own slots
+    with pytest.raises(ValueError, match="holding 5 positions"):
+        cache.repeat_interleave(2, max_len=4)
