@@ -3,6 +3,7 @@ the same global batch, and only rank 0 writes."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,21 @@ from training import TrainConfig, read_metrics, read_run_config, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+# Failures of the local rendezvous itself (a port taken between being chosen and bound, a peer's socket reset while
+# the group forms): the machine's, not the training's, so the launch is tried once more.
+LAUNCH_ERRORS = ("address already in use", "eaddrinuse", "connection reset by peer", "connection refused",
+                 "rendezvous", "socket timeout")
+
+
+def run_torchrun(flags: list[str], attempts: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(attempts):
+        done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "train.py", *flags],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        launch_failed = done.returncode != 0 and any(e in done.stderr.lower() for e in LAUNCH_ERRORS)
+        if not launch_failed or attempt == attempts - 1:
+            return done
+        shutil.rmtree(flags[flags.index("--out") + 1], ignore_errors=True)  # a fresh start, not a resume
 
 
 @pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed beside this Python")
@@ -31,9 +47,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
              "--eval-every", "2", "--val-batches", "2", "--warmup", "1", "--grad-clip", "1.0", "--device", "cpu",
              "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "runs" / "ddp")]
     flags += ["--full"] if mode == "full" else ["--rank", "4", "--targets", "q_proj,v_proj,o_proj"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "train.py", *flags], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = run_torchrun(flags)
     assert done.returncode == 0, done.stderr[-3000:]
 
     ddp_dir = tmp_path / "runs" / "ddp"
