@@ -41,8 +41,8 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
              generator: torch.Generator | None = None, stop_token_ids: Iterable[int] = (),
              allowed_tokens: AllowedTokens | None = None, pad_token_id: int | None = None,
              candidate_ids: torch.Tensor | list[int] | None = None, num_samples: int = 1) -> torch.Tensor:
-    """New tokens (batch * num_samples, n <= max_new_tokens). A row that produced a stop token is filled with `pad_token_id`
-    afterwards (default: the first stop token, else 0); generation ends when every row has stopped.
+    """New tokens (batch * num_samples, n <= max_new_tokens). A row that produced a stop token is filled with
+    `pad_token_id` afterwards (default: the first stop token, else 0); generation ends when every row has stopped.
 
     candidate_ids: every token that may ever be produced (e.g. all a grammar allows, stop tokens included). The LM
     head is then computed for these rows only; greedy output is identical, sampling draws from the identical
