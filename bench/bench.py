@@ -125,6 +125,16 @@ def task_train_step(model, impl, config, args, device):
     return {"seconds": times, "tokens": args.batch * args.ctx, "trainable": sum(p.numel() for p in params)}
 
 
+def timed_generation(fn, device, reps: int):
+    """(seconds of each rep, the last rep's output) of fn(new=max_new_tokens), after a 2-token warm-up that pays the
+    one-time costs (allocator, first kernels) without a whole generation."""
+    with torch.inference_mode():
+        fn(2)
+        outputs = []
+        times = timed(lambda: outputs.append(fn()), device, reps, warmup=0)
+    return times, outputs[-1]
+
+
 def task_generate(model, impl, config, args, device, restrict_to=None):
     """Greedy batched generation of exactly gen_new tokens per prompt. restrict_to: the only tokens allowed (the
     forecasting case): we pass them as candidate_ids, HF gets the equivalent logits processor."""
@@ -148,11 +158,7 @@ def task_generate(model, impl, config, args, device, restrict_to=None):
             from transformers import LogitsProcessorList
 
             kwargs["logits_processor"] = LogitsProcessorList([OnlyTokens(restrict_to, config.vocab_size, device)])
-    with torch.inference_mode():
-        fn(2)  # warm-up: one-time costs (allocator, first kernels) without a whole generation
-        outputs = []
-        times = timed(lambda: outputs.append(fn()), device, args.gen_reps, warmup=0)
-        tokens = outputs[-1]
+    times, tokens = timed_generation(fn, device, args.gen_reps)
     # the checksum lets the driver check that both implementations produced the same tokens
     return {"seconds": times, "tokens": args.gen_prompts * args.gen_new,
             "output_checksum": int((tokens.long() * torch.arange(1, tokens.shape[1] + 1, device=device)).sum())}
@@ -169,6 +175,7 @@ def task_forecast(model, impl, config, args, device):
     `generate` with num_return_sequences and the very same grammar as a logits processor. The draws differ (each
     implementation samples its own way), so the check is that every row of both is a complete forecast."""
     from data.dataset import make_eval_example
+    from data.llmtime import STEP_SEP
     from data.lotka_volterra import simulate
     from forecasting.grammar import NumberGrammar, max_forecast_tokens
     from qwen_mini import Tokenizer
@@ -184,6 +191,8 @@ def task_forecast(model, impl, config, args, device):
     def grammar():
         return NumberGrammar(tokenizer, config.vocab_size, rows, n_vars, args.fc_horizon, device=device)
 
+    stop_id = grammar().stop_id
+
     if impl == "ours":
         from qwen_mini import generate
 
@@ -191,29 +200,25 @@ def task_forecast(model, impl, config, args, device):
             hook = grammar()
             return generate(model, ids, mask, max_new_tokens=new, num_samples=args.fc_samples,
                             temperature=args.fc_temperature, generator=torch.Generator(device).manual_seed(args.seed),
-                            stop_token_ids=[hook.stop_id], allowed_tokens=hook, candidate_ids=hook.candidate_ids)
+                            stop_token_ids=[stop_id], allowed_tokens=hook, candidate_ids=hook.candidate_ids)
     else:
         from transformers import LogitsProcessorList
 
         def fn(new=max_new):
             hook = grammar()
             torch.manual_seed(args.seed)
-            # top_k=0 and top_p=1: no warper may cut the vocabulary before the grammar's mask (ours applies none).
+            # top_k=0 and top_p=1: ours applies no top-k/top-p, so neither may HF (its default top_k is 50).
             return model.generate(ids, attention_mask=mask, do_sample=True, temperature=args.fc_temperature,
                                   top_k=0, top_p=1.0, num_return_sequences=args.fc_samples, max_new_tokens=new,
-                                  eos_token_id=hook.stop_id, pad_token_id=hook.stop_id,
+                                  eos_token_id=stop_id, pad_token_id=stop_id,
                                   logits_processor=LogitsProcessorList([GrammarProcessor(hook, ids.shape[1])])
                                   )[:, ids.shape[1]:]
-    with torch.inference_mode():
-        fn(2)  # warm-up without a whole generation
-        outputs = []
-        times = timed(lambda: outputs.append(fn()), device, args.gen_reps, warmup=0)
-    stop_id = grammar().stop_id
-    tokens = outputs[-1].cpu()
+    times, tokens = timed_generation(fn, device, args.gen_reps)
+    tokens = tokens.cpu()
     stopped = tokens == stop_id
     # tokens each row generated, its stop token included (not the padding after it)
     lengths = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, tokens.shape[1])
-    steps = (tokens == tokenizer.token_to_id(";")).sum(1)
+    steps = (tokens == tokenizer.token_to_id(STEP_SEP)).sum(1)
     return {"seconds": times, "tokens": int(lengths.sum()), "rows": rows, "prompt_tokens": int(mask.sum()),
             "complete_rows": int(((steps == args.fc_horizon) & stopped.any(1)).sum())}
 
@@ -329,7 +334,7 @@ def main(argv=None):
             print(f"[bench] WARNING: {task}: our tokens differ from HF's (checksums {ours['output_checksum']} vs "
                   f"{theirs['output_checksum']})")
         for impl, result in (("ours", ours), ("hf", theirs)):
-            if result.get("complete_rows", result.get("rows")) != result.get("rows"):
+            if "complete_rows" in result and result["complete_rows"] != result["rows"]:
                 print(f"[bench] WARNING: {task}/{impl}: only {result['complete_rows']} of {result['rows']} rows are "
                       f"complete forecasts")
     import transformers, peft  # noqa: E401  (versions for the record)
