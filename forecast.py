@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     how = p.add_argument_group("how")
     how.add_argument("--batch", type=bounded(int, 1), default=32,
-                     help="rows (trajectories x samples) generated together (default: %(default)s)")
+                     help="rows (trajectories x samples) generated together; a trajectory's samples share one "
+                          "prefill, so a call holds all of them, at least one trajectory's (default: %(default)s)")
     how.add_argument("--out", help="output directory (default: RUN_DIR/forecast, or forecasts/<model>; "
                                    "'_<index>' appended for --sample)")
     how.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
