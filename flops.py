@@ -20,6 +20,7 @@ from pathlib import Path
 from qwen_mini import PRESETS, ConfigError, QwenConfig
 from qwen_mini.budget import (DEFAULT_BUDGET, BudgetExceeded, LedgerError, check_budget, format_ledger, log10,
                               read_ledger)
+from qwen_mini.cli import non_negative_int, positive_int
 from qwen_mini.flops import COSTS, FlopCountError, count_forward, format_flops, meta_model
 
 # Defaults of train.py: the setting the users quote.
@@ -31,26 +32,6 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class UsageError(Exception):
     """A flag value this tool cannot use (reported as a usage error, exit status 2)."""
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def flop_count(text: str) -> int:

@@ -25,22 +25,9 @@ from pathlib import Path
 
 from forecasting.evaluate import BASELINES, Protocol, evaluate, format_table, select_trajectories, write_outputs
 from forecasting.source import from_model, from_run, parse_dtype, pick_device
+from qwen_mini.cli import bounded
 
 EXIT_USAGE = 2
-
-
-def bounded(kind, low, high=None, low_open=False):
-    """argparse type: a `kind` number >= low (> low if low_open) and <= high."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < low or (low_open and value == low) or (high is not None and value > high):
-            span = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"expected a value {span}, got {text!r}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from bench.hf_twin import hf_twin  # noqa: E402
 from qwen_mini import PRESETS, Qwen, QwenConfig  # noqa: E402
+from qwen_mini.cli import positive_float, positive_int  # noqa: E402
 
 # Medium CPU config: the real vocabulary and layer shapes of Qwen2.5-0.5B, fewer layers, so the LM head's cost is
 # the real one while a run stays within minutes on 2 cores.
@@ -295,11 +296,12 @@ def main(argv=None):
     p.add_argument("--gen-prompt-len", type=int, default=500)
     p.add_argument("--gen-new", type=int, default=500)
     p.add_argument("--gen-reps", type=int, default=1)
-    p.add_argument("--fc-trajectories", type=int, default=10, help="forecast task: simulated trajectories")
-    p.add_argument("--fc-samples", type=int, default=10, help="forecast task: samples per trajectory")
-    p.add_argument("--fc-context", type=int, default=50, help="forecast task: context steps (~10 tokens each)")
-    p.add_argument("--fc-horizon", type=int, default=50, help="forecast task: forecast steps")
-    p.add_argument("--fc-temperature", type=float, default=0.8)
+    p.add_argument("--fc-trajectories", type=positive_int, default=10, help="forecast task: simulated trajectories")
+    p.add_argument("--fc-samples", type=positive_int, default=10, help="forecast task: samples per trajectory")
+    p.add_argument("--fc-context", type=positive_int, default=50, help="forecast task: context steps (~10 tokens each)")
+    p.add_argument("--fc-horizon", type=positive_int, default=50, help="forecast task: forecast steps")
+    p.add_argument("--fc-temperature", type=positive_float, default=0.8,
+                   help="forecast task: sampling temperature (default: %(default)s)")
     p.add_argument("--tokenizer", default=str(SHARED_TOKENIZER) if SHARED_TOKENIZER.is_dir() else "Qwen/Qwen2.5-0.5B",
                    help="Qwen2.5 tokenizer (directory or hub id) for the forecast task (default: %(default)s)")
     p.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import flops as flops_cli
 from data.lotka_volterra import DataError
 from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError as ModelConfigError
 from qwen_mini.budget import DEFAULT_BUDGET, BudgetExceeded, LedgerError
+from qwen_mini.cli import non_negative_float, non_negative_int, positive_float, positive_int
 
 from .config import DEFAULT_MODEL, DTYPES, SCHEDULES, ConfigError, TrainConfig
 from .distributed import from_environment, shutdown
@@ -37,29 +37,10 @@ the FLOP budget, 130 interrupted (Ctrl-C)."""
 EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
-def finite_float(minimum: float, strict: bool):
-    """An argparse type for finite numbers > minimum (strict) or >= minimum."""
-    wanted = f"a number {'>' if strict else '>='} {minimum:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
-        return value
-    return parse
-
-
-positive_float, non_negative_float = finite_float(0, strict=True), finite_float(0, strict=False)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(model=DEFAULT_MODEL)
     p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    positive_int, non_negative_int = flops_cli.positive_int, flops_cli.non_negative_int
 
     what = p.add_argument_group("model and data")
     what.add_argument("--model", default=d.model,

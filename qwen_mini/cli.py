@@ -1,0 +1,26 @@
+"""Number types for the command lines (train.py, forecast.py, flops.py, bench): one place for bounds and messages."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def bounded(kind, low, high=None, low_open=False):
+    """argparse type: a finite `kind` (int or float) number >= low (> low if low_open) and <= high."""
+    noun = "an integer" if kind is int else "a number"
+    wanted = f"{noun} {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if (not math.isfinite(value) or value < low or (low_open and value == low)
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = bounded(int, 1), bounded(int, 0)
+positive_float, non_negative_float = bounded(float, 0, low_open=True), bounded(float, 0)
