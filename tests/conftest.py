@@ -57,10 +57,10 @@ def write_checkpoint(config: QwenConfig, directory: Path, seed: int = 0) -> Qwen
     return model
 
 
-def hf_reference(directory: Path, dtype=torch.float32):
+def hf_reference(directory: Path, dtype=torch.float32, attn_implementation: str = "eager"):
     transformers = pytest.importorskip("transformers")
     return transformers.Qwen2ForCausalLM.from_pretrained(
-        str(directory), dtype=dtype, attn_implementation="eager").eval()
+        str(directory), dtype=dtype, attn_implementation=attn_implementation).eval()
 
 
 # Parity configs: Qwen's 7:1 query:kv ratio (tied), an untied one, and odd sizes (head_dim * heads != hidden).

@@ -39,8 +39,8 @@ def hf_model(base_dir):
     return transformers.Qwen2ForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
 
 
-def peft_model(base_dir, target_modules=TARGETS):
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=target_modules, lora_dropout=0.0,
+def peft_model(base_dir, target_modules=TARGETS, dropout=0.0):
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=target_modules, lora_dropout=dropout,
                              task_type="CAUSAL_LM")
     model = peft.get_peft_model(hf_model(base_dir), config)
     g = torch.Generator().manual_seed(5)
@@ -94,6 +94,34 @@ def test_logits_and_one_adamw_step_match_peft(base_dir):
     ours.eval(), ref.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+def test_dropout_in_training_mode_matches_peft(base_dir):
+    """Dropout on the adapter's input only, drawn in module order: with the same seed, the same units are dropped as in
+    PEFT, so training-mode logits and adapter gradients are identical (dropout elsewhere, e.g. on the update or on the
+    base layer's input, would not be)."""
+    dropout = 0.3
+    ref = peft_model(base_dir, dropout=dropout)
+    ours = from_pretrained(base_dir)
+    lora.inject(ours, rank=RANK, alpha=ALPHA, targets=TARGETS, dropout=dropout)
+    with torch.no_grad():
+        for name, t in lora.lora_state_dict(ours).items():
+            t.copy_(peft_adapter(ref)[name])
+    ours.train(), ref.train()
+    x = batch(3)
+    torch.manual_seed(11)
+    logits = ours(x)
+    torch.manual_seed(11)
+    ref_logits = ref(input_ids=x).logits
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (logits - ours.eval()(x)).abs().max() > 1e-2  # dropout really dropped something
+    logits.square().mean().backward()
+    ref_logits.square().mean().backward()
+    ref_adapter = peft_adapter(ref)
+    params = dict(ours.named_parameters())
+    for name in lora.lora_state_dict(ours):
+        torch.testing.assert_close(params[name].grad, ref_adapter[name].grad, atol=1e-5, rtol=0, msg=name)
 
 
 def test_our_adapter_loads_in_peft(base_dir, tmp_path):
