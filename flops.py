@@ -1,48 +1,40 @@
-"""FLOPs of fine-tuning Qwen2.5 with LoRA, counted from the model's own modules, and the budget ledger of all runs.
+"""FLOPs of fine-tuning Qwen2.5 with LoRA, counted from the model's own modules, and the FLOP ledger of all runs.
 
     python flops.py                              # per-layer table, Qwen2.5-0.5B, batch 4 x ctx 512, LoRA r=4 on q/v
     python flops.py --rank 8 --ctx 768 --steps 2000
     python flops.py --model tiny --rank 0 --json
-    python flops.py --runs runs                  # what every run spent, cumulative, what is left of 1e17
+    python flops.py --gqa mha                    # k/v counted as multi-head, as the coursework reports do
+    python flops.py --runs runs                  # what every run spent (train, eval, forecast), what is left of 1e17
     python flops.py --runs runs --steps 3000     # ... and whether a planned run of 3000 steps still fits
+    python flops.py --runs runs --settle         # release the reservations of runs whose process is gone
 
 The model is built on the meta device (shapes only, no weights), so this takes a fraction of a second beyond
-importing torch. Counting conventions: `qwen_mini/flops.py`.
+importing torch. Counting conventions: `qwen_mini/flops.py`; the ledger: `ledger/`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from ledger import (DEFAULT_BUDGET, BudgetExceeded, Ledger, LedgerError, MixedConventions, format_ledger, log10,
+                    summary)
 from qwen_mini import PRESETS, ConfigError, QwenConfig
-from qwen_mini.budget import (DEFAULT_BUDGET, BudgetExceeded, LedgerError, check_budget, format_ledger, log10,
-                              read_ledger)
-from qwen_mini.cli import non_negative_int, positive_int
-from qwen_mini.flops import COSTS, FlopCountError, count_forward, format_flops, meta_model
+from qwen_mini.cli import flop_count, non_negative_int, positive_int
+from qwen_mini.flops import COSTS, GQA_MODES, FlopCountError, count_forward, format_flops, meta_model
+from lora import VALID_TARGETS
+from training.cli import target_list
 
 # Defaults of train.py: the setting the users quote.
 DEFAULT_MODEL = "qwen2.5-0.5b"
 DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_RANK = 4, 512, 4
 DEFAULT_TARGETS = ("q_proj", "v_proj")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXIT_OK, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 2, 3
 
 
 class UsageError(Exception):
     """A flag value this tool cannot use (reported as a usage error, exit status 2)."""
-
-
-def flop_count(text: str) -> int:
-    """'1e17' or '100000000000000000' -> exact int (no float rounding)."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"expected a FLOP count such as 1e17, got {text!r}") from None
-    if not value.is_finite() or value <= 0 or value != value.to_integral_value():
-        raise argparse.ArgumentTypeError(f"expected a positive whole FLOP count such as 1e17, got {text!r}")
-    return int(value)
 
 
 def cost_override(text: str) -> tuple[str, int]:
@@ -56,24 +48,16 @@ def cost_override(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
-def target_list(text: str) -> tuple[str, ...]:
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if not targets or unknown:
-        raise argparse.ArgumentTypeError(f"unknown LoRA target(s) {', '.join(unknown) or repr(text)}; choose from "
-                                         f"{','.join(LORA_TARGETS)}")
-    return tuple(dict.fromkeys(targets))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flops.py",
         description="FLOPs of one training step of Qwen2.5 + LoRA, per layer, counted from the model's modules "
-                    "(backward = 2 x forward; only training counts against the budget). With --runs: the budget "
-                    "ledger of all training runs.",
-        epilog="Counting conventions (primitive costs, matmul = m*p*(2n-1), softmax, RoPE tables, loss): see the "
-               "docstring of qwen_mini/flops.py. Exit status: 0 ok, 1 a planned run (--runs with --steps) does not "
-               "fit the budget, 2 bad arguments.")
+                    "(backward = 2 x forward). With --runs: the FLOP ledger of a runs directory (training, "
+                    "validation and forecasting FLOPs of every run).",
+        epilog="Counting conventions (primitive costs, matmul = m*p*(2n-1), softmax, RoPE tables, loss, KV-cache "
+               "generation): see the docstring of qwen_mini/flops.py. Exit status: 0 ok, 2 bad arguments, 3 over "
+               "budget: the ledger of --runs has spent more than --max-flops, or a planned run (--steps) does not fit "
+               "what is left.")
     model = parser.add_argument_group("model")
     which = model.add_mutually_exclusive_group()
     which.add_argument("--model", default=None, metavar="NAME",
@@ -95,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--dropout", type=float, default=0.0,
                          help="LoRA dropout probability; > 0 adds 2 FLOPs per adapter input element (default 0)")
     setting.add_argument("--targets", type=target_list, default=DEFAULT_TARGETS, metavar="LIST",
-                         help=f"comma-separated projections that get adapters, from: {', '.join(LORA_TARGETS)} "
+                         help=f"comma-separated projections that get adapters, from: {', '.join(VALID_TARGETS)} "
                               f"(default {','.join(DEFAULT_TARGETS)})")
     setting.add_argument("--steps", type=positive_int, default=None,
                          help="training steps of a planned run: prints the run's total FLOPs (and with --runs, "
@@ -103,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--seed", type=int, default=None,
                          help="accepted like the other tools' --seed; counting is deterministic and ignores it")
     counting = parser.add_argument_group("counting")
-    counting.add_argument("--gqa", choices=("real", "mha"), default="real",
-                          help="real: k/v projections to the model's key/value heads (default); mha: the common "
-                               "simplification that counts grouped-query attention as multi-head attention")
+    counting.add_argument("--gqa", choices=GQA_MODES, default=None,
+                          help="real: k/v projections to the model's key/value heads; mha: the common "
+                               "simplification that counts grouped-query attention as multi-head attention "
+                               "(default: real, or with --runs the ledger's convention)")
     counting.add_argument("--cost", type=cost_override, action="append", default=[], metavar="PRIMITIVE=FLOPS",
                           help=f"override one primitive's cost, e.g. --cost exp=1 (repeatable); defaults: "
                                f"{', '.join(f'{k}={v}' for k, v in COSTS.items())}")
@@ -113,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="table rows: one per layer (default) or one per operation summed over the layers")
     budget = parser.add_argument_group("budget ledger")
     budget.add_argument("--runs", type=Path, metavar="DIR",
-                        help="directory of training runs: print every run's FLOPs (from its flops.json), the "
-                             "cumulative total and what is left of the budget")
-    budget.add_argument("--max-flops", type=flop_count, default=DEFAULT_BUDGET, metavar="FLOPS",
-                        help="the budget for all training runs together (default 1e17)")
+                        help="runs directory: print every record's FLOPs by kind (train, eval, forecast; from its "
+                             "flops.json), reservations of running jobs, the totals and what is left of the budget")
+    budget.add_argument("--settle", action="store_true",
+                        help="with --runs: release the reservations of jobs whose process is gone (what they spent "
+                             "stays booked)")
+    budget.add_argument("--max-flops", type=flop_count, default=None, metavar="FLOPS",
+                        help="the budget of everything under the runs directory together (default 1e17)")
     parser.add_argument("--json", action="store_true", help="print JSON (exact integer counts) instead of tables")
     return parser
 
@@ -160,74 +148,87 @@ def describe(config: QwenConfig, adapters: dict) -> str:
             f"on {', '.join(adapters['targets'])}: {adapters['trainable_parameters']:,} trainable parameters")
 
 
-def ledger_summary(rows, max_flops: int) -> dict:
-    used = sum(row.flops_used for row in rows)
-    cumulative, runs = 0, []
-    for row in rows:
-        cumulative += row.flops_used
-        runs.append({"run_name": row.run_name, "path": str(row.path), "steps_done": row.steps_done,
-                     "per_step_flops": row.per_step_flops, "flops_used": row.flops_used,
-                     "log10_flops_used": log10(row.flops_used) if row.flops_used else None,
-                     "cumulative_flops": cumulative, "planned_flops": row.planned_flops, "config": row.config})
-    return {"runs": runs, "spent": used, "log10_spent": log10(used) if used else None, "max_flops": max_flops,
-            "remaining": max_flops - used, "log10_remaining": log10(max_flops - used) if max_flops > used else None}
+def show_ledger(args, report) -> int:
+    """flops.py --runs DIR [--settle] [--steps N]: the ledger, and whether a planned run fits."""
+    ledger = Ledger(args.runs, args.max_flops or DEFAULT_BUDGET)
+    released = ledger.settle_dead() if args.settle else []
+    records = ledger.records()
+    output = {**summary(records, ledger.max_flops), "settled": [
+        {"run_name": record.run_name, "reservation": r["id"], "flops": r["flops"], "spent": r["spent"],
+         "what": r.get("what", "")} for record, r in released]}
+    status = EXIT_OVER_BUDGET if output["over_budget"] else EXIT_OK
+    refusal = None
+    if args.steps:
+        planned = args.steps * report.step
+        output["planned_run"] = {"steps": args.steps, "per_step_flops": report.step, "flops": planned,
+                                 "log10_flops": log10(planned)}
+        try:
+            output["planned_run"].update(fits=True, remaining_after=ledger.check(planned, records, report.step))
+        except BudgetExceeded as e:
+            refusal, status = str(e), EXIT_OVER_BUDGET
+            output["planned_run"].update(fits=False, refused=refusal)
+    if args.json:
+        print(json.dumps(output, indent=2))
+        return status
+    for record, r in released:
+        print(f"settled: {record.run_name}: released {format_flops(r['flops'] - r['spent'])} FLOPs reserved by "
+              f"{r.get('what') or 'a job'} (pid {r.get('pid', '?')}, gone); its {format_flops(r['spent'])} spent stay")
+    if args.settle and not released:
+        print("settled: no reservation of a finished process was left")
+    print(f"FLOP ledger of {args.runs} (gqa={', '.join(output['gqa']) or '-'}):")
+    print(format_ledger(records, ledger.max_flops))
+    if args.steps:
+        print(f"\nplanned run: {args.steps:,} steps x {format_flops(report.step)} = {format_flops(planned)} FLOPs "
+              f"(log10 {log10(planned):.2f}; batch {args.batch} x ctx {args.ctx}, gqa={report.gqa}; training only)")
+        if refusal:
+            print(f"REFUSED: {refusal}", file=sys.stderr)
+        else:
+            print(f"fits: {format_flops(output['planned_run']['remaining_after'])} FLOPs of the budget left after it")
+    if output["over_budget"]:
+        print(f"OVER BUDGET: {format_flops(output['total'])} FLOPs spent > budget {format_flops(ledger.max_flops)}",
+              file=sys.stderr)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.settle and args.runs is None:
+        parser.error("--settle needs --runs DIR")
     try:
         config = load_config(args)
         model, adapters = build_model(config, args)
-        report = count_forward(model, args.batch, args.ctx, gqa=args.gqa, costs=dict(args.cost))
-        rows = read_ledger(args.runs) if args.runs is not None else None
         if args.runs is not None and not args.runs.is_dir():
             raise UsageError(f"--runs {args.runs}: no such directory")
+        gqa = Ledger(args.runs).convention(args.gqa) if args.runs is not None else (args.gqa or "real")
+        report = count_forward(model, args.batch, args.ctx, gqa=gqa, costs=dict(args.cost))
+        if args.runs is not None:
+            return show_ledger(args, report)
     except (UsageError, ConfigError, FlopCountError, LedgerError, ValueError) as e:
         print(f"flops.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except MixedConventions as e:
+        print(f"flops.py: refused by the FLOP ledger: {e}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
 
-    settings = {"model": config.name, "batch": args.batch, "ctx": args.ctx, "gqa": args.gqa, "lora": adapters,
-                "steps": args.steps, "max_flops": args.max_flops}
+    max_flops = args.max_flops or DEFAULT_BUDGET
+    settings = {"model": config.name, "batch": args.batch, "ctx": args.ctx, "gqa": gqa, "lora": adapters,
+                "steps": args.steps, "max_flops": max_flops}
+    output: dict = {"settings": settings, "per_step_flops": report.step, "report": report.to_dict()}
     planned = args.steps * report.step if args.steps else None
-    output: dict = {"settings": settings, "per_step_flops": report.step}
-    status, refusal = 0, None
-    if rows is None:
-        output["report"] = report.to_dict()
-    else:
-        output["ledger"] = ledger_summary(rows, args.max_flops)
     if planned is not None:
         output["planned_run"] = {"steps": args.steps, "flops": planned, "log10_flops": log10(planned)}
-        if rows is not None:
-            try:
-                remaining = check_budget(planned, args.runs, args.max_flops, per_step_flops=report.step)
-                output["planned_run"].update(fits=True, remaining_after=remaining)
-            except BudgetExceeded as e:
-                refusal, status = str(e), 1
-                output["planned_run"].update(fits=False, refused=refusal)
-
     if args.json:
         print(json.dumps(output, indent=2))
-        return status
-
+        return EXIT_OK
     print(describe(config, adapters))
-    if rows is None:
-        print(report.table(by=args.by))
-        fit = args.max_flops // report.step
-        print(f"the budget of {format_flops(args.max_flops)} FLOPs allows {fit:,} steps at this setting")
-    else:
-        print(f"FLOPs per training step at this setting: {format_flops(report.step)} (batch {args.batch} x ctx "
-              f"{args.ctx}, gqa={args.gqa})\n")
-        print(f"budget ledger of {args.runs}:")
-        print(format_ledger(rows, args.max_flops))
+    print(report.table(by=args.by))
+    print(f"the budget of {format_flops(max_flops)} FLOPs allows {max_flops // report.step:,} steps at this setting "
+          "(training only: validation and forecasts are extra)")
     if planned is not None:
         print(f"\nplanned run: {args.steps:,} steps x {format_flops(report.step)} = {format_flops(planned)} FLOPs "
               f"(log10 {log10(planned):.2f})")
-        if refusal:
-            print(f"REFUSED: {refusal}", file=sys.stderr)
-        elif rows is not None:
-            print(f"fits: {format_flops(output['planned_run']['remaining_after'])} FLOPs of the budget left after it")
-    return status
+    return EXIT_OK
 
 
 if __name__ == "__main__":

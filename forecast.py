@@ -15,7 +15,11 @@ value), untrained (the run's base model, before training), lv_fit (a Lotka-Volte
 context, integrated over the horizon on the data's time grid).
 
 Writes metrics.json, per_trajectory.csv, trajectory_<index>.png, error_vs_horizon.png and error_distribution.png
-to --out. Exit status: 0 done, 2 bad arguments, run directory, model or data.
+to --out. FLOPs (prefill once per prompt, every KV-cache decode step; the untrained baseline's too) are reserved
+before the first forecast and booked into the FLOP ledger of --runs-dir: into the run's flops.json, or for a plain
+--model into flops.json in --out, which then must lie inside --runs-dir (default RUNS_DIR/forecasts/<model>).
+Exit status: 0 done, 2 bad arguments, run directory, model or data (or a record outside --runs-dir), 3 refused by
+the FLOP budget or by the ledger's gqa convention.
 """
 from __future__ import annotations
 
@@ -23,11 +27,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from forecasting.evaluate import BASELINES, Protocol, evaluate, format_table, select_trajectories, write_outputs
+from forecasting.budget import Booking, budgeted_evaluate
+from forecasting.evaluate import BASELINES, Protocol, format_table, select_trajectories, write_outputs
 from forecasting.source import from_model, from_run, parse_dtype, pick_device
-from qwen_mini.cli import bounded
+from ledger import (DEFAULT_BUDGET, RECORD_NAME, BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir,
+                    is_inside, read_record)
+from qwen_mini.cli import bounded, flop_count
+from qwen_mini.flops import GQA_MODES
 
-EXIT_USAGE = 2
+EXIT_USAGE, EXIT_OVER_BUDGET = 2, 3
+DEFAULT_RUNS_DIR = "runs"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                      help="model weights (default: %(default)s, as stored)")
     how.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+
+    budget = p.add_argument_group("FLOP ledger")
+    budget.add_argument("--runs-dir", metavar="DIR",
+                        help="the runs directory whose ledger counts this forecast (default: the one the run was "
+                             f"trained under, else {DEFAULT_RUNS_DIR})")
+    budget.add_argument("--max-flops", type=flop_count, default=DEFAULT_BUDGET, metavar="FLOPS",
+                        help="FLOP budget of everything under --runs-dir together (default: 1e17)")
+    budget.add_argument("--gqa", choices=GQA_MODES, default=None,
+                        help="how attention is counted: real grouped-query k/v or mha (default: the ledger's)")
+    budget.add_argument("--no-budget", action="store_true",
+                        help="no reservation or budget check (allows a record outside --runs-dir, counted nowhere)")
     how.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -106,6 +126,18 @@ def requested_baselines(args) -> list[str]:
     return baselines
 
 
+def runs_dir_of(args) -> Path:
+    """--runs-dir, else the runs directory the run's ledger record names, else the default."""
+    if args.runs_dir is not None:
+        return Path(args.runs_dir)
+    record = Path(args.run) / RECORD_NAME if args.run else None
+    if record is not None and record.is_file():
+        recorded = read_record(record).data.get("runs_dir")
+        if recorded:
+            return Path(recorded)
+    return Path(DEFAULT_RUNS_DIR)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:  # everything the user can get wrong is checked before the first forecast
@@ -123,21 +155,37 @@ def main(argv=None) -> int:
             raise ValueError(f"--context {args.context} + --horizon {args.horizon} steps exceed the {steps} steps of "
                              f"each trajectory in {source.data.path}")
         selection = select_trajectories(source.split, args.split, samples or None, args.limit)
-    except (ValueError, OSError) as e:  # RunDirError, DataError, CheckpointError, ... are ValueErrors
+        runs_dir = runs_dir_of(args)
+    except (ValueError, OSError) as e:  # RunDirError, DataError, CheckpointError, LedgerError ... are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     protocol = Protocol(args.context, args.horizon, source.decimals, not args.unconstrained, args.num_samples,
                         args.temperature, args.top_p, args.seed, args.int_digits, args.allow_negative)
+    # A plain model's forecasts live in the runs directory by default: their flops.json is its ledger's record.
+    default_out = source.default_out if args.run else runs_dir / "forecasts" / source.default_out.name
+    out = Path(args.out) if args.out else default_out.with_name(
+        default_out.name + "".join(f"_{i}" for i in samples[:5]))
     print(f"forecasting {selection.label} of {source.data.path} with {source.label} on {device}", file=sys.stderr)
-    evaluation = evaluate(source.model, source.tokenizer, source.data, source.split, selection, protocol,
-                          baselines=baselines, load_untrained=source.load_untrained, batch=args.batch,
-                          progress=not args.quiet)
-    out = Path(args.out) if args.out else source.default_out.with_name(
-        source.default_out.name + "".join(f"_{i}" for i in samples[:5]))
+    booking = Booking(runs_dir, args.max_flops, args.gqa, args.no_budget)
+    try:
+        evaluation, record_dir = budgeted_evaluate(source, selection, protocol, out=out, run_dir=args.run,
+                                                   baselines=baselines, batch=args.batch, booking=booking,
+                                                   progress=not args.quiet)
+    except (BudgetExceeded, MixedConventions) as e:
+        print(f"forecast.py: refused by the FLOP ledger: {e}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    except (OutsideRunsDir, LedgerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
     written = write_outputs(evaluation, out)
     print(format_table(evaluation.summary()))
     print(f"\nwrote {', '.join(p.name for p in written)} to {out}/")
+    spent = sum(s.flops for s in evaluation.generation.values())
+    counted = f"booked in {record_dir / RECORD_NAME}" + ("" if is_inside(record_dir, runs_dir) else
+                                                        " (outside --runs-dir: counted in no ledger)")
+    print(f"FLOPs: {spent:.3e} ({', '.join(f'{m} {s.flops:.3e}' for m, s in evaluation.generation.items())}), "
+          f"{counted}")
     return 0
 
 

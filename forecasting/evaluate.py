@@ -101,6 +101,7 @@ class Evaluation:
     stats: GenerationStats  # the model's generation
     lv_fit: LVFit | None = None
     notes: list[str] = field(default_factory=list)
+    generation: dict[str, GenerationStats] = field(default_factory=dict)  # per generated method, FLOPs included
 
     def summary(self) -> dict:
         """Everything metrics.json records."""
@@ -122,6 +123,9 @@ class Evaluation:
             "generated_tokens": self.stats.new_tokens,
             "generation_seconds": self.stats.seconds,
             "tokens_per_s": self.stats.tokens_per_s,
+            "flops": {name: {"prefill": s.prefill_flops, "decode": s.decode_flops, "total": s.flops,
+                             "prefill_tokens": s.prefill_tokens, "decode_tokens": s.decode_tokens, "calls": s.calls}
+                      for name, s in self.generation.items()},
             "metrics": self.metrics,
             "notes": self.notes,
         }
@@ -134,11 +138,14 @@ class Evaluation:
 
 
 def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection, protocol: Protocol | None = None, *,
-             baselines=BASELINES, load_untrained=None, batch: int = 16, progress: bool = True) -> Evaluation:
+             baselines=BASELINES, load_untrained=None, batch: int = 16, progress: bool = True, gqa: str = "real",
+             on_flops=None) -> Evaluation:
     """Forecast the selected trajectories with `model` and the chosen baselines under `protocol`.
 
     `load_untrained`: a callable returning the base model before training (the "untrained" baseline); None when
-    `model` is itself untrained, and then that baseline is skipped with a note."""
+    `model` is itself untrained, and then that baseline is skipped with a note. `on_flops(method, flops)` is called
+    after every generate call of a generated method ("model", "untrained") with its GenerationFlops (gqa: how
+    attention is counted); `Evaluation.generation` holds each method's totals."""
     protocol = protocol or Protocol()
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -148,9 +155,17 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
     generation = dict(decimals=protocol.decimals, batch=batch, constrained=protocol.constrained,
                       num_samples=protocol.num_samples, temperature=protocol.temperature, top_p=protocol.top_p,
                       seed=protocol.seed, int_digits=protocol.int_digits, allow_negative=protocol.allow_negative,
-                      progress=progress)
+                      progress=progress, gqa=gqa)
     stats = GenerationStats()
-    forecasts = {MODEL: forecast_examples(model, tokenizer, examples, stats=stats, label=MODEL, **generation)}
+    generated = {MODEL: stats}
+
+    def counted(method: str) -> dict:
+        """forecast_examples arguments that keep `method`'s statistics and report its FLOPs."""
+        generated.setdefault(method, GenerationStats())
+        report = (lambda flops: on_flops(method, flops)) if on_flops is not None else None
+        return dict(stats=generated[method], label=method, on_flops=report)
+
+    forecasts = {MODEL: forecast_examples(model, tokenizer, examples, **counted(MODEL), **generation)}
     notes = []
     if "untrained" in baselines:
         if load_untrained is None:
@@ -158,7 +173,8 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
                          "to take a base model from")
         else:
             untrained = load_untrained()
-            forecasts["untrained"] = forecast_examples(untrained, tokenizer, examples, label="untrained", **generation)
+            forecasts["untrained"] = forecast_examples(untrained, tokenizer, examples, **counted("untrained"),
+                                                       **generation)
             del untrained
     predictions = {name: np.stack([f.median for f in fcs]) for name, fcs in forecasts.items()}
     if "persistence" in baselines:
@@ -175,7 +191,7 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
     metrics = {name: forecast_metrics(p[scored], targets[scored]) if scored.any() else None
                for name, p in predictions.items()}
     return Evaluation(protocol, selection, data, split, examples, forecasts, predictions, targets, scored, metrics,
-                      stats, lv_fit, notes)
+                      stats, lv_fit, notes, generated)
 
 
 def write_outputs(evaluation: Evaluation, out_dir: Path) -> list[Path]:

@@ -1,20 +1,24 @@
 """Batched forecasting of many trajectories with `qwen_mini.generate`: one left-padded batch of prompts per call,
 KV cache, the number grammar (or, unconstrained, a per-row step counter), K samples per trajectory, and decoding
-back to original units with each trajectory's own context-fitted scaler."""
+back to original units with each trajectory's own context-fitted scaler. Each call's FLOPs are counted from what it
+ran (prompt shape, rows, tokens generated; `qwen_mini.flops.generation_flops`), and `generation_plan` counts the
+same calls before they run (an upper bound, or an estimate from the targets' lengths)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from data.dataset import EvalExample
-from data.llmtime import ParseReport, decode
+from data.llmtime import STEP_SEP, VAR_SEP, ParseReport, decode, encode
 from qwen_mini import generate
+from qwen_mini.flops import GenerationFlops, generation_flops
 
-from .grammar import NumberGrammar, StepCounter, max_forecast_tokens
+from .grammar import DIGITS, POINT, NumberGrammar, StepCounter, max_forecast_tokens
 
 
 @dataclass
@@ -54,6 +58,22 @@ class Forecast:
 class GenerationStats:
     new_tokens: int = 0  # tokens the rows generated, each row's stop token included, padding after it not
     seconds: float = 0.0  # wall time inside generate (prefill + decoding)
+    calls: int = 0  # generate calls
+    prefill_tokens: int = 0  # prompts x padded prompt length, summed over calls
+    decode_tokens: int = 0  # rows x tokens fed back (finished rows included), summed over calls
+    prefill_flops: int = 0
+    decode_flops: int = 0
+
+    @property
+    def flops(self) -> int:
+        return self.prefill_flops + self.decode_flops
+
+    def count(self, flops: GenerationFlops) -> None:
+        self.calls += 1
+        self.prefill_tokens += flops.prefill_tokens
+        self.decode_tokens += flops.decode_tokens
+        self.prefill_flops += flops.prefill
+        self.decode_flops += flops.decode
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,7 +83,8 @@ class GenerationStats:
 def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals: int = 2, batch: int = 16,
                       constrained: bool = True, num_samples: int = 1, temperature: float = 0.0,
                       top_p: float | None = None, seed: int = 0, int_digits: int = 3, allow_negative: bool = False,
-                      progress: bool = True, label: str = "forecast", stats: GenerationStats | None = None
+                      progress: bool = True, label: str = "forecast", stats: GenerationStats | None = None,
+                      gqa: str = "real", on_flops: Callable[[GenerationFlops], None] | None = None
                       ) -> list[Forecast]:
     """Forecast each example's horizon (the length of its target) from its prompt; one Forecast per example.
 
@@ -71,7 +92,8 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
     trajectories (so at least one trajectory's), and prefills each prompt once for them. Greedy when temperature is 0;
     otherwise `num_samples` draws per trajectory from one torch.Generator seeded with `seed`. With `constrained`
     every sample parses to exactly the horizon; without, whatever the model writes is decoded and the failures are
-    reported in each Forecast's `reports`. `label` names the progress bar (one step per batch)."""
+    reported in each Forecast's `reports`. `label` names the progress bar (one step per batch). Each call's FLOPs
+    (counted with `gqa`) are added to `stats` and handed to `on_flops` (e.g. to book them in the ledger)."""
     if num_samples < 1 or batch < 1:
         raise ValueError(f"num_samples and batch must be >= 1, got num_samples={num_samples}, batch={batch}")
     if num_samples > 1 and temperature <= 0:
@@ -85,7 +107,7 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
     stats = stats if stats is not None else GenerationStats()
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    per_call = max(1, batch // num_samples)  # trajectories per generate call
+    per_call = trajectories_per_call(batch, num_samples)
     texts: list[list[str]] = [[] for _ in examples]  # by position: the same trajectory may be asked for twice
     for start in tqdm(range(0, len(examples), per_call), desc=label, unit="batch", disable=not progress):
         chunk = examples[start:start + per_call]
@@ -106,6 +128,11 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.seconds += time.perf_counter() - began
+        flops = generation_flops(model, len(chunk), input_ids.shape[1], rows, tokens.shape[1], gqa=gqa,
+                                 head_rows=len(set(candidate_ids)) if candidate_ids is not None else None)
+        stats.count(flops)
+        if on_flops is not None:
+            on_flops(flops)
         for row_index, row in enumerate(tokens.tolist()):
             if hook.stop_id in row:
                 row = row[:row.index(hook.stop_id)]
@@ -113,6 +140,43 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
             stats.new_tokens += len(row)
             texts[start + row_index // num_samples].append(tokenizer.decode(row, skip_special_tokens=True))
     return [to_forecast(ex, ex_texts, decimals) for ex, ex_texts in zip(examples, texts)]
+
+
+def trajectories_per_call(batch: int, num_samples: int) -> int:
+    """Trajectories per generate call: `batch` rows hold all samples of their trajectories, at least one's."""
+    return max(1, batch // num_samples)
+
+
+def grammar_candidates(allow_negative: bool = False) -> int:
+    """Tokens the number grammar can produce (NumberGrammar.candidate_ids): digits, point, separators, minus when
+    allowed, the stop token; the LM head of a constrained forecast scores only these."""
+    return len(DIGITS + POINT + VAR_SEP + STEP_SEP) + int(allow_negative) + 1
+
+
+def generation_plan(model, prompt_tokens: list[int], new_tokens: list[int], *, batch: int = 16,
+                    num_samples: int = 1, constrained: bool = True, allow_negative: bool = False,
+                    gqa: str = "real") -> int:
+    """FLOPs of `forecast_examples` on examples whose prompts are `prompt_tokens` long, if each batch generates the
+    largest of its examples' `new_tokens` (the rows of a batch decode until the last one stops): pass every
+    example's `max_forecast_tokens` for an upper bound, or its target text's length + 1 for an estimate. `model`
+    may be a meta-device model (only shapes are read)."""
+    if len(prompt_tokens) != len(new_tokens):
+        raise ValueError(f"one prompt length and one token count per example, got {len(prompt_tokens)} and "
+                         f"{len(new_tokens)}")
+    per_call, total = trajectories_per_call(batch, num_samples), 0
+    head_rows = grammar_candidates(allow_negative) if constrained else None
+    for start in range(0, len(prompt_tokens), per_call):
+        prompts = prompt_tokens[start:start + per_call]
+        total += generation_flops(model, len(prompts), max(prompts), len(prompts) * num_samples,
+                                  max(new_tokens[start:start + per_call]), gqa=gqa, head_rows=head_rows).total
+    return total
+
+
+def target_tokens(example: EvalExample, decimals: int) -> int:
+    """Characters of the example's target in LLMTIME text with its step separator after every step, + the stop
+    token: what a forecast that writes numbers as wide as the truth generates (one token per character, as the
+    number grammar requires)."""
+    return len(encode(example.target, example.scaler, decimals)) + 1 + 1
 
 
 def to_forecast(example: EvalExample, texts: list[str], decimals: int) -> Forecast:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from decimal import Decimal, InvalidOperation
 
 
 def bounded(kind, low, high=None, low_open=False):
@@ -24,3 +25,14 @@ def bounded(kind, low, high=None, low_open=False):
 
 positive_int, non_negative_int = bounded(int, 1), bounded(int, 0)
 positive_float, non_negative_float = bounded(float, 0, low_open=True), bounded(float, 0)
+
+
+def flop_count(text: str) -> int:
+    """argparse type: '1e17' or '100000000000000000' -> the exact int (no float rounding), > 0."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"expected a FLOP count such as 1e17, got {text!r}") from None
+    if not value.is_finite() or value <= 0 or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"expected a positive whole FLOP count such as 1e17, got {text!r}")
+    return int(value)

@@ -34,10 +34,21 @@ Conventions (the users' spreadsheet rules, now in one place):
   returns logits for all batch*seq positions.
 * LoRA (`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`, recognised by its attributes, not its class): the
   base linear, the A and B products, one multiply by `scaling` and one addition per output element; dropout with
-  p > 0 costs 2 per input element (mask / (1-p), then the multiply), an identity nothing.
+  p > 0 costs 2 per input element (mask / (1-p), then the multiply), an identity nothing. In evaluation and
+  generation (`training=False`) dropout is off and costs nothing.
+* Evaluation (`eval_flops`): the forward of a training step with its loss, no backward, no dropout.
+* Generation with a KV cache (`generation_flops`), as `qwen_mini.generate` runs it: the prefill is one forward over
+  every (left-padded) prompt position, counted once per prompt however many samples share it, with the LM head on
+  the last position only; then every token fed back is one decode forward whose query attends to all cached keys
+  (`past` of them plus itself) — the rectangle T x (past + T) in place of the square. A row generates n tokens and
+  feeds n-1 of them back (the last one is not fed); finished rows keep decoding until the whole batch stops, so
+  every row counts the batch's steps. Feeding k tokens in one call counts as feeding them one by one. The LM head
+  covers only the rows of the weight that are scored (`head_rows`: the grammar's candidate tokens when generation
+  is restricted to them). Sampling, the grammar's masks and argmax are not model arithmetic and are not counted.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -50,9 +61,10 @@ from torch.overrides import TorchFunctionMode
 from .config import QwenConfig
 from .model import MLP, Attention, Block, Qwen, RMSNorm, RotaryEmbedding
 
-__all__ = ["BACKWARD_FACTOR", "COSTS", "CountContext", "FlopCountError", "FlopReport", "FlopRow", "count_forward",
-           "counter_for", "cross_entropy_flops", "format_flops", "is_lora_linear", "linear_features", "matmul_flops",
-           "meta_model", "register_counter", "resolve_costs", "training_step_flops", "unregister_counter"]
+__all__ = ["BACKWARD_FACTOR", "COSTS", "GQA_MODES", "CountContext", "FlopCountError", "FlopReport", "FlopRow",
+           "GenerationFlops", "count_forward", "counter_for", "cross_entropy_flops", "eval_flops", "format_flops",
+           "generation_flops", "is_lora_linear", "linear_features", "matmul_flops", "meta_model", "register_counter",
+           "resolve_costs", "training_step_flops", "unregister_counter"]
 
 # FLOPs per primitive operation (the users' table). Read-only: pass `costs=` to override entries.
 COSTS: Mapping[str, int] = MappingProxyType({
@@ -260,6 +272,9 @@ class _Walk:
 class CountContext:
     """What a counter needs besides its module: the batch shape, the GQA mode, the cost table.
 
+    `past`: keys already in a KV cache before these `seq` new tokens (each query attends to past + seq keys);
+    `logits`: "all" positions through the LM head, or the "last" one of each sequence (generation); `head_rows`: rows
+    of the LM head weight that are scored (None: the whole vocabulary); `training`: dropout is active.
     A parent may pass shape hints to a child it counts: `tokens` (rows the child sees, default batch*seq),
     `in_features`/`out_features` (widths that differ from the child's own weights, as for the GQA simplification)."""
     batch: int
@@ -271,12 +286,16 @@ class CountContext:
     tokens: int
     in_features: int | None = None
     out_features: int | None = None
+    past: int = 0
+    logits: str = "all"
+    head_rows: int | None = None
+    training: bool = True
 
     def count(self, module: nn.Module, name: str, *, tokens: int | None = None, in_features: int | None = None,
               out_features: int | None = None) -> list[tuple]:
         """Count a child module; its costs come back named `name.<component>`."""
-        child = CountContext(self.batch, self.seq, self.gqa, self.costs, self.include_loss, self.walk,
-                             self.tokens if tokens is None else tokens, in_features, out_features)
+        child = dataclasses.replace(self, tokens=self.tokens if tokens is None else tokens, in_features=in_features,
+                                    out_features=out_features)
         self.mark_counted(module)
         return [((name, *path), flops, where) for path, flops, where in _run_counter(module, child)]
 
@@ -375,7 +394,7 @@ def count_lora_linear(module: nn.Module, ctx: CountContext):
 
 def count_dropout(dropout: nn.Dropout, ctx: CountContext):
     # Training runs dropout: torch scales the Bernoulli mask by 1/(1-p), then multiplies (2 per element).
-    if dropout.p > 0:
+    if dropout.p > 0 and ctx.training:
         if ctx.in_features is None:
             raise FlopCountError("dropout needs its input width: count it through its parent with in_features=")
         yield "mask", ctx.tokens * ctx.in_features * (ctx.costs["div"] + ctx.costs["mul"])
@@ -414,6 +433,7 @@ def rotary_apply_flops(vectors: int, head_dim: int, costs: Mapping[str, int]) ->
 
 def count_attention(attn: Attention, ctx: CountContext):
     B, T, c = ctx.batch, ctx.seq, ctx.costs
+    S = ctx.past + T  # keys each query sees: the cached ones and the new ones
     heads, kv_heads, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q_out = linear_features(attn.q_proj)[1]
     if q_out != heads * d:
@@ -427,10 +447,10 @@ def count_attention(attn: Attention, ctx: CountContext):
     yield "rope_q", rotary_apply_flops(ctx.tokens * heads, d, c)
     yield "rope_k", rotary_apply_flops(ctx.tokens * counted_kv_heads, d, c)
     per_head = B * heads  # score and value products run per query head whether or not k/v are shared
-    yield "scores", per_head * matmul_flops(T, d, T, c)
-    yield "scale", per_head * T * T * c["mul"]
-    yield "softmax", per_head * T * (T * c["exp"] + (T - 1) * c["add"] + T * c["div"])
-    yield "values", per_head * matmul_flops(T, T, d, c)
+    yield "scores", per_head * matmul_flops(T, d, S, c)
+    yield "scale", per_head * T * S * c["mul"]
+    yield "softmax", per_head * T * (S * c["exp"] + (S - 1) * c["add"] + S * c["div"])
+    yield "values", per_head * matmul_flops(T, S, d, c)
     yield from ctx.count(attn.o_proj, "o_proj")
 
 
@@ -462,9 +482,13 @@ def count_qwen(model: Qwen, ctx: CountContext):
     for i, layer in enumerate(decoder.layers):
         yield from ctx.count(layer, f"layers.{i}")
     yield from ctx.count(decoder.norm, "norm")
-    # Training (qwen_mini.loss.causal_lm_loss) drops the last position, which has no next token to predict.
-    positions = ctx.batch * (ctx.seq - 1) if ctx.include_loss else ctx.tokens
-    yield from ctx.count(model.lm_head, "lm_head", tokens=positions)
+    # Training (qwen_mini.loss.causal_lm_loss) drops the last position, which has no next token to predict;
+    # generation scores only the last position of each sequence.
+    if ctx.include_loss:
+        positions = ctx.batch * (ctx.seq - 1)
+    else:
+        positions = ctx.batch if ctx.logits == "last" else ctx.tokens
+    yield from ctx.count(model.lm_head, "lm_head", tokens=positions, out_features=ctx.head_rows)
     if ctx.include_loss:
         vocab = linear_features(model.lm_head)[1]
         for name, flops in cross_entropy_flops(positions, vocab, ctx.costs).items():
@@ -486,16 +510,27 @@ def _positive_int(name: str, value) -> int:
 
 
 def count_forward(model: nn.Module, batch: int, seq: int, gqa: str = "real", costs: Mapping[str, int] = COSTS,
-                  include_loss: bool = True) -> FlopReport:
-    """Forward FLOPs of `model` on `batch` sequences of `seq` tokens, per layer and component (see module docs)."""
+                  include_loss: bool = True, *, past: int = 0, logits: str = "all", head_rows: int | None = None,
+                  training: bool = True) -> FlopReport:
+    """Forward FLOPs of `model` on `batch` sequences of `seq` tokens, per layer and component (see module docs).
+
+    Generation: `past` keys already cached, `logits="last"` (only each sequence's last position is scored),
+    `head_rows` LM-head rows scored (default: the vocabulary); `training=False`: no dropout."""
     batch, seq = _positive_int("batch", batch), _positive_int("seq", seq)
     if gqa not in GQA_MODES:
         raise FlopCountError(f"gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
     if include_loss and seq < 2:
         raise FlopCountError("a training window needs seq >= 2 (the loss predicts token t+1 from tokens <= t)")
+    if isinstance(past, bool) or not isinstance(past, int) or past < 0:
+        raise FlopCountError(f"past must be a non-negative integer (cached keys), got {past!r}")
+    if logits not in ("all", "last"):
+        raise FlopCountError(f"logits must be 'all' or 'last', got {logits!r}")
+    if head_rows is not None:
+        _positive_int("head_rows", head_rows)
     costs = resolve_costs(costs)
     walk = _Walk(paths={id(m): name for name, m in model.named_modules()})
-    ctx = CountContext(batch, seq, gqa, costs, include_loss, walk, tokens=batch * seq)
+    ctx = CountContext(batch, seq, gqa, costs, include_loss, walk, tokens=batch * seq, past=past, logits=logits,
+                       head_rows=head_rows, training=training)
     walk.counted.add(id(model))
     rows = []
     for path, flops, module_path in _run_counter(model, ctx):
@@ -513,6 +548,51 @@ def count_forward(model: nn.Module, batch: int, seq: int, gqa: str = "real", cos
 def training_step_flops(model: nn.Module, batch: int, ctx: int, gqa: str = "real") -> int:
     """FLOPs of one training step (forward + backward, loss included) on `batch` windows of `ctx` tokens."""
     return count_forward(model, batch, ctx, gqa=gqa).step
+
+
+def eval_flops(model: nn.Module, batch: int, ctx: int, gqa: str = "real") -> int:
+    """FLOPs of one evaluation forward (loss included, no backward, no dropout) on `batch` windows of `ctx`."""
+    return count_forward(model, batch, ctx, gqa=gqa, training=False).forward
+
+
+@dataclass(frozen=True)
+class GenerationFlops:
+    """FLOPs of one `generate` call: the prefill of the prompts and the decode forwards of every row."""
+    prefill: int
+    decode: int
+    prefill_tokens: int  # prompts x padded prompt length
+    decode_tokens: int  # rows x tokens fed back
+
+    @property
+    def total(self) -> int:
+        return self.prefill + self.decode
+
+
+def generation_flops(model: nn.Module, prompts: int, prompt_len: int, rows: int, new_tokens: int,
+                     gqa: str = "real", head_rows: int | None = None, costs: Mapping[str, int] = COSTS
+                     ) -> GenerationFlops:
+    """FLOPs of generating `new_tokens` tokens per row for `rows` rows (prompts x samples) from `prompts` prompts
+    left-padded to `prompt_len`, with a KV cache (the module docstring's rules): the prefill once per prompt, then
+    new_tokens - 1 decode forwards of every row, the j-th attending to prompt_len + j + 1 keys.
+
+    A decode forward's count is affine in the number of cached keys, so the sum over steps is taken in closed form
+    from the counts at prompt_len and prompt_len + 1 (checked against prompt_len + 2)."""
+    prompts, prompt_len, rows = (_positive_int(name, value) for name, value in
+                                 (("prompts", prompts), ("prompt_len", prompt_len), ("rows", rows)))
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
+        raise FlopCountError(f"new_tokens must be a non-negative integer, got {new_tokens!r}")
+    options = dict(gqa=gqa, costs=costs, include_loss=False, logits="last", head_rows=head_rows, training=False)
+    prefill = count_forward(model, prompts, prompt_len, **options).forward
+    fed = max(new_tokens - 1, 0)
+    decode = 0
+    if fed:
+        at = [count_forward(model, rows, 1, past=prompt_len + j, **options).forward for j in range(3)]
+        slope = at[1] - at[0]
+        if at[2] - at[1] != slope:
+            raise FlopCountError("a decode step's FLOPs are not affine in the cached keys: some counter depends on "
+                                 "`past` in another way; sum the steps one by one")
+        decode = fed * at[0] + slope * fed * (fed - 1) // 2
+    return GenerationFlops(prefill, decode, prompts * prompt_len, rows * fed)
 
 
 # ---- a model to count without weights ------------------------------------------------------------------------------

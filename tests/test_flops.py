@@ -13,8 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from qwen_mini import Qwen, QwenConfig
-from qwen_mini.flops import (COSTS, FlopCountError, count_forward, matmul_flops, meta_model, register_counter,
-                             training_step_flops, unregister_counter)
+from qwen_mini.flops import (COSTS, FlopCountError, count_forward, eval_flops, generation_flops, matmul_flops,
+                             meta_model, register_counter, training_step_flops, unregister_counter)
 from qwen_mini.model import MLP
 
 # Hidden 8, 4 query heads and 2 key/value heads of width 4 (heads * head_dim = 16 != hidden: a wrong width shows),
@@ -357,3 +357,57 @@ def test_full_size_model_on_meta_device_matches_the_rule_of_thumb():
                 + 4 * batch * config.num_attention_heads * ctx ** 2 * config.head_dim * config.num_hidden_layers)
     assert math.isclose(report.forward, estimate, rel_tol=0.01)
     assert training_step_flops(model, batch, ctx) == 3 * report.forward
+
+
+def test_coursework_figure_with_gqa_mha():
+    """Seed reports 000 and 004 count one training step by hand (batch 4 x ctx 512, LoRA r=4 on q and v, k/v as
+    multi-head attention): 6.77e12 FLOPs. Ours under the same convention lands within 0.5 % of it."""
+    model = inject_stand_in(meta_model(QwenConfig.from_name("qwen2.5-0.5b")), 4)
+    step = training_step_flops(model, 4, 512, gqa="mha")
+    assert abs(step / 6.77e12 - 1) < 0.005, step
+    assert training_step_flops(model, 4, 512) < step  # real GQA: fewer k/v FLOPs
+
+
+# ---- evaluation and KV-cache generation: hand arithmetic ------------------------------------------------------------
+# Per token of HAND: rotary tables 82, RMSNorm 44; per token and layer: q/k/v/o projections + rotary on q and k
+# (256 + 128 + 128 + 248 + 56 + 28 = 844), MLP 712, two norms 88, two residual adds 16: 1660. Per layer, sequence
+# and query head, T queries over S keys: scores T*S*(2*4-1), scale T*S, softmax T*(10S + S-1 + S), values
+# T*4*(2S-1). The LM head: (2*8-1) per scored position and head row.
+
+def hand_attention_core(T: int, S: int) -> int:
+    return T * S * 7 + T * S + T * (10 * S + (S - 1) + S) + T * 4 * (2 * S - 1)
+
+
+def hand_forward(sequences: int, T: int, S: int, scored: int, head_rows: int = 11) -> int:
+    tokens = sequences * T
+    return (tokens * 82 + 2 * (tokens * 1660 + sequences * 4 * hand_attention_core(T, S)) + tokens * 44
+            + scored * head_rows * 15)
+
+
+def test_hand_forward_formula_reproduces_the_training_count():
+    assert hand_forward(B, T, T, B * (T - 1)) + HAND_LOSS == HAND_FORWARD
+
+
+def test_eval_is_the_forward_with_loss_without_dropout():
+    assert eval_flops(meta_model(HAND), B, T) == HAND_FORWARD
+    with_dropout = inject_stand_in(meta_model(HAND), 2, dropout=0.1)
+    # training counts the dropout mask (2 per input element of each adapter: 2 layers x q, v x 6 tokens x 8 wide)
+    mask = 2 * 2 * 6 * 8 * 2
+    assert count_forward(with_dropout, B, T).forward - eval_flops(with_dropout, B, T) == mask
+
+
+def test_generation_prefills_once_per_prompt_and_decodes_over_the_cache():
+    model = meta_model(HAND)
+    # 2 prompts left-padded to 3 tokens, 2 samples each (4 rows), 4 new tokens: 3 fed back, each attending to the
+    # prompt, the tokens fed before it and itself; the LM head scores 5 candidate rows at the last position only.
+    got = generation_flops(model, prompts=2, prompt_len=3, rows=4, new_tokens=4, head_rows=5)
+    prefill = hand_forward(2, 3, 3, scored=2, head_rows=5)
+    decode = sum(hand_forward(4, 1, 3 + j + 1, scored=4, head_rows=5) for j in range(3))
+    assert (got.prefill, got.decode, got.total) == (prefill, decode, prefill + decode)
+    assert (got.prefill_tokens, got.decode_tokens) == (6, 12)
+    one = generation_flops(model, prompts=2, prompt_len=3, rows=4, new_tokens=1, head_rows=5)
+    assert one.decode == 0 and one.prefill == prefill  # a single new token comes from the prefill's logits
+    mha = generation_flops(model, prompts=2, prompt_len=3, rows=4, new_tokens=4, head_rows=5, gqa="mha")
+    # mha: k and v projections 16 wide instead of 8 (with bias), rotary on 4 k heads instead of 2, per layer
+    extra_per_token = 2 * (16 * 15 + 16 - (8 * 15 + 8)) + 2 * 14
+    assert mha.total - got.total == 2 * extra_per_token * (6 + 12)

@@ -8,7 +8,7 @@ import pytest
 
 import flops as flops_cli
 from qwen_mini import QwenConfig
-from qwen_mini.budget import write_run_record
+from ledger import Ledger
 from qwen_mini.flops import count_forward, meta_model
 from test_flops import HAND, HAND_STEP, inject_stand_in
 
@@ -57,19 +57,36 @@ def test_default_table_is_fast_and_needs_no_weights(capsys):
     assert "self_attn.scores" in by_component and "no LoRA" in by_component
 
 
+def book(runs, name, **by_kind):
+    recorder = Ledger(runs).recorder(runs / name, run_name=name)
+    for kind, flops in by_kind.items():
+        recorder.add(kind, flops, **({"steps": flops // 10**12, "step": flops // 10**12} if kind == "train" else {}))
+
+
 def test_ledger_and_refused_plan(capsys, tmp_path):
-    for name, used in (("r1", 3 * 10**16), ("r2", 5 * 10**16)):
-        write_run_record(tmp_path / name, run_name=name, flops_used=used, per_step_flops=10**12,
-                         steps_done=used // 10**12, planned_flops=used, config={})
+    book(tmp_path, "r1", train=3 * 10**16)
+    book(tmp_path, "r2", train=4 * 10**16, eval=10**16)
     status, out, _ = run(capsys, "--model", "tiny", "--rank", "0", "--runs", str(tmp_path))
     assert status == 0
     assert "r1" in out and "r2" in out and "8.0e16" in out and "remaining    2.0e16" in out
+    assert "train 7.0e16, eval 1.0e16, forecast 0" in out
     status, out, err = run(capsys, "--model", "tiny", "--rank", "0", "--runs", str(tmp_path), "--steps", "10",
                            "--max-flops", "80000000000000001")
-    assert status == 1 and "REFUSED: planned" in err and "> budget 8.0e16" in err
+    assert status == 3 and "REFUSED: planned" in err and "> budget 8.0e16" in err
     status, out, _ = run(capsys, "--model", "tiny", "--rank", "0", "--runs", str(tmp_path), "--steps", "10", "--json")
     result = json.loads(out)
-    assert status == 0 and result["planned_run"]["fits"] and result["ledger"]["spent"] == 8 * 10**16
+    assert status == 0 and result["planned_run"]["fits"] and result["total"] == 8 * 10**16
+    assert result["by_kind"] == {"train": 7 * 10**16, "eval": 10**16, "forecast": 0}
+    assert result["budget"] == 10**17 and [r["run_name"] for r in result["runs"]] == ["r1", "r2"]
+
+
+def test_over_budget_ledger_exits_3(capsys, tmp_path):
+    book(tmp_path, "r1", train=6 * 10**16)
+    book(tmp_path, "r2", forecast=5 * 10**16)
+    status, out, err = run(capsys, "--model", "tiny", "--runs", str(tmp_path))
+    assert status == 3 and "OVER BUDGET by 1.0e16" in out and "OVER BUDGET" in err
+    status, out, _ = run(capsys, "--model", "tiny", "--runs", str(tmp_path), "--json")
+    assert status == 3 and json.loads(out)["over_budget"] and json.loads(out)["total"] == 11 * 10**16
 
 
 def test_bad_arguments_are_usage_errors(capsys, tmp_path):

@@ -240,7 +240,8 @@ def thousand_h5(tmp_path_factory):
 
 def test_cli_sample_972_writes_plots_and_metrics(thousand_h5, tmp_path, capsys):
     out = tmp_path / "fc"
-    code = forecast.main(["--model", "tiny", "--data", thousand_h5, "--sample", "972", "--out", str(out), "--quiet"])
+    code = forecast.main(["--model", "tiny", "--data", thousand_h5, "--sample", "972", "--out", str(out), "--quiet",
+                          "--runs-dir", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     for name in ("metrics.json", "per_trajectory.csv", "trajectory_972.png", "error_vs_horizon.png",
@@ -291,7 +292,8 @@ def test_cli_run_uses_its_split_and_compares_with_its_untrained_base(tmp_path, c
     data_path = tmp_path / "lv12.h5"
     save(data_path, simulate(n=12, steps=70, seed=4, substeps=10))
     run = make_run_dir(tmp_path, str(data_path), test_indices=[3, 7, 10], n=12)
-    code = forecast.main(["--run", str(run), "--horizon", "10", "--quiet", "--baselines", "persistence,untrained"])
+    code = forecast.main(["--run", str(run), "--horizon", "10", "--quiet", "--baselines", "persistence,untrained",
+                          "--runs-dir", str(tmp_path)])
     assert code == 0, capsys.readouterr().err
     result = json.loads((run / "forecast" / "metrics.json").read_text())
     assert result["trajectories"] == [3, 7, 10] and result["n_scored"] == 3

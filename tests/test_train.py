@@ -12,10 +12,10 @@ from safetensors import safe_open
 
 import lora
 from data.lotka_volterra import save, simulate
-from qwen_mini.budget import read_ledger
+from ledger import RECORD_NAME, read_record
 from qwen_mini.loss import causal_lm_loss
 from training import RunDirError, TrainConfig, load_run, read_metrics, train_run
-from training.loop import enable_activation_checkpointing, lr_factor, per_step_flops
+from training.loop import enable_activation_checkpointing, eval_pass_flops, lr_factor, per_step_flops
 from training.windows import batch_rows, validation_rows
 
 
@@ -80,10 +80,14 @@ def test_resumed_run_matches_the_uninterrupted_run_exactly(tmp_path, ten_traject
     assert len({m["train_loss"] for m in got[1:]}) == 6  # training happened
     for name, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
-    # The ledger counts the work really done: step 4 ran twice.
-    (record,) = read_ledger(resumed.run_dir)
-    assert record.steps_done == 6 and record.flops_used == 7 * resumed.per_step_flops
-    assert whole.flops_used == 6 * whole.per_step_flops
+    # The ledger counts the work really done: step 4 ran twice, and so did the validation after it (passes at
+    # steps 0, 2, 4 before the kill, 4 and 6 after it).
+    record = read_record(resumed.run_dir / RECORD_NAME)
+    eval_pass = eval_pass_flops(resumed.config, n_rows=record.data["eval"]["windows"] // 5)
+    assert record.steps_done == 6 and record.by_kind["train"] == 7 * resumed.per_step_flops
+    assert record.data["eval"]["passes"] == 5 and record.by_kind["eval"] == 5 * eval_pass
+    assert record.reservations == []  # the killed run's reservation was taken over, then settled
+    assert whole.flops_used == 6 * whole.per_step_flops + 4 * eval_pass
 
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_a_used_directory(tmp_path, small_data):

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from qwen_mini.budget import read_ledger, write_run_record
+from ledger import Ledger, read_records
 from qwen_mini.flops import format_flops
 from test_train import write_small_data
 from training import TrainConfig, read_metrics, read_run_config
 from training.cli import EXIT_OVER_BUDGET, main
-from training.loop import per_step_flops
+from training.loop import per_step_flops, plan_run
 
 TINY = ["--model", "tiny", "--ctx", "64", "--batch", "2", "--val-batches", "1"]
 
@@ -54,9 +54,10 @@ def test_grid_makes_one_run_per_combination_and_a_summary(capsys, tmp_path, smal
     summary = json.loads((grid / "summary.json").read_text())
     assert sorted(row["run"] for row in summary["runs"]) == names
     assert summary["values"] == {"lr": [0.001, 0.002], "rank": [2, 4], "ctx": [64]}
-    ledger = {row.run_name: row.flops_used for row in read_ledger(runs)}
+    ledger = {record.run_name: record.flops_used for record in read_records(runs)}
     for row in summary["runs"]:
-        assert row["flops_used"] == ledger[row["run"]] == 2 * row["per_step_flops"] > 0
+        config = TrainConfig(model="tiny", ctx=64, batch=2, val_batches=1, steps=2, rank=row["rank"], lr=row["lr"])
+        assert row["flops_used"] == ledger[row["run"]] == plan_run(config).total > 2 * row["per_step_flops"] > 0
         assert row["final_val_loss"] is not None and row["initial_val_loss"] is not None
         assert row["run"] in out  # the printed table
     assert summary["flops_used"] == sum(ledger.values())
@@ -66,27 +67,32 @@ def test_grid_makes_one_run_per_combination_and_a_summary(capsys, tmp_path, smal
 def test_over_budget_run_is_refused_before_data_or_weights_are_loaded(capsys, tmp_path, private_data_cache):
     runs = tmp_path / "runs"
     status, out, err = run(capsys, *TINY, "--full", "--steps", "10", "--runs-dir", runs, "--max-flops", "1e9")
-    per_step = per_step_flops(TrainConfig(model="tiny", full=True, ctx=64, batch=2))
+    plan = plan_run(TrainConfig(model="tiny", full=True, ctx=64, batch=2, val_batches=1, steps=10))
+    per_step = plan.per_step
+    assert plan.total == 10 * per_step + 11 * plan.eval_pass  # validation at step 0 and after every step
     assert status == EXIT_OVER_BUDGET and out == ""
     assert "refused by the FLOP budget" in err
-    assert f"planned {format_flops(10 * per_step)} FLOPs + 0 already spent in {runs} = " in err
+    assert f"planned {format_flops(plan.total)} FLOPs + 0 already spent or reserved in {runs} = " in err
     assert "> budget 1.0e9" in err and f"enough for {10**9 // per_step:,} steps" in err
-    assert not runs.exists() and not private_data_cache.exists()  # nothing written, no data simulated
+    # Nothing but lock files written, no data simulated, no record in the ledger.
+    assert all(p.name.endswith(".lock") for p in runs.rglob("*") if p.is_file())
+    assert not private_data_cache.exists()
 
 
 def test_spending_in_the_runs_directory_counts_against_the_budget(capsys, tmp_path, small_data):
     runs = tmp_path / "runs"
     per_step = per_step_flops(TrainConfig(model="tiny", rank=4, ctx=64, batch=2))
-    budget = 10 * per_step
-    write_run_record(runs / "earlier", run_name="earlier", flops_used=8 * per_step, per_step_flops=per_step,
-                     steps_done=8, planned_flops=8 * per_step, config={})
+    two_steps = plan_run(TrainConfig(model="tiny", rank=4, ctx=64, batch=2, val_batches=1, steps=2)).total
+    budget = 8 * per_step + two_steps
+    Ledger(runs).recorder(runs / "earlier", run_name="earlier").add("train", 8 * per_step, steps=8, step=8)
     status, _, err = run(capsys, *TINY, "--data", small_data, "--steps", "3", "--runs-dir", runs,
                          "--max-flops", budget)
-    assert status == EXIT_OVER_BUDGET and "already spent" in err and "enough for 2 steps" in err
+    assert status == EXIT_OVER_BUDGET and "already spent" in err and "FLOPs left, enough for" in err
     status, _, err = run(capsys, *TINY, "--data", small_data, "--steps", "2", "--runs-dir", runs,
                          "--max-flops", budget)
     assert status == 0, err
-    assert sum(row.flops_used for row in read_ledger(runs)) == budget  # exactly used up
+    assert sum(record.flops_used for record in read_records(runs)) == budget  # exactly used up
+    assert not any(record.reservations for record in read_records(runs))  # settled
 
 
 def test_a_grid_is_checked_as_a_whole(capsys, tmp_path, small_data):
@@ -96,7 +102,7 @@ def test_a_grid_is_checked_as_a_whole(capsys, tmp_path, small_data):
     status, _, err = run(capsys, *TINY, "--data", small_data, "--steps", "3", "--lr", "1e-3", "2e-3",
                          "--runs-dir", runs, "--max-flops", 5 * per_step)
     assert status == EXIT_OVER_BUDGET and "grid of 2 runs does not fit" in err
-    assert not runs.exists()
+    assert all(p.name.endswith(".lock") for p in runs.rglob("*") if p.is_file())
 
 
 def test_help_lists_the_flags_with_defaults(capsys):

@@ -1,14 +1,16 @@
-"""The train.py command line: flags -> TrainConfig(s) -> train_run / run_grid -> summary table."""
+"""The train.py command line: flags -> TrainConfig(s) -> train_run / run_grid -> summary table (or, with --plan, the
+plan runner that train.py hands in: training does not import the study package above it)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-import flops as flops_cli
 from data.lotka_volterra import DataError
 from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError as ModelConfigError
-from qwen_mini.budget import DEFAULT_BUDGET, BudgetExceeded, LedgerError
-from qwen_mini.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from ledger import DEFAULT_BUDGET, BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
+from lora import VALID_TARGETS
+from qwen_mini.cli import flop_count, non_negative_float, non_negative_int, positive_float, positive_int
+from qwen_mini.flops import GQA_MODES
 
 from .config import DEFAULT_MODEL, DTYPES, SCHEDULES, ConfigError, TrainConfig
 from .distributed import from_environment, shutdown
@@ -23,16 +25,20 @@ Fine-tune Qwen2.5 with LoRA (or every weight, --full) on Lotka-Volterra series i
   python train.py --lr 1e-5 5e-5 --rank 4 8               a grid: one run per combination, then a summary table
   python train.py --model tiny --full --steps 300         offline demo: the tiny random model, all weights
   python train.py <same flags> --resume                   continue a stopped run from its last checkpoint
+  python train.py --plan plans/coursework.toml            a whole study, stage by stage (re-run it to continue)
   torchrun --nproc_per_node 2 train.py ...                data parallel (NCCL on GPU, gloo on CPU)
 
 Each run directory gets config.json, metrics.jsonl, loss_curve.png, flops.json (its entry in the budget ledger,
 see `python flops.py --runs runs`), checkpoint.pt, and adapter/ (PEFT format) or model/ (--full)."""
 
 EPILOG = """\
-Before a run (or a whole grid) starts, its planned FLOPs (steps x FLOPs per step, counted by qwen_mini.flops) plus
-every FLOP already recorded under --runs-dir must fit --max-flops; otherwise nothing is loaded or trained.
-Exit status: 0 done, 1 the run failed (data, model, checkpoint or run directory), 2 bad arguments, 3 refused by
-the FLOP budget, 130 interrupted (Ctrl-C)."""
+Before a run (or a whole grid) starts, it reserves its planned FLOPs (training steps + validation passes, counted by
+qwen_mini.flops) in the ledger of --runs-dir, under a file lock; they must fit --max-flops together with every FLOP
+spent or reserved there (training, validation, forecasts), otherwise nothing is loaded or trained. At the end the
+reservation is settled to what was spent; a killed run's is taken over by --resume or released by
+`flops.py --runs DIR --settle`. A run outside --runs-dir is refused unless --no-budget.
+Exit status: 0 done, 1 the run failed (data, model, checkpoint or run directory), 2 bad arguments (a run outside
+--runs-dir included), 3 refused by the FLOP budget or by the ledger's gqa convention, 130 interrupted (Ctrl-C)."""
 
 EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -61,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LoRA rank; several values make a grid (default: %(default)s)")
     adapt.add_argument("--alpha", type=float, default=None,
                        help="LoRA alpha, scaling = alpha / rank (default: the rank, i.e. scaling 1)")
-    adapt.add_argument("--targets", type=flops_cli.target_list, default=d.targets, metavar="LIST",
+    adapt.add_argument("--targets", type=target_list, default=d.targets, metavar="LIST",
                        help=f"comma-separated projections that get adapters (default: {','.join(d.targets)})")
     adapt.add_argument("--lora-dropout", type=non_negative_float, default=d.lora_dropout,
                        help="dropout on the adapters' input (default: %(default)s)")
@@ -104,8 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--resume", action="store_true",
                             help="continue the run(s) in their directories from the last checkpoint, with the same "
                                  "settings (--steps may grow)")
-    evaluation.add_argument("--max-flops", type=flops_cli.flop_count, default=DEFAULT_BUDGET, metavar="FLOPS",
-                            help="FLOP budget of all runs under --runs-dir together (default: 1e17)")
+    evaluation.add_argument("--max-flops", type=flop_count, default=DEFAULT_BUDGET, metavar="FLOPS",
+                            help="FLOP budget of everything under --runs-dir together (default: 1e17)")
+    evaluation.add_argument("--gqa", choices=GQA_MODES, default=None,
+                            help="how the ledger counts attention: real grouped-query k/v, or mha (the coursework's "
+                                 "multi-head simplification); one convention per runs directory (default: the runs "
+                                 "directory's, real for a new one)")
+    evaluation.add_argument("--no-budget", action="store_true",
+                            help="no reservation and no budget check; needed for a --out outside --runs-dir, which "
+                                 "then is counted in no ledger")
 
     hardware = p.add_argument_group("hardware")
     hardware.add_argument("--device", default=d.device,
@@ -117,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="recompute each block's activations in the backward pass: less memory for long "
                                "contexts, about a third more compute (counted in the FLOPs)")
     return p
+
+
+def target_list(text: str) -> tuple[str, ...]:
+    """argparse type: 'q_proj,v_proj' -> ('q_proj', 'v_proj'), each a projection LoRA can wrap."""
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in targets if t not in VALID_TARGETS]
+    if not targets or unknown:
+        raise argparse.ArgumentTypeError(f"unknown LoRA target(s) {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{','.join(VALID_TARGETS)}")
+    return tuple(dict.fromkeys(targets))
 
 
 def configs_from_args(args: argparse.Namespace) -> list:
@@ -141,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetExceeded as e:
         print(f"train.py: refused by the FLOP budget: {e}", file=sys.stderr)
         return EXIT_OVER_BUDGET
+    except MixedConventions as e:
+        print(f"train.py: refused by the FLOP ledger: {e}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    except OutsideRunsDir as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("train.py: interrupted; to continue from the last checkpoint, run the same command with --resume",
               file=sys.stderr)
@@ -155,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary([result.summary_row() for result in results]))
         for result in results:
             print(f"run directory: {result.run_dir}")
+            if not result.counted:
+                print(f"note: {result.run_dir} was not counted in any FLOP ledger (--no-budget outside --runs-dir "
+                      f"{result.config.runs_dir}); its FLOPs are in its own flops.json")
         if len(configs) > 1:
             print(f"summary: {grid_dir(configs) / SUMMARY_NAME}")
     return 0

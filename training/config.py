@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora import VALID_TARGETS
-from qwen_mini.budget import DEFAULT_BUDGET
+from ledger import DEFAULT_BUDGET
+from qwen_mini.flops import GQA_MODES
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 SCHEDULES = ("constant", "cosine")
@@ -57,6 +58,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_flops: int = DEFAULT_BUDGET
+    gqa: str | None = None  # counting convention of the ledger: real, mha; None = the runs directory's (else real)
+    no_budget: bool = False  # train without a reservation (allowed outside runs_dir; then counted nowhere)
     runs_dir: str = "runs"
     out: str | None = None  # the run directory; None = runs_dir / run_name
     resume: bool = False
@@ -105,6 +108,8 @@ class TrainConfig:
                 raise ConfigError(f"LoRA targets must be among {', '.join(VALID_TARGETS)}, got {list(self.targets)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.gqa is not None and self.gqa not in GQA_MODES:
+            raise ConfigError(f"gqa must be one of {', '.join(GQA_MODES)}, got {self.gqa!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.warmup >= self.steps and self.schedule == "cosine":

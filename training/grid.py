@@ -9,13 +9,13 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from qwen_mini.budget import BudgetExceeded, check_budget, log10
+from ledger import BudgetExceeded, Ledger, log10
 from qwen_mini.fileio import write_json_atomic
 from qwen_mini.flops import format_flops
 
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed
-from .loop import FINAL_TRAIN_STEPS, RunResult, per_step_flops, start_point, train_run
+from .loop import FINAL_TRAIN_STEPS, RunResult, check_inside_runs_dir, plan_run, start_point, train_run
 
 SUMMARY_NAME = "summary.json"
 
@@ -50,12 +50,18 @@ def grid_dir(configs: list[TrainConfig]) -> Path:
     return Path(configs[0].run_dir).parent
 
 
-def check_grid_budget(configs: list[TrainConfig]) -> int:
-    """Refuse the grid (BudgetExceeded) unless every run's remaining steps fit together in what is left; returns
-    the grid's planned FLOPs. Runs being resumed count only the steps they still have to do."""
-    remaining = sum((config.steps - start_point(config).step) * per_step_flops(config) for config in configs)
+def check_grid_budget(configs: list[TrainConfig], world_size: int = 1) -> int:
+    """Refuse the grid (BudgetExceeded) unless every run's remaining steps and validation passes fit together in
+    what is left; returns the grid's planned FLOPs. Runs being resumed count only what they still have to do. (Each
+    run still reserves its own share when it starts.)"""
+    counted = [check_inside_runs_dir(config) for config in configs]
+    if configs[0].no_budget or not any(counted):
+        return 0
+    ledger = Ledger(configs[0].runs_dir, configs[0].max_flops)
+    gqa = ledger.convention(configs[0].gqa)
+    remaining = sum(plan_run(config, start_point(config).step, gqa, world_size).total for config in configs)
     try:
-        check_budget(remaining, configs[0].runs_dir, configs[0].max_flops)
+        ledger.check(remaining)
     except BudgetExceeded as e:
         raise BudgetExceeded(f"the grid of {len(configs)} runs does not fit: {e}") from None
     return remaining
@@ -65,7 +71,7 @@ def run_grid(configs: list[TrainConfig], *, dist: Distributed | None = None, pro
              ) -> list[RunResult]:
     """Check the grid's budget, train each run in turn, write summary.json beside the runs; returns the results."""
     dist = dist or Distributed()
-    dist.on_main(check_grid_budget, configs)
+    dist.on_main(check_grid_budget, configs, dist.world_size)
     results = []
     for config in configs:
         result = train_run(config, dist=dist, progress=progress)
@@ -98,5 +104,8 @@ def format_summary(rows: list[dict]) -> str:
     total = sum(row["flops_used"] for row in rows)
     lines.append("-" * len(header))
     lines.append(f"train: mean loss of the last {FINAL_TRAIN_STEPS} steps; val@0: before training; FLOPs: training "
-                 f"FLOPs spent (ledger). Total {format_flops(total)} FLOPs.")
+                 f"and validation FLOPs spent (ledger). Total {format_flops(total)} FLOPs.")
+    uncounted = [row["run"] for row in rows if not row.get("counted", True)]
+    if uncounted:
+        lines.append(f"not counted in any FLOP ledger (--no-budget outside --runs-dir): {', '.join(uncounted)}")
     return "\n".join(lines)

@@ -1,18 +1,20 @@
 """One training run: LoRA (or full) fine-tuning on LLMTIME windows, checked against the FLOP budget, resumable.
 
-`train_run(config)` does, in order: decide where the run starts (fresh, or its checkpoint with --resume), refuse it
-if its remaining FLOPs do not fit the budget (before any data or weights are loaded), build the model and data,
-then step: forward + backward on the step's batch, gradient clipping, AdamW, the learning-rate schedule. It logs
-every step, evaluates every `eval_every` steps, checkpoints every `checkpoint_every` steps, and at the end saves
-the adapter (or all weights) and the loss curve. Under torchrun each process trains on its slice of every batch.
+`train_run(config)` does, in order: decide where the run starts (fresh, or its checkpoint with --resume), reserve
+its remaining FLOPs (training steps + planned validation passes) in the ledger of --runs-dir, or refuse it if they do
+not fit the budget (before any data or weights are loaded), build the model and data, then step: forward + backward
+on the step's batch, gradient clipping, AdamW, the learning-rate schedule. It logs every step and books it in the
+ledger, evaluates (and books the pass) every `eval_every` steps, checkpoints every `checkpoint_every` steps, and at
+the end saves the adapter (or all weights) and the loss curve and settles the reservation to what was spent. Under
+torchrun each process trains on its slice of every batch.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +27,10 @@ from tqdm import tqdm
 
 import lora
 from qwen_mini import QwenConfig, load_model_and_tokenizer, save_pretrained
-from qwen_mini.budget import RECORD_NAME, check_budget, read_ledger, write_run_record
+from ledger import RECORD_NAME, Ledger, OutsideRunsDir, Recorder, read_record
+from qwen_mini import PRESETS
 from qwen_mini.fileio import atomic_write, write_json_atomic
-from qwen_mini.flops import count_forward, meta_model
+from qwen_mini.flops import count_forward, eval_flops, meta_model
 from qwen_mini.hub import resolve_dir
 from qwen_mini.loss import causal_lm_loss
 
@@ -47,29 +50,89 @@ FINAL_TRAIN_STEPS = 10
 
 # ---- planning: before anything is loaded ---------------------------------------------------------------------------
 
+# Hub ids whose config.json is exactly a preset's: their FLOPs are counted offline, without fetching anything.
+HUB_PRESETS = {"Qwen/Qwen2.5-0.5B": "qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b"}
+
+
 def model_config_of(spec: str) -> QwenConfig:
     """The architecture behind `--model`, read without loading weights (a hub model: only its config.json)."""
-    if str(spec) == "tiny":
-        return QwenConfig.from_name("tiny")
+    spec = str(spec)
+    if spec == "tiny" or spec in PRESETS:
+        return QwenConfig.from_name(spec)
+    if spec in HUB_PRESETS and not Path(spec).is_dir():
+        return QwenConfig.from_name(HUB_PRESETS[spec])
     return QwenConfig.from_hf(resolve_dir(spec, ["config.json"]) / "config.json")
 
 
-def per_step_flops(config: TrainConfig) -> int:
-    """Training FLOPs of one step of this run (all processes together), counted on a weightless model with the
-    run's adapters. Activation checkpointing runs every decoder block's forward a second time in the backward pass:
-    that recomputation is real work and is counted too."""
+def counting_model(config: TrainConfig) -> nn.Module:
+    """The run's model on the meta device, adapters injected: what its FLOPs are counted from."""
     model = meta_model(model_config_of(config.model))
     if not config.full:
         lora.inject(model, config.rank, config.alpha, config.targets, config.lora_dropout)
-    report = count_forward(model, config.batch, config.ctx)
+    return model
+
+
+def per_step_flops(config: TrainConfig, gqa: str = "real", model: nn.Module | None = None) -> int:
+    """Training FLOPs of one step of this run (all processes together), counted on a weightless model with the
+    run's adapters. Activation checkpointing runs every decoder block's forward a second time in the backward pass:
+    that recomputation is real work and is counted too."""
+    report = count_forward(model or counting_model(config), config.batch, config.ctx, gqa=gqa)
     recompute = report.select(lambda row: row.layer.startswith("layers.")) if config.activation_checkpointing else 0
     return report.step + recompute
+
+
+def eval_pass_flops(config: TrainConfig, gqa: str = "real", model: nn.Module | None = None, world_size: int = 1,
+                    n_rows: int | None = None) -> int:
+    """FLOPs of one validation pass (forward + loss, no backward) over `n_rows` windows (default: the most it can
+    take, --val-batches x --batch), as `validation_loss` runs it: each process takes every world_size-th window, in
+    chunks of batch / world_size."""
+    model = model or counting_model(config)
+    n_rows = config.val_batches * config.batch if n_rows is None else n_rows
+    chunk, total = config.batch // world_size, 0
+    for rank in range(world_size):
+        full, rest = divmod(len(range(rank, n_rows, world_size)), chunk)
+        total += full * eval_flops(model, chunk, config.ctx, gqa) if full else 0
+        total += eval_flops(model, rest, config.ctx, gqa) if rest else 0
+    return total
+
+
+def evaluation_steps(start: int, steps: int, eval_every: int) -> list[int]:
+    """Steps after which a run that starts at `start` validates: step 0 (a fresh run), every eval_every-th, the last."""
+    return [s for s in range(start, steps + 1)
+            if (s == 0 and start == 0) or (s > start and (s % eval_every == 0 or s == steps))]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run (from its start point) will compute, counted under one gqa convention."""
+    per_step: int
+    eval_pass: int  # at most: a pass over --val-batches x --batch windows
+    steps: int  # training steps still to do
+    evaluations: int  # validation passes still to do
+
+    @property
+    def train(self) -> int:
+        return self.steps * self.per_step
+
+    @property
+    def eval(self) -> int:
+        return self.evaluations * self.eval_pass
+
+    @property
+    def total(self) -> int:
+        return self.train + self.eval
+
+
+def plan_run(config: TrainConfig, start_step: int = 0, gqa: str = "real", world_size: int = 1) -> RunPlan:
+    model = counting_model(config)
+    return RunPlan(per_step_flops(config, gqa, model), eval_pass_flops(config, gqa, model, world_size),
+                   config.steps - start_step, len(evaluation_steps(start_step, config.steps, config.eval_every)))
 
 
 @dataclass(frozen=True)
 class StartPoint:
     step: int  # steps already done (0 for a fresh run)
-    flops_used: int  # FLOPs the run's ledger record already counts (steps lost to a crash included)
+    flops_used: int  # training + validation FLOPs the run's ledger record already counts (lost steps included)
 
 
 def start_point(config: TrainConfig) -> StartPoint:
@@ -89,7 +152,10 @@ def start_point(config: TrainConfig) -> StartPoint:
     step = 0 if state is None else int(state["step"])
     if step > config.steps:
         raise RunDirError(f"{run_dir}: the checkpoint is at step {step}, past --steps {config.steps}")
-    flops_used = sum(row.flops_used for row in read_ledger(run_dir)) if (run_dir / RECORD_NAME).is_file() else 0
+    flops_used = 0
+    if (run_dir / RECORD_NAME).is_file():
+        by_kind = read_record(run_dir / RECORD_NAME).by_kind
+        flops_used = by_kind["train"] + by_kind["eval"]
     return StartPoint(step, flops_used)
 
 
@@ -101,15 +167,45 @@ def check_same_trajectory(saved: dict, wanted: dict, where) -> None:
                           "or start a new run in another --out")
 
 
-def prepare_run(config: TrainConfig) -> tuple[StartPoint, int]:
-    """(start point, FLOPs per step), refusing with BudgetExceeded if the steps still to do do not fit."""
+def check_inside_runs_dir(config: TrainConfig) -> bool:
+    """Whether the run lies inside --runs-dir (and so in its ledger); outside it, refused unless --no-budget."""
+    inside = Ledger(config.runs_dir).contains(config.run_dir)
+    if not inside and not config.no_budget:
+        raise OutsideRunsDir(f"--out {config.run_dir} lies outside --runs-dir {config.runs_dir}, whose FLOP ledger "
+                             "would never count this run: put the run under the runs directory, pass the --runs-dir "
+                             "that holds it, or pass --no-budget to train without counting it against any budget")
+    return inside
+
+
+@dataclass
+class RunStart:
+    start: StartPoint
+    plan: RunPlan
+    gqa: str
+    recorder: Recorder  # books the run's FLOPs; holds its reservation unless --no-budget
+    counted: bool  # in the ledger of --runs-dir
+
+
+def prepare_run(config: TrainConfig, world_size: int = 1, holder_lock=None) -> RunStart:
+    """Where the run starts and its reservation in the ledger of --runs-dir, for the steps and validation passes it
+    still has to do; raises BudgetExceeded (or MixedConventions, OutsideRunsDir) before anything is loaded.
+
+    A resumed run's record keeps what it spent before, and that counts: only its remaining work is reserved, on top
+    of everything already committed. `holder_lock`: the lock file this process holds for the run's life (its run
+    directory's), which names the reservation's owner; None lets the ledger take one."""
+    counted = check_inside_runs_dir(config)
     start = start_point(config)
-    per_step = per_step_flops(config)
-    if not config.run_dir.resolve().is_relative_to(Path(config.runs_dir).resolve()):
-        print(f"train.py: note: {config.run_dir} is outside --runs-dir {config.runs_dir}: the budget ledger there will "
-              "not count this run's FLOPs", file=sys.stderr)
-    check_budget((config.steps - start.step) * per_step, config.runs_dir, config.max_flops, per_step_flops=per_step)
-    return start, per_step
+    ledger = Ledger(config.runs_dir, config.max_flops)
+    gqa = ledger.convention(config.gqa) if counted else (config.gqa or "real")
+    plan = plan_run(config, start.step, gqa, world_size)
+    name = config.run_dir.name
+    if config.no_budget:
+        recorder = ledger.recorder(config.run_dir, run_name=name, gqa=gqa, config=config.to_dict())
+    else:
+        recorder = ledger.reserve(config.run_dir, plan.total, kind="train", run_name=name, gqa=gqa,
+                                  what=f"train.py {config.run_dir}", holder_lock=holder_lock, config=config.to_dict(),
+                                  planned_flops=start.flops_used + plan.total, per_step_flops=plan.per_step)
+    return RunStart(start, plan, gqa, recorder, counted)
 
 
 # ---- model, precision, loss ----------------------------------------------------------------------------------------
@@ -228,10 +324,11 @@ class RunResult:
     config: TrainConfig
     steps_done: int
     per_step_flops: int
-    flops_used: int  # what the ledger counts for this run (steps redone after a crash included)
+    flops_used: int  # training + validation FLOPs the ledger counts for this run (steps redone after a crash too)
     metrics: list[dict]
     model: nn.Module | None = field(default=None, repr=False)  # the trained model, on rank 0
     tokenizer: object = field(default=None, repr=False)
+    counted: bool = True  # in the ledger of its --runs-dir (False: --no-budget outside it)
 
     @property
     def val_losses(self) -> list[tuple[int, float]]:
@@ -248,7 +345,7 @@ class RunResult:
             "initial_val_loss": val[0][1] if val and val[0][0] == 0 else None,
             "final_val_loss": val[-1][1] if val else None,
             "best_val_loss": min(v for _, v in val) if val else None,
-            "per_step_flops": self.per_step_flops, "flops_used": self.flops_used,
+            "per_step_flops": self.per_step_flops, "flops_used": self.flops_used, "counted": self.counted,
         }
 
 
@@ -266,7 +363,25 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
     if config.batch % dist.world_size:
         raise ConfigError(f"--batch {config.batch} must be divisible by the number of processes ({dist.world_size}): "
                           "each process takes an equal slice of every batch")
-    start, per_step = dist.on_main(prepare_run, config)
+    recorder = []  # the run's Recorder, on rank 0: it holds a lock, so it does not travel to the other ranks
+
+    def prepare() -> RunStart:
+        prepared = prepare_run(config, dist.world_size)
+        recorder.append(prepared.recorder)
+        return dataclasses.replace(prepared, recorder=None)
+
+    prepared = dist.on_main(prepare)
+    try:
+        return _train(config, dist, hooks, progress, prepared, recorder[0] if recorder else None)
+    finally:
+        if recorder:
+            recorder[0].settle()  # from now on only what the run spent counts
+
+
+def _train(config: TrainConfig, dist: Distributed, hooks: Iterable[StepHook], progress: bool, prepared: RunStart,
+           recorder: Recorder | None) -> RunResult:
+    run_dir, run_name = config.run_dir, config.run_dir.name
+    start, per_step = prepared.start, prepared.plan.per_step
 
     device = resolve_device(config.device, dist)
     precision = resolve_precision(config, device)
@@ -296,25 +411,32 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
             "model_dir": str(Path(config.model).resolve()) if Path(config.model).is_dir() else None,
             "model_config": model.config.to_hf(), "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in model.parameters()), "per_step_flops": per_step,
-            "planned_flops": per_step * config.steps, "world_size": dist.world_size, "device_used": str(device),
+            "planned_flops": per_step * config.steps, "gqa": prepared.gqa, "counted_in_ledger": prepared.counted,
+            "world_size": dist.world_size, "device_used": str(device),
             "torch_version": torch.__version__})
         kept = [m for m in read_metrics(run_dir) if start.step and m["step"] <= start.step]
         atomic_write(run_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text("".join(json.dumps(m) + "\n"
                                                                                      for m in kept)))
     flops_used = start.flops_used
+    counter = counting_model(config)
+    eval_pass = eval_pass_flops(config, prepared.gqa, counter, dist.world_size, len(run_data.val_rows))
 
     def log(entry: dict) -> None:
         if dist.is_main:
             with open(run_dir / METRICS_NAME, "a") as f:
                 f.write(json.dumps(entry) + "\n")
-            write_run_record(run_dir, run_name=run_name, flops_used=flops_used, per_step_flops=per_step,
-                             steps_done=entry["step"], planned_flops=per_step * config.steps,
-                             config=config.to_dict())
+            if entry["train_loss"] is not None:
+                recorder.add("train", per_step, steps=1, step=entry["step"], per_step_flops=per_step)
         for hook in hooks:
             hook(entry["step"], entry)
 
     def evaluate() -> float:
-        return validation_loss(model, run_data, config.batch // dist.world_size, device, precision, dist)
+        nonlocal flops_used
+        loss = validation_loss(model, run_data, config.batch // dist.world_size, device, precision, dist)
+        flops_used += eval_pass
+        if dist.is_main:
+            recorder.add("eval", eval_pass, passes=1, windows=len(run_data.val_rows))
+        return loss
 
     if start.step == 0:
         log({"step": 0, "train_loss": None, "val_loss": evaluate(), "lr": config.lr * lr_factor(0, config),
@@ -368,4 +490,4 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
         plot_losses(metrics, run_dir / PLOT_NAME, title=run_name)
     dist.barrier()
     return RunResult(run_dir, config, config.steps, per_step, flops_used, metrics,
-                     model if dist.is_main else None, tokenizer)
+                     model if dist.is_main else None, tokenizer, prepared.counted)

@@ -1,0 +1,95 @@
+"""Forecasting under the FLOP ledger: reserve a forecast's FLOPs before it runs, book every generate call, settle.
+
+The FLOPs go into the ledger record of the run the forecast uses (`<run>/flops.json`), or, for a plain `--model`,
+into `flops.json` in the forecast's output directory; either must lie inside the runs directory (else refused unless
+`no_budget`). The reservation is an upper bound: every prompt prefilled at its batch's padded width, every row
+decoding the grammar's longest forecast, for the model and (when it runs) the untrained baseline; it is settled to
+what ran when the forecast ends.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.dataset import make_eval_example
+from ledger import Ledger, OutsideRunsDir, Recorder
+
+from .evaluate import MODEL, Evaluation, Protocol, Selection, evaluate
+from .forecast import generation_plan
+from .grammar import max_forecast_tokens
+from .source import ForecastSource
+
+
+@dataclass(frozen=True)
+class Booking:
+    """Where and how a forecast's FLOPs are booked."""
+    runs_dir: Path
+    max_flops: int
+    gqa: str | None = None  # None: the ledger's convention
+    no_budget: bool = False
+
+
+def record_dir_of(run_dir, out) -> Path:
+    """The record a forecast books into: its run's, else (a plain model) its output directory's."""
+    return Path(run_dir) if run_dir is not None else Path(out)
+
+
+def generated_methods(source: ForecastSource, baselines) -> list[str]:
+    """The methods that generate text (and spend FLOPs): the model, and the untrained model when it runs."""
+    return [MODEL] + (["untrained"] if "untrained" in baselines and source.load_untrained is not None else [])
+
+
+def forecast_bound(source: ForecastSource, selection: Selection, protocol: Protocol, *, baselines, batch: int,
+                   gqa: str) -> int:
+    """The most FLOPs `evaluate` can spend on these trajectories: exact prefills, the longest forecasts."""
+    examples = [make_eval_example(source.data.trajectories[i], i, protocol.context, protocol.horizon,
+                                  protocol.decimals) for i in selection.indices]
+    prompts = [len(source.tokenizer.encode(ex.prompt)) for ex in examples]
+    longest = max_forecast_tokens(protocol.horizon, source.data.trajectories.shape[2], protocol.decimals,
+                                  protocol.int_digits, protocol.allow_negative)
+    one = generation_plan(source.model, prompts, [longest] * len(prompts), batch=batch,
+                          num_samples=protocol.num_samples, constrained=protocol.constrained,
+                          allow_negative=protocol.allow_negative, gqa=gqa)
+    return one * len(generated_methods(source, baselines))
+
+
+def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Protocol, *, out, run_dir, baselines,
+                      batch: int, booking: Booking, progress: bool = True) -> tuple[Evaluation, Path]:
+    """`evaluate`, with its FLOPs reserved (BudgetExceeded, MixedConventions, OutsideRunsDir before any forecast),
+    booked call by call and settled. Returns (evaluation, the record it was booked into)."""
+    record_dir = record_dir_of(run_dir, out)
+    ledger = Ledger(booking.runs_dir, booking.max_flops)
+    inside = ledger.contains(record_dir)
+    if not inside and not booking.no_budget:
+        where = f"--run {run_dir}" if run_dir is not None else f"the output directory {out}"
+        raise OutsideRunsDir(f"{where} lies outside --runs-dir {booking.runs_dir}, whose FLOP ledger would never "
+                             "count this forecast: pass the --runs-dir that holds it"
+                             + ("" if run_dir is not None else ", or an --out inside it")
+                             + ", or --no-budget to forecast without counting it")
+    gqa = ledger.convention(booking.gqa) if inside else (booking.gqa or "real")
+    name = record_dir.name
+    what = f"forecast.py {source.label} -> {out}"
+    if booking.no_budget:
+        recorder = ledger.recorder(record_dir, run_name=name, gqa=gqa)
+    else:
+        bound = forecast_bound(source, selection, protocol, baselines=baselines, batch=batch, gqa=gqa)
+        recorder = ledger.reserve(record_dir, bound, kind="forecast", run_name=name, gqa=gqa, what=what)
+    with recorder:
+        evaluation = evaluate(source.model, source.tokenizer, source.data, source.split, selection, protocol,
+                              baselines=baselines, load_untrained=source.load_untrained, batch=batch,
+                              progress=progress, gqa=gqa, on_flops=booker(recorder, source, selection, out))
+    return evaluation, record_dir
+
+
+def booker(recorder: Recorder, source: ForecastSource, selection: Selection, out):
+    """on_flops for `evaluate`: books each generate call into one ledger entry per method of this forecast."""
+    entries = {}
+
+    def book(method: str, flops) -> None:
+        entry = entries.setdefault(method, uuid.uuid4().hex[:12])
+        recorder.add("forecast", flops.total, entry=entry, label=method, source=source.label,
+                     out=str(Path(out).resolve()), trajectories=len(selection.indices), selection=selection.label,
+                     calls=1, prefill_tokens=flops.prefill_tokens, decode_tokens=flops.decode_tokens,
+                     prefill_flops=flops.prefill, decode_flops=flops.decode)
+    return book

@@ -1,0 +1,282 @@
+"""The FLOP ledger of a runs directory: every record under it, the cap, reservations under one file lock.
+
+All compute of a study — training steps, validation passes, forecasts (prefill and every decode step, the untrained
+baseline's too) — may use `max_flops` (1e17) in all. What counts is every record's spending plus what running
+processes have reserved and not yet spent (`Record.committed`).
+
+A job reserves before it starts: under the ledger's lock (`<runs_dir>/.ledger.lock`, held for milliseconds) it sums
+the committed FLOPs of every record, refuses with `BudgetExceeded` if its plan does not fit, and otherwise writes its
+reservation into its own record before the lock is released, so a second job that starts at the same moment sees
+it. While it works it books what it spends (`Recorder.add`, which also lowers what is left of its reservation); at
+the end it settles the reservation, and only what it spent keeps counting.
+
+A reservation names the lock its process holds for its whole life (a training run: its run directory's lock; a
+forecast: a lock the ledger takes for it). A free lock means a dead process: `settle_dead` (flops.py --runs DIR
+--settle) releases such reservations, and a run resumed with --resume takes its own over.
+
+Every record of a ledger counts attention the same way (`gqa`: real grouped-query attention, or "mha", the
+coursework's multi-head simplification); a job that would mix them is refused with `MixedConventions`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen_mini.fileio import FileLock, LockHeld
+from qwen_mini.flops import GQA_MODES, format_flops
+
+from .records import (DEFAULT_BUDGET, KINDS, RECORD_NAME, LedgerError, Record, count, log10_text, new_record, now,
+                      read_record, read_records)
+
+LOCK_NAME = ".ledger.lock"
+LOCK_WAIT = 60.0  # seconds a job waits for the ledger lock (others hold it for milliseconds)
+
+
+class BudgetExceeded(RuntimeError):
+    """A planned job that does not fit in what is left of the FLOP budget."""
+
+
+class MixedConventions(RuntimeError):
+    """A job whose attention-counting convention differs from the ledger's."""
+
+
+class OutsideRunsDir(ValueError):
+    """A job directory outside the runs directory whose ledger would have to count it."""
+
+
+def is_inside(path, runs_dir) -> bool:
+    return Path(path).resolve().is_relative_to(Path(runs_dir).resolve())
+
+
+@dataclass(frozen=True)
+class Totals:
+    by_kind: dict[str, int]
+    outstanding: int  # reserved by running jobs, not yet spent
+
+    @property
+    def spent(self) -> int:
+        return sum(self.by_kind.values())
+
+    @property
+    def committed(self) -> int:
+        return self.spent + self.outstanding
+
+
+def totals(records: list[Record]) -> Totals:
+    by_kind = {kind: sum(r.by_kind[kind] for r in records) for kind in KINDS}
+    return Totals(by_kind, sum(r.outstanding for r in records))
+
+
+class Ledger:
+    """The ledger of `runs_dir` under a cap of `max_flops`."""
+
+    def __init__(self, runs_dir, max_flops=DEFAULT_BUDGET, lock_wait: float = LOCK_WAIT):
+        self.runs_dir = Path(runs_dir)
+        self.max_flops = count("max_flops", max_flops)
+        self.lock_wait = lock_wait
+
+    # ---- reading ----------------------------------------------------------------------------------------------------
+    def records(self) -> list[Record]:
+        return read_records(self.runs_dir)
+
+    def totals(self) -> Totals:
+        return totals(self.records())
+
+    def contains(self, path) -> bool:
+        return is_inside(path, self.runs_dir)
+
+    def convention(self, requested: str | None = None, records: list[Record] | None = None) -> str:
+        """The ledger's gqa convention; `requested` None follows it (real for an empty ledger). Raises
+        MixedConventions when `requested` differs from the records' (or the records already disagree)."""
+        if requested is not None and requested not in GQA_MODES:
+            raise ValueError(f"gqa must be one of {', '.join(GQA_MODES)}, got {requested!r}")
+        records = self.records() if records is None else records
+        used = sorted({r.gqa for r in records})
+        if len(used) > 1:
+            by = {mode: [r.run_name for r in records if r.gqa == mode] for mode in used}
+            raise MixedConventions(f"the ledger of {self.runs_dir} already mixes gqa conventions ("
+                                   + "; ".join(f"{mode}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                                               for mode, names in by.items())
+                                   + "); move the runs of one convention to another runs directory")
+        if not used:
+            return requested or "real"
+        if requested is not None and requested != used[0]:
+            raise MixedConventions(
+                f"the ledger of {self.runs_dir} counts attention with --gqa {used[0]} ({len(records)} record(s)); "
+                f"this job asks for --gqa {requested}, and one ledger cannot mix the two. Pass --gqa {used[0]} "
+                f"(or leave --gqa out to follow the ledger), or use another --runs-dir for --gqa {requested}")
+        return used[0]
+
+    def check(self, planned, records: list[Record] | None = None, per_step_flops=None, what: str = "planned") -> int:
+        """Raise BudgetExceeded unless `planned` + everything committed fits `max_flops`; returns what is left after
+        it. With `per_step_flops` the message says how many such steps would still fit."""
+        planned = count("planned FLOPs", planned)
+        committed = totals(self.records() if records is None else records).committed
+        total = planned + committed
+        if total > self.max_flops:
+            left = max(self.max_flops - committed, 0)
+            message = (f"{what} {format_flops(planned)} FLOPs + {format_flops(committed)} already spent or reserved "
+                       f"in {self.runs_dir} = {format_flops(total)} > budget {format_flops(self.max_flops)} "
+                       f"(log10: {log10_text(planned)} + {log10_text(committed)} = {log10_text(total)} > "
+                       f"{log10_text(self.max_flops)}); {format_flops(left)} FLOPs left")
+            if per_step_flops:
+                per_step = count("per_step_flops", per_step_flops)
+                message += f", enough for {left // per_step:,} steps of {format_flops(per_step)} FLOPs"
+            raise BudgetExceeded(message)
+        return self.max_flops - total
+
+    # ---- writing ----------------------------------------------------------------------------------------------------
+    def lock(self) -> FileLock:
+        try:
+            return FileLock(self.runs_dir / LOCK_NAME, what="FLOP ledger", wait=self.lock_wait)
+        except LockHeld as e:
+            raise LedgerError(f"the FLOP ledger stayed locked for {self.lock_wait:g} s: {e}") from None
+
+    def recorder(self, record_dir, *, run_name: str, gqa: str | None = None, config: dict | None = None
+                 ) -> "Recorder":
+        """Book into `record_dir/flops.json` without a reservation (--no-budget). Inside the runs directory the
+        record still joins the ledger (and its convention); outside it, nothing here counts it."""
+        record_dir = Path(record_dir)
+        if self.contains(record_dir):
+            with self.lock():
+                gqa = self.convention(gqa)
+                _load_or_create(record_dir, run_name, gqa, self.runs_dir, config).write()
+            return Recorder(record_dir, self.runs_dir / LOCK_NAME, None, self.lock_wait)
+        gqa = gqa or "real"
+        with FileLock(record_dir / LOCK_NAME, what="FLOP record", wait=self.lock_wait):
+            _load_or_create(record_dir, run_name, gqa, None, config).write()
+        return Recorder(record_dir, record_dir / LOCK_NAME, None, self.lock_wait)
+
+    def reserve(self, record_dir, flops, *, kind: str, run_name: str, gqa: str | None = None, what: str = "",
+                holder_lock=None, config: dict | None = None, planned_flops=None, per_step_flops=None
+                ) -> "Recorder":
+        """Reserve `flops` for a job booking into `record_dir/flops.json` (inside the runs directory), or raise
+        BudgetExceeded / MixedConventions / OutsideRunsDir before anything is written.
+
+        `holder_lock`: a lock file the calling process holds for the job's whole life (a run directory's lock);
+        None: the ledger takes one for the reservation (released when it is settled). A reservation of this record
+        that names the same lock, or whose lock is free, belongs to a process that is gone: it is taken over (its
+        spending stays booked). `planned_flops` (default `flops`) is what the record shows as the job's plan."""
+        record_dir = Path(record_dir)
+        if not self.contains(record_dir):
+            raise OutsideRunsDir(f"{record_dir} lies outside the runs directory {self.runs_dir}, whose ledger would not "
+                                 "count it")
+        flops = count("reserved FLOPs", flops)
+        reservation_id = uuid.uuid4().hex[:12]
+        own_lock = None
+        if holder_lock is None:
+            own_lock = FileLock(record_dir / f".reservation-{reservation_id}.lock", what=what or f"{kind} job")
+            holder_lock = own_lock.path
+        holder_lock = Path(holder_lock).resolve()
+        try:
+            with self.lock():
+                records = self.records()
+                gqa = self.convention(gqa, records)
+                record = _load_or_create(record_dir, run_name, gqa, self.runs_dir, config)
+                record.data["reservations"] = [r for r in record.reservations
+                                               if Path(r["lock"]) != holder_lock and not _holder_gone(r)]
+                others = [r for r in records if r.path.resolve() != record.path.resolve()]
+                self.check(flops, others + [record], per_step_flops=per_step_flops)
+                record.reservations.append({"id": reservation_id, "kind": kind, "flops": flops, "spent": 0,
+                                            "lock": str(holder_lock), "what": what, "pid": os.getpid(),
+                                            "host": socket.gethostname(), "since": now()})
+                if planned_flops is not None:
+                    record.data["planned_flops"] = count("planned_flops", planned_flops)
+                if config is not None:
+                    record.data["config"] = config
+                record.write()
+        except BaseException:
+            if own_lock is not None:
+                own_lock.release()
+                own_lock.path.unlink(missing_ok=True)
+            raise
+        return Recorder(record_dir, self.runs_dir / LOCK_NAME, reservation_id, self.lock_wait, own_lock)
+
+    def settle_dead(self) -> list[tuple[Record, dict]]:
+        """Release the reservations whose process is gone (their lock is free); what they spent stays booked.
+        Returns (record, reservation) for each one released."""
+        released = []
+        with self.lock():
+            for record in self.records():
+                dead = [r for r in record.reservations if _holder_gone(r)]
+                if dead:
+                    record.data["reservations"] = [r for r in record.reservations if r not in dead]
+                    record.write()
+                    released += [(record, r) for r in dead]
+        return released
+
+
+def _load_or_create(record_dir: Path, run_name: str, gqa: str, runs_dir, config) -> Record:
+    path = record_dir / RECORD_NAME
+    if path.is_file():
+        record = read_record(path)
+        if record.gqa != gqa:
+            raise MixedConventions(f"{path} was counted with --gqa {record.gqa}; this job asks for --gqa {gqa}. Pass "
+                                   f"--gqa {record.gqa}, or book into another directory")
+        return record
+    return new_record(record_dir, run_name, gqa, runs_dir, config)
+
+
+def _holder_gone(reservation: dict) -> bool:
+    """Whether the process that made `reservation` is gone: the lock it holds for its life can be taken."""
+    path = Path(reservation["lock"])
+    if not path.exists():
+        return True
+    try:
+        FileLock(path, wait=0).release()
+    except LockHeld:
+        return False
+    if path.name.startswith(".reservation-"):
+        path.unlink(missing_ok=True)
+    return True
+
+
+class Recorder:
+    """Books one job's FLOPs into its record (under the ledger lock: a reader never sees half a record and two
+    writers never lose each other's entries), lowering what is left of its reservation; `settle()` at the end."""
+
+    def __init__(self, record_dir: Path, lock_path: Path, reservation_id: str | None, lock_wait: float,
+                 own_lock: FileLock | None = None):
+        self.record_dir, self.lock_path, self.reservation_id = Path(record_dir), Path(lock_path), reservation_id
+        self.lock_wait, self._own_lock = lock_wait, own_lock
+        self.spent = 0
+
+    @property
+    def path(self) -> Path:
+        return self.record_dir / RECORD_NAME
+
+    def _locked(self) -> FileLock:
+        try:
+            return FileLock(self.lock_path, what="FLOP ledger", wait=self.lock_wait)
+        except LockHeld as e:
+            raise LedgerError(f"the FLOP ledger stayed locked for {self.lock_wait:g} s: {e}") from None
+
+    def add(self, kind: str, flops, **details) -> None:
+        """Book `flops` of `kind` (see `Record.add` for the details each kind takes)."""
+        with self._locked():
+            record = read_record(self.path)
+            record.add(kind, flops, self.reservation_id, **details)
+            record.write()
+        self.spent += flops
+
+    def settle(self) -> None:
+        """End the reservation: from now on only what the job spent counts. Safe to call twice."""
+        if self.reservation_id is not None:
+            with self._locked():
+                record = read_record(self.path)
+                record.data["reservations"] = [r for r in record.reservations if r["id"] != self.reservation_id]
+                record.write()
+            self.reservation_id = None
+        if self._own_lock is not None:
+            self._own_lock.release()
+            self._own_lock.path.unlink(missing_ok=True)
+            self._own_lock = None
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.settle()
