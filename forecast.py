@@ -18,8 +18,9 @@ Writes metrics.json, per_trajectory.csv, trajectory_<index>.png, error_vs_horizo
 to --out. FLOPs (prefill once per prompt, every KV-cache decode step; the untrained baseline's too) are reserved
 before the first forecast and booked into the FLOP ledger of --runs-dir: into the run's flops.json, or for a plain
 --model into flops.json in --out, which then must lie inside --runs-dir (default RUNS_DIR/forecasts/<model>).
-Exit status: 0 done, 2 bad arguments, run directory, model or data (or a record outside --runs-dir), 3 refused by
-the FLOP budget or by the ledger's gqa convention.
+Exit status: 0 done, 1 the forecast failed (non-finite logits: NaN or infinity from the model; the output could not
+be written, e.g. a full disk), 2 bad arguments, run directory, model, data or an output location that cannot be
+written (or a record outside --runs-dir), 3 refused by the FLOP budget or by the ledger's gqa convention.
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ from forecasting.source import from_model, from_run, parse_dtype, pick_device
 from ledger import (DEFAULT_BUDGET, RECORD_NAME, BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir,
                     is_inside, read_record)
 from qwen_mini.cli import bounded, flop_count
+from qwen_mini.fileio import ensure_writable_dir, os_error_text
 from qwen_mini.flops import GQA_MODES
+from qwen_mini.generate import NonFiniteLogits
 
-EXIT_USAGE, EXIT_OVER_BUDGET = 2, 3
+EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 1, 2, 3
 DEFAULT_RUNS_DIR = "runs"
 
 
@@ -165,6 +168,11 @@ def main(argv=None) -> int:
     default_out = source.default_out if args.run else runs_dir / "forecasts" / source.default_out.name
     out = Path(args.out) if args.out else default_out.with_name(
         default_out.name + "".join(f"_{i}" for i in samples[:5]))
+    try:  # before the forecasts, which may take long: not after them
+        ensure_writable_dir(out)
+    except OSError as e:
+        print(f"error: cannot write the output: {os_error_text(e)}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"forecasting {selection.label} of {source.data.path} with {source.label} on {device}", file=sys.stderr)
     booking = Booking(runs_dir, args.max_flops, args.gqa, args.no_budget)
     try:
@@ -177,8 +185,15 @@ def main(argv=None) -> int:
     except (OutsideRunsDir, LedgerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteLogits as e:
+        print(f"error: {source.label}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
-    written = write_outputs(evaluation, out)
+    try:
+        written = write_outputs(evaluation, out)
+    except OSError as e:
+        print(f"error: {os_error_text(e)}: the forecasts were not written", file=sys.stderr)
+        return EXIT_FAILED
     print(format_table(evaluation.summary()))
     print(f"\nwrote {', '.join(p.name for p in written)} to {out}/")
     spent = sum(s.flops for s in evaluation.generation.values())

@@ -74,13 +74,7 @@ class LVData:
 def load(path: str | os.PathLike) -> LVData:
     """Read and validate an h5 file of the schema above; raises DataError naming the file, dataset and fault."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
+    with _open(path) as f:
         trajectories = _read_float(f, "trajectories", path).astype(np.float32)
         time = _read_float(f, "time", path).astype(np.float64)
         params = None
@@ -91,11 +85,39 @@ def load(path: str | os.PathLike) -> LVData:
     return LVData(trajectories, time, params, str(path), attrs)
 
 
-def _read_float(group: h5py.Group, name: str, path: Path, prefix: str = "") -> np.ndarray:
-    if name not in group or not isinstance(group[name], h5py.Dataset):
+def trajectories_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The (N, T, 2) shape of a file's /trajectories, read from its header without loading the data: for refusing
+    settings the data cannot serve before any work starts. Raises DataError as `load` does."""
+    path = Path(path)
+    with _open(path) as f:
+        shape = tuple(_dataset(f, "trajectories", path).shape)
+    _check_shape(shape, path)
+    return shape
+
+
+def _open(path: Path) -> h5py.File:
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not an h5 file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
+def _dataset(group: h5py.Group, name: str, path: Path, prefix: str = "") -> h5py.Dataset:
+    if name not in group:
         found = ", ".join(sorted(group.keys())) or "none"
         raise DataError(f"{path}: dataset /{prefix}{name} is missing (found: {found})")
-    dataset = group[name]
+    if not isinstance(group[name], h5py.Dataset):
+        kind = "a group" if isinstance(group[name], h5py.Group) else type(group[name]).__name__
+        raise DataError(f"{path}: /{prefix}{name} is {kind}, expected a dataset of numbers")
+    return group[name]
+
+
+def _read_float(group: h5py.Group, name: str, path: Path, prefix: str = "") -> np.ndarray:
+    dataset = _dataset(group, name, path, prefix)
     # Integers are fine (a hand-made file may store whole numbers); strings, compounds or complex numbers are not.
     if not (np.issubdtype(dataset.dtype, np.floating) or np.issubdtype(dataset.dtype, np.integer)):
         raise DataError(f"{path}: dataset /{prefix}{name} has dtype {dataset.dtype}, expected real numbers")
@@ -109,12 +131,16 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _check_shape(shape: tuple[int, ...], where) -> None:
+    if len(shape) != 3 or shape[2] != 2:
+        raise DataError(f"{where}: /trajectories has shape {shape}, expected (N, T, 2)")
+
+
 def validate(trajectories: np.ndarray, time: np.ndarray, where: str = "data",
              params: dict[str, np.ndarray] | None = None) -> None:
     """Raise DataError (message starts with `where`) unless the arrays follow the schema."""
     trajectories, time = np.asarray(trajectories), np.asarray(time)
-    if trajectories.ndim != 3 or trajectories.shape[2] != 2:
-        raise DataError(f"{where}: /trajectories has shape {trajectories.shape}, expected (N, T, 2)")
+    _check_shape(trajectories.shape, where)
     n, steps = trajectories.shape[:2]
     if n < 1 or steps < 2:
         raise DataError(f"{where}: /trajectories has shape {trajectories.shape}: needs at least 1 trajectory "

@@ -12,6 +12,7 @@ import torch
 
 from data.lotka_volterra import LVData, Split, load_or_simulate, split_indices
 from qwen_mini import load_model_and_tokenizer
+from qwen_mini.fileio import sha256_file
 
 # The tiny preset's random weights use this seed whatever --seed is, as training does (training.config), so
 # `--model tiny` is the very model every tiny run starts from.
@@ -73,6 +74,11 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
         if split.n != len(data):
             raise ValueError(f"run {run_dir} split {split.n} trajectories but {data.path} has {len(data)}: "
                              f"the data file changed since training")
+        recorded_sha = config.get("data_sha256")
+        if recorded_sha and data.path and sha256_file(data.path) != recorded_sha:
+            source_note.append(f"{data.path} changed since run {run_dir} trained on it (its sha256 is not the "
+                               f"{recorded_sha[:12]}... recorded then): the run's test split may now hold other "
+                               "trajectories, even ones it trained on")
         origin = f"the run's (seed {split.seed})"
     run_decimals = config.get("decimals", DEFAULT_DECIMALS)
     if decimals is not None and decimals != run_decimals:

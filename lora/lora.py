@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qwen_mini.fileio import atomic_write
-from qwen_mini.loading import check_state_dict
+from qwen_mini.loading import check_finite, check_state_dict
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "LoRALinear", "PEFT_PREFIX",
            "VALID_TARGETS", "inject", "load_adapter", "lora_layers", "lora_state_dict", "mark_only_lora_trainable",
@@ -324,8 +324,8 @@ def _read_adapter_config(path: Path) -> dict:
     r, alpha, dropout = raw["r"], raw["lora_alpha"], raw.get("lora_dropout", 0.0) or 0.0
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterError(f"{path}: r must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise AdapterError(f"{path}: lora_alpha must be a number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise AdapterError(f"{path}: lora_dropout must be a probability in [0, 1), got {dropout!r}")
     return raw
@@ -387,6 +387,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
     raw = _read_adapter_config(config_path)
     tensors = _read_tensors(weights_path)
+    check_finite(tensors, weights_path, error=AdapterError)
     rank, alpha, dropout = raw["r"], raw["lora_alpha"], float(raw.get("lora_dropout") or 0.0)
     paths = _resolve_targets(model, raw["target_modules"], config_path)
 

@@ -1,10 +1,13 @@
-"""Atomic file writes (a reader, or a resumed run after a crash, never sees half a file) and the one file lock that
-every exclusive thing (a run directory, the FLOP ledger) is guarded by."""
+"""Atomic file writes (a reader, or a resumed run after a crash, never sees half a file), whole-line appends, and
+the one file lock that every exclusive thing (a run directory, the FLOP ledger) is guarded by."""
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -22,11 +25,82 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        reported = _reported_os_error(e, path)
+        if reported is not None and reported is not e:
+            raise reported from None
         raise
     return path
+
+
+# safetensors (Rust) reports a failed write as SafetensorError("... I/O error: ... (os error 28)").
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _reported_os_error(e: BaseException, path) -> OSError | None:
+    """The OSError behind a failed write, naming `path` when the system did not: so a full disk or a read-only
+    directory reads the same to callers, whichever library wrote the file."""
+    if isinstance(e, OSError):
+        if e.filename is None:
+            e.filename = str(path)
+        return e
+    found = _RUST_OS_ERROR.search(str(e))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append `line` and a newline to a log file, whole or not at all: when the write fails (a full disk), the part
+    of it that reached the file is cut off again, so an error never leaves half a line. (A kill -9 in the middle of
+    the write still can: readers of such logs drop a torn last line.)"""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise _reported_os_error(e, path) from None
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create directory `path` if needed and check that a file can be written in it; raises OSError naming the path
+    otherwise (an existing file of that name, a read-only mount, no permission), so a command can refuse an output
+    location before doing any work for it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise _reported_os_error(e, path) from None
+    return path
+
+
+def os_error_text(e: OSError) -> str:
+    """'<path>: <what the system said>' for a one-line message."""
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what[0].lower() + what[1:]}" if e.filename else what
 
 
 def _umask() -> int:
@@ -78,12 +152,11 @@ class FileLock:
     def __init__(self, path: str | os.PathLike, *, what: str = "", wait: float = 0.0, poll: float = 0.05):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+        self._fd = self._open()
         deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = _read_holder(self._fd)
@@ -91,10 +164,17 @@ class FileLock:
                     self._fd = None
                     raise LockHeld(self.path, holder) from None
                 time.sleep(poll)
+                continue
             except OSError:
                 os.close(self._fd)
                 self._fd = None
                 raise
+            if self._is_at_path():
+                break
+            # The holder removed the file between our open and our flock (lock files may be cleaned up once
+            # released): a lock on that orphan guards nothing, so lock the file now at the path instead.
+            os.close(self._fd)
+            self._fd = self._open()
         # A file left by a holder that died (its flock went with it) still names that holder: report the takeover.
         self.previous = _read_holder(self._fd)
         self.holder = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -102,6 +182,16 @@ class FileLock:
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
         os.write(self._fd, (json.dumps(self.holder) + "\n").encode())
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+
+    def _is_at_path(self) -> bool:
+        try:
+            here, there = os.fstat(self._fd), os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     @property
     def took_over(self) -> bool:

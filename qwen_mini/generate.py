@@ -15,6 +15,10 @@ from .model import Qwen
 AllowedTokens = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
+class NonFiniteLogits(FloatingPointError):
+    """The model produced NaN or infinite logits: generation stops rather than sample from them."""
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of `logits` (batch, vocab): argmax when temperature is 0, else a seeded draw."""
@@ -75,6 +79,9 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     ones = torch.ones(B, 1, dtype=torch.long, device=input_ids.device)
     for step in range(max_new_tokens):
+        if not bool(torch.isfinite(logits).all()):  # one reduction a step, beside the step's own work
+            raise NonFiniteLogits(f"non-finite logits at generated token {step}: the model's weights or activations "
+                                  "hold NaN or infinity, so whatever it wrote would be meaningless")
         if allowed_tokens is not None:
             allowed = allowed_tokens(step, out[:, :step])
             if allowed is not None:

@@ -38,6 +38,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | None
         expected.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
     check_state_dict(expected, tensors, root)
+    check_finite(tensors, root)
     model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -60,6 +61,25 @@ def check_state_dict(expected: dict, found: dict, where, error: type[Exception] 
         if tuple(found[key].shape) != tuple(ref.shape):
             raise error(f"{where}: tensor {key!r} has shape {tuple(found[key].shape)} in the file "
                         f"but the model expects {tuple(ref.shape)}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where, error: type[Exception] = CheckpointError) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor: a model with them computes nothing but
+    NaN, and would do so silently (losses, forecasts and metrics all come out as numbers of a sort)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
+            bad = ~torch.isfinite(tensor)
+            index = [int(i) for i in bad.nonzero()[0]]
+            raise error(f"{where}: tensor {name!r} holds {int(bad.sum())} non-finite value(s) (e.g. "
+                        f"{tensor[tuple(index)].item()} at {index}); the file is damaged or was saved from a run "
+                        "that diverged")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in `tensor`: its minimum and maximum in one pass (both are NaN if any element is), without
+    a temporary as large as the tensor."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def read_safetensors(root: Path) -> dict[str, torch.Tensor]:

@@ -45,3 +45,23 @@ def test_wait_gives_up_after_the_timeout(tmp_path):
     with FileLock(path):
         with pytest.raises(LockHeld):
             FileLock(path, wait=0.2)
+
+
+def test_a_lock_file_removed_while_waiting_for_it_is_not_taken_as_the_lock(tmp_path, monkeypatch):
+    # The race a cleaned-up lock file opens: B has the old file open and waits; A releases and removes it, C creates
+    # and locks a new one. B's flock on the old, unlinked file succeeds, but it guards nothing: B must see that and
+    # queue behind C instead of holding "the lock" beside it.
+    import qwen_mini.fileio as fileio
+
+    path = tmp_path / "run.lock"
+    first, others = FileLock(path, what="A"), {}
+
+    def sleep(seconds):
+        if "C" not in others:
+            first.release()
+            path.unlink()
+            others["C"] = FileLock(path, what="C")
+    monkeypatch.setattr(fileio.time, "sleep", sleep)
+    with pytest.raises(LockHeld, match=r"\(C\)"):
+        FileLock(path, what="B", wait=0.5)
+    others["C"].release()

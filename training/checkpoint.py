@@ -7,6 +7,7 @@ Restoring it and running on gives the same losses as never stopping (bit for bit
 from __future__ import annotations
 
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,12 @@ import torch
 from torch import nn
 
 from qwen_mini.fileio import atomic_write
+from qwen_mini.loading import check_finite
 
 from .run import CHECKPOINT_NAME, RunDirError
 
 FORMAT_VERSION = 1
+STATE_KEYS = ("step", "data_position", "flops_used", "trajectory", "trainable", "optimizer", "scheduler", "rng")
 
 
 def rng_states() -> dict:
@@ -62,22 +65,46 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer, scheduler, st
         "scheduler": scheduler.state_dict(),
         "rng": rng_states(),
     }
-    return atomic_write(Path(run_dir) / CHECKPOINT_NAME, lambda tmp: torch.save(state, tmp))
+    return atomic_write(Path(run_dir) / CHECKPOINT_NAME, lambda tmp: _save(state, tmp))
+
+
+def _save(state: dict, path: str) -> None:
+    # Through a Python file object: a failed write (a full disk) then raises OSError, where torch.save(state, path)
+    # reports it as an opaque RuntimeError from its zip writer.
+    with open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def read_checkpoint(run_dir: Path, mmap: bool = False) -> dict | None:
-    """The run's checkpoint (None if it has none). mmap=True maps the tensors instead of reading them: a cheap way to
-    look at the step of a large checkpoint."""
+    """The run's checkpoint (None if it has none); RunDirError says what is wrong with a damaged one, or names a
+    tensor holding NaN or infinity. mmap=True maps the tensors instead of reading (and checking) them: a cheap way
+    to look at the step of a large checkpoint."""
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.is_file():
         return None
+    if not zipfile.is_zipfile(path):  # torch's own errors for this are "[Errno 22] Invalid argument" and the like
+        raise damaged(path, f"{path.stat().st_size} bytes that are not a whole checkpoint (the end of its zip "
+                            "archive is missing: truncated or overwritten)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise RunDirError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise damaged(path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise RunDirError(f"{path}: not a train.py checkpoint of format {FORMAT_VERSION}")
+        raise damaged(path, f"not a train.py checkpoint of format {FORMAT_VERSION}")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise damaged(path, f"it lacks {', '.join(missing)}")
+    if not mmap:  # a peek at the step need not read every tensor
+        for tensors in (state["trainable"], optimizer_tensors(state["optimizer"])):
+            check_finite(tensors, path, error=RunDirError)
     return state
+
+
+def damaged(path: Path, what: str) -> RunDirError:
+    """The error for a checkpoint that cannot be resumed from: what is wrong, and what the user can do. (Checkpoints
+    are written atomically, so a damaged one was altered after it was written.)"""
+    return RunDirError(f"{path}: damaged checkpoint ({what}); the run cannot continue from it: put back a good copy "
+                       f"of the file, or train again with another --out")
 
 
 def restore_checkpoint(state: dict, *, model: nn.Module, optimizer, scheduler) -> None:
@@ -98,3 +125,9 @@ def restore_checkpoint(state: dict, *, model: nn.Module, optimizer, scheduler) -
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"])
+
+
+def optimizer_tensors(optimizer_state: dict) -> dict[str, torch.Tensor]:
+    """The tensors of an optimizer state dict (AdamW's moments), by a readable name."""
+    return {f"optimizer.state.{index}.{key}": value for index, slots in optimizer_state.get("state", {}).items()
+            for key, value in slots.items() if isinstance(value, torch.Tensor)}

@@ -10,6 +10,7 @@ from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError as ModelC
 from ledger import DEFAULT_BUDGET, BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
 from lora import VALID_TARGETS
 from qwen_mini.cli import flop_count, non_negative_float, non_negative_int, positive_float, positive_int
+from qwen_mini.fileio import os_error_text
 from qwen_mini.flops import GQA_MODES
 
 from .config import DEFAULT_MODEL, DTYPES, SCHEDULES, ConfigError, TrainConfig
@@ -17,6 +18,7 @@ from .distributed import from_environment, shutdown
 from .grid import SUMMARY_NAME, expand_grid, format_summary, grid_dir, run_grid
 from .loop import train_run
 from .run import RunDirError
+from .stopping import Interrupted, TrainingDiverged
 
 DESCRIPTION = """\
 Fine-tune Qwen2.5 with LoRA (or every weight, --full) on Lotka-Volterra series in LLMTIME text, under a FLOP budget.
@@ -37,10 +39,16 @@ qwen_mini.flops) in the ledger of --runs-dir, under a file lock; they must fit -
 spent or reserved there (training, validation, forecasts), otherwise nothing is loaded or trained. At the end the
 reservation is settled to what was spent; a killed run's is taken over by --resume or released by
 `flops.py --runs DIR --settle`. A run outside --runs-dir is refused unless --no-budget.
-Exit status: 0 done, 1 the run failed (data, model, checkpoint or run directory), 2 bad arguments (a run outside
---runs-dir included), 3 refused by the FLOP budget or by the ledger's gqa convention, 130 interrupted (Ctrl-C)."""
+Each run directory is locked by the process training it: a second train.py on it is refused, naming that process.
+Ctrl-C (SIGINT) and SIGTERM (schedulers, `timeout`) stop a run at the end of its current step, with a checkpoint
+there; a second signal stops it at once. A non-finite loss, gradient norm or weight stops it at that step, saving
+nothing of it. Either way the run keeps its newest checkpoint: the same command with --resume continues it.
+Exit status: 0 done, 1 the run failed (data, model, checkpoint, a run directory in use or not writable, a failed
+write such as a full disk), 2 bad arguments (settings the model or the data cannot serve, a run outside --runs-dir
+included), 3 refused by the FLOP budget or by the ledger's gqa convention, 4 training diverged (non-finite
+numbers), 130 stopped by Ctrl-C, 143 stopped by SIGTERM."""
 
-EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +156,14 @@ def configs_from_args(args: argparse.Namespace) -> list:
     return expand_grid(settings, args.lr, args.rank, args.ctx)
 
 
+def interruption(e: KeyboardInterrupt) -> str:
+    if not isinstance(e, Interrupted):
+        return "interrupted"
+    if e.checkpoint_step is None:
+        return f"stopped by {e.name} (the newest checkpoint is the one written before)"
+    return f"stopped by {e.name} after step {e.checkpoint_step}, with a checkpoint there"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -170,13 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     except OutsideRunsDir as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("train.py: interrupted; to continue from the last checkpoint, run the same command with --resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (RunDirError, ConfigError, DataError, CheckpointError, CheckpointNotFound, ModelConfigError, LedgerError,
-            FileNotFoundError) as e:
+    except KeyboardInterrupt as e:
+        print(f"train.py: {interruption(e)}; to continue, run the same command with --resume", file=sys.stderr)
+        return e.exit_status if isinstance(e, Interrupted) else EXIT_INTERRUPTED
+    except TrainingDiverged as e:
         print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RunDirError, DataError, CheckpointError, CheckpointNotFound, ModelConfigError, LedgerError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(f"train.py: error: {os_error_text(e)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         shutdown()

@@ -85,14 +85,15 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, kind)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value!r}")
 
-        for name in ("batch", "ctx", "steps", "eval_every", "val_batches", "stride", "max_flops"):
+        positive("ctx")
+        if self.ctx < 2:  # checked first: the default stride (ctx // 2) follows from it
+            raise ConfigError(f"ctx must be >= 2 (the loss predicts token t+1 from tokens <= t), got {self.ctx}")
+        for name in ("batch", "steps", "eval_every", "val_batches", "stride", "max_flops"):
             positive(name)
         for name in ("checkpoint_every", "decimals", "warmup"):
             non_negative(name)
         for name in ("grad_clip", "weight_decay", "lora_dropout"):
             non_negative(name, float)
-        if self.ctx < 2:
-            raise ConfigError(f"ctx must be >= 2 (the loss predicts token t+1 from tokens <= t), got {self.ctx}")
         if self.stride > self.ctx:
             raise ConfigError(f"stride {self.stride} > ctx {self.ctx} would skip tokens between windows")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

@@ -15,7 +15,9 @@ from qwen_mini.flops import format_flops
 
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed
-from .loop import FINAL_TRAIN_STEPS, RunResult, check_inside_runs_dir, plan_run, start_point, train_run
+from .loop import (FINAL_TRAIN_STEPS, RunResult, check_inside_runs_dir, check_settings, holds_run, plan_run,
+                   start_point, train_run)
+from .run import RunDirError
 
 SUMMARY_NAME = "summary.json"
 
@@ -67,10 +69,25 @@ def check_grid_budget(configs: list[TrainConfig], world_size: int = 1) -> int:
     return remaining
 
 
+def resumed_runs(configs: list[TrainConfig]) -> list[bool]:
+    """Which runs of the grid continue. With --resume the grid's directory must exist, and its runs that never
+    started (nothing in their directory yet) start afresh; without it, none continues."""
+    if not configs[0].resume:
+        return [False] * len(configs)
+    if not grid_dir(configs).is_dir():
+        raise RunDirError(f"{grid_dir(configs)}: --resume found no such grid directory; check --out, or leave out "
+                          "--resume to start the grid")
+    return [holds_run(config.run_dir) for config in configs]
+
+
 def run_grid(configs: list[TrainConfig], *, dist: Distributed | None = None, progress: bool = True
              ) -> list[RunResult]:
     """Check the grid's budget, train each run in turn, write summary.json beside the runs; returns the results."""
     dist = dist or Distributed()
+    for config in configs:  # every run's settings before the first one starts
+        check_settings(config, dist.world_size)
+    for config, resume in zip(configs, dist.on_main(resumed_runs, configs)):
+        config.resume = resume
     dist.on_main(check_grid_budget, configs, dist.world_size)
     results = []
     for config in configs:

@@ -7,6 +7,13 @@ on the step's batch, gradient clipping, AdamW, the learning-rate schedule. It lo
 ledger, evaluates (and books the pass) every `eval_every` steps, checkpoints every `checkpoint_every` steps, and at
 the end saves the adapter (or all weights) and the loss curve and settles the reservation to what was spent. Under
 torchrun each process trains on its slice of every batch.
+
+Before the reservation, settings the model or the data cannot serve are refused (`check_settings`, from config.json
+and the data file's header only), then an output directory that cannot be written, and the run directory is locked
+for this process's whole life (`claim_run_dir`). A run stops early, keeping its newest checkpoint and a metrics.jsonl
+of whole lines, on: a non-finite loss, gradient norm or weight (TrainingDiverged, naming the step; nothing of it is
+saved); SIGINT or SIGTERM (Interrupted, after a checkpoint at the end of the step); a failed write, such as on a
+full disk (RunDirError naming the file).
 """
 from __future__ import annotations
 
@@ -15,6 +22,9 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,22 +35,26 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from tqdm import tqdm
 
+from data.lotka_volterra import default_data_path, trajectories_shape
 import lora
 from qwen_mini import QwenConfig, load_model_and_tokenizer, save_pretrained
 from ledger import RECORD_NAME, Ledger, OutsideRunsDir, Recorder, read_record
 from qwen_mini import PRESETS
-from qwen_mini.fileio import atomic_write, write_json_atomic
+from qwen_mini.fileio import (FileLock, LockHeld, append_line, atomic_write, describe_holder, ensure_writable_dir,
+                              os_error_text, sha256_file, write_json_atomic)
 from qwen_mini.flops import count_forward, eval_flops, meta_model
 from qwen_mini.hub import resolve_dir
+from qwen_mini.loading import all_finite
 from qwen_mini.loss import causal_lm_loss
 
 from .checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import TINY_MODEL_SEED, TRAJECTORY_KEYS, ConfigError, TrainConfig
 from .distributed import Distributed
 from .plot import plot_losses
-from .run import (ADAPTER_DIR, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, MODEL_DIR, PLOT_NAME, RunDirError,
-                  read_metrics, read_run_config)
-from .windows import RunData, batch_rows, data_position, gather, load_run_data, target_tokens
+from .run import (ADAPTER_DIR, CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, METRICS_NAME, MODEL_DIR, PLOT_NAME,
+                  RunDirError, read_metrics, read_run_config)
+from .stopping import Interrupted, StopSignals, TrainingDiverged
+from .windows import RunData, batch_rows, data_position, gather, load_run_data, run_split, target_tokens
 
 # Files whose presence means a run directory already holds a run.
 RUN_FILES = (CONFIG_NAME, METRICS_NAME, CHECKPOINT_NAME, RECORD_NAME)
@@ -129,16 +143,128 @@ def plan_run(config: TrainConfig, start_step: int = 0, gqa: str = "real", world_
                    config.steps - start_step, len(evaluation_steps(start_step, config.steps, config.eval_every)))
 
 
+def check_settings(config: TrainConfig, world_size: int = 1) -> None:
+    """Refuse (ConfigError) settings that the model or the data cannot serve, reading only the model's config.json
+    and the data file's header: before anything is loaded."""
+    if config.batch % world_size:
+        raise ConfigError(f"--batch {config.batch} must be divisible by the number of processes ({world_size}): "
+                          "each process takes an equal slice of every batch")
+    limit = model_config_of(config.model).max_position_embeddings
+    if config.ctx > limit:
+        raise ConfigError(f"--ctx {config.ctx} is more than the {limit} positions {config.model} supports "
+                          "(max_position_embeddings in its config.json)")
+    if config.data is not None:
+        run_split(config, trajectories_shape(config.data), config.data)
+
+
+def claim_run_dir(config: TrainConfig) -> RunDirLock:
+    """Make sure the run directory can be written and lock it for this process, which holds the lock until the run
+    ends: a second process on the same directory is refused at once, naming the holder (pid, host, since). The
+    lock dies with its process, so after a crash or kill -9 the next run takes it over (and says so)."""
+    run_dir = config.run_dir
+    if config.resume:
+        check_resumable(run_dir)  # before anything is created in a mistyped directory
+    created = topmost_missing(run_dir)
+    try:
+        ensure_writable_dir(run_dir)
+        lock = FileLock(run_dir / LOCK_NAME, what=f"train.py {run_dir}")
+    except LockHeld as e:
+        raise RunDirError(f"{run_dir} is in use by {describe_holder(e.holder)}: wait for that run to end (or stop "
+                          "it), or choose another --out") from None
+    except OSError as e:
+        raise RunDirError(f"cannot write the run directory: {os_error_text(e)}") from None
+    if lock.took_over:
+        print(f"train.py: note: {run_dir} was last locked by {describe_holder(lock.previous)}, which ended without "
+              "releasing it (a crash or kill -9); taken over", file=sys.stderr)
+    for directory in (run_dir, run_dir / ADAPTER_DIR, run_dir / MODEL_DIR):
+        for leftover in directory.glob(".*.tmp"):  # half-written by a killed process (atomic_write's temporaries)
+            leftover.unlink(missing_ok=True)
+    return RunDirLock(lock, created)
+
+
+def topmost_missing(path: Path) -> Path | None:
+    """The highest of `path` and its parents that does not exist: the first directory mkdir(parents=True) makes."""
+    missing = None
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        missing = directory
+    return missing
+
+
+class RunDirLock:
+    """A run directory's lock (see claim_run_dir). Released by a run that never wrote anything there (refused by the
+    budget, say), it removes its file and the directories claim_run_dir created: a refused run leaves no trace."""
+
+    def __init__(self, lock: FileLock, created: Path | None):
+        self.lock, self.created = lock, created  # created: the topmost directory that did not exist before
+
+    @property
+    def path(self) -> Path:
+        return self.lock.path
+
+    def release(self) -> None:
+        self.lock.release()
+        run_dir = self.path.parent
+        if self.created is None or os.listdir(run_dir) != [LOCK_NAME]:
+            return
+        self.path.unlink(missing_ok=True)
+        for directory in (run_dir, *run_dir.parents):
+            try:
+                directory.rmdir()
+            except OSError:  # no longer empty: something else lives there now
+                return
+            if directory == self.created:
+                return
+
+
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def check_resumable(run_dir: Path) -> None:
+    if not holds_run(run_dir):
+        what = "no such directory" if not run_dir.exists() else f"no run in it (none of {', '.join(RUN_FILES)})"
+        raise RunDirError(f"{run_dir}: --resume found {what}; check the path, or leave out --resume to start a new "
+                          "run")
+
+
+def lost_checkpoint_step(saved: dict, metrics: list[dict]) -> int | None:
+    """The step of a checkpoint the run must have written, judged from its config.json and metrics, or None. A run
+    resumed at step s had one at s; otherwise its first scheduled one (at checkpoint_every, or at the last step)
+    was written before the next step was logged."""
+    if saved.get("start_step"):
+        return saved["start_step"]
+    every, steps = saved.get("checkpoint_every") or 0, saved.get("steps")
+    first = min(every, steps) if every and steps else (steps or every or None)
+    logged = max((row["step"] for row in metrics), default=0)
+    return first if first is not None and logged > first else None
+
+
+def check_same_data(saved: dict, config: TrainConfig, where) -> None:
+    """Refuse to resume on a data file whose bytes changed since the run started (its sha256 is in config.json)."""
+    path = Path(config.data) if config.data is not None else default_data_path()
+    recorded = saved.get("data_sha256")
+    if recorded and path.is_file():  # a deleted default set is simulated again, byte for byte the same
+        now = sha256_file(path)
+        if now != recorded:
+            raise RunDirError(f"{where}: the data file {path} changed since the run started (sha256 {recorded[:12]}... "
+                              f"then, {now[:12]}... now); resuming needs the data it trained on: put that file "
+                              "back, or start a new run with another --out")
+
+
 @dataclass(frozen=True)
 class StartPoint:
     step: int  # steps already done (0 for a fresh run)
     flops_used: int  # training + validation FLOPs the run's ledger record already counts (lost steps included)
+    history: tuple = ()  # the metrics lines a resumed run keeps: those up to its checkpoint's step
 
 
 def start_point(config: TrainConfig) -> StartPoint:
     """Where the run in config.run_dir starts, after checking that the directory fits the request: a fresh run needs
-    a directory without a run in it; --resume continues from the checkpoint (or from step 0 if the run was stopped
-    before its first one) and needs the same settings as the run it continues."""
+    a directory without a run in it; --resume needs a run there, continues from its checkpoint (or from step 0 if
+    the run was stopped before its first one; a checkpoint that went missing is refused) and needs the same
+    settings and data file as the run it continues. A torn last line of metrics.jsonl is dropped with a warning."""
     run_dir = config.run_dir
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if not config.resume:
@@ -146,9 +272,22 @@ def start_point(config: TrainConfig) -> StartPoint:
             raise RunDirError(f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                               "or choose another directory with --out")
         return StartPoint(0, 0)
-    if (run_dir / CONFIG_NAME).is_file():
-        check_same_trajectory(read_run_config(run_dir), config.trajectory_values(), run_dir / CONFIG_NAME)
+    check_resumable(run_dir)
+    saved = read_run_config(run_dir) if (run_dir / CONFIG_NAME).is_file() else {}
+    if saved:
+        check_same_trajectory(saved, config.trajectory_values(), run_dir / CONFIG_NAME)
+        check_same_data(saved, config, run_dir)
+    metrics = read_metrics(run_dir, drop_torn_tail=True)
     state = read_checkpoint(run_dir, mmap=True)
+    if state is None:
+        lost = lost_checkpoint_step(saved, metrics)
+        if lost is not None:
+            raise RunDirError(f"{run_dir}: --resume found no {CHECKPOINT_NAME}, but the run wrote one at step {lost} "
+                              f"(metrics.jsonl goes to step {max(row['step'] for row in metrics)}): it was deleted or "
+                              "moved; starting again at step 0 would overwrite that history. Put the checkpoint back, "
+                              "or train again with another --out")
+    else:
+        check_same_trajectory(state["trajectory"], config.trajectory_values(), run_dir / CHECKPOINT_NAME)
     step = 0 if state is None else int(state["step"])
     if step > config.steps:
         raise RunDirError(f"{run_dir}: the checkpoint is at step {step}, past --steps {config.steps}")
@@ -156,7 +295,7 @@ def start_point(config: TrainConfig) -> StartPoint:
     if (run_dir / RECORD_NAME).is_file():
         by_kind = read_record(run_dir / RECORD_NAME).by_kind
         flops_used = by_kind["train"] + by_kind["eval"]
-    return StartPoint(step, flops_used)
+    return StartPoint(step, flops_used, tuple(row for row in metrics if step and row["step"] <= step))
 
 
 def check_same_trajectory(saved: dict, wanted: dict, where) -> None:
@@ -206,6 +345,12 @@ def prepare_run(config: TrainConfig, world_size: int = 1, holder_lock=None) -> R
                                   what=f"train.py {config.run_dir}", holder_lock=holder_lock, config=config.to_dict(),
                                   planned_flops=start.flops_used + plan.total, per_step_flops=plan.per_step)
     return RunStart(start, plan, gqa, recorder, counted)
+
+
+def diverged(run_dir: Path, step: int, what: str, done: Progress) -> TrainingDiverged:
+    return TrainingDiverged(f"{run_dir}: non-finite numbers at step {step} ({what}); training stopped there, saving "
+                            f"nothing of it, and {done.kept()}. Lower --lr (or --alpha), or clip the gradients "
+                            "(--grad-clip)")
 
 
 # ---- model, precision, loss ----------------------------------------------------------------------------------------
@@ -358,28 +503,52 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
 
     `hooks` are called as hook(step, metrics_entry) after every logged step, on every process."""
     dist = dist or Distributed()
-    run_dir = config.run_dir
-    run_name = run_dir.name  # in the ledger and summaries: the directory, which a custom --out may name differently
-    if config.batch % dist.world_size:
-        raise ConfigError(f"--batch {config.batch} must be divisible by the number of processes ({dist.world_size}): "
-                          "each process takes an equal slice of every batch")
+    check_settings(config, dist.world_size)
     recorder = []  # the run's Recorder, on rank 0: it holds a lock, so it does not travel to the other ranks
+    lock = []  # the run directory's lock, held by rank 0 for the whole run (only rank 0 writes there)
+    done = Progress()
 
     def prepare() -> RunStart:
-        prepared = prepare_run(config, dist.world_size)
+        lock.append(claim_run_dir(config))
+        prepared = prepare_run(config, dist.world_size, holder_lock=lock[0].path)
         recorder.append(prepared.recorder)
         return dataclasses.replace(prepared, recorder=None)
 
-    prepared = dist.on_main(prepare)
     try:
-        return _train(config, dist, hooks, progress, prepared, recorder[0] if recorder else None)
+        with StopSignals() as stop:
+            prepared = dist.on_main(prepare)
+            done.checkpoint = prepared.start.step or None
+            return _train(config, dist, hooks, progress, prepared, recorder[0] if recorder else None, stop, done)
+    except OSError as e:
+        if e.filename is None or not Path(e.filename).resolve().is_relative_to(config.run_dir.resolve()):
+            raise  # not one of the run's own files
+        where = f"after step {done.logged}" if done.logged is not None else "before its first step"
+        raise RunDirError(f"{os_error_text(e)}; the run stopped {where}: {done.kept()}, and metrics.jsonl ends with "
+                          "a whole line. Make room (or fix the directory), then continue with --resume") from None
     finally:
+        if done.bar is not None:
+            done.bar.close()  # before any message: the bar's line ends first
         if recorder:
             recorder[0].settle()  # from now on only what the run spent counts
+        if lock:
+            lock[0].release()
+
+
+@dataclass
+class Progress:
+    """How far a run got: for the message when it stops early."""
+    logged: int | None = None  # the last step whose metrics line was written
+    checkpoint: int | None = None  # the step of the newest checkpoint on disk
+    bar: tqdm | None = None
+
+    def kept(self) -> str:
+        if self.checkpoint is None:
+            return "it had written no checkpoint yet"
+        return f"its newest checkpoint (step {self.checkpoint}) is kept"
 
 
 def _train(config: TrainConfig, dist: Distributed, hooks: Iterable[StepHook], progress: bool, prepared: RunStart,
-           recorder: Recorder | None) -> RunResult:
+           recorder: Recorder | None, stop: StopSignals, done: Progress) -> RunResult:
     run_dir, run_name = config.run_dir, config.run_dir.name
     start, per_step = prepared.start, prepared.plan.per_step
 
@@ -413,18 +582,18 @@ def _train(config: TrainConfig, dist: Distributed, hooks: Iterable[StepHook], pr
             "total_params": sum(p.numel() for p in model.parameters()), "per_step_flops": per_step,
             "planned_flops": per_step * config.steps, "gqa": prepared.gqa, "counted_in_ledger": prepared.counted,
             "world_size": dist.world_size, "device_used": str(device),
-            "torch_version": torch.__version__})
-        kept = [m for m in read_metrics(run_dir) if start.step and m["step"] <= start.step]
+            "torch_version": torch.__version__, "data_sha256": sha256_file(run_data.source),
+            "start_step": start.step})
         atomic_write(run_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text("".join(json.dumps(m) + "\n"
-                                                                                     for m in kept)))
+                                                                                     for m in start.history)))
     flops_used = start.flops_used
     counter = counting_model(config)
     eval_pass = eval_pass_flops(config, prepared.gqa, counter, dist.world_size, len(run_data.val_rows))
 
     def log(entry: dict) -> None:
         if dist.is_main:
-            with open(run_dir / METRICS_NAME, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_line(run_dir / METRICS_NAME, json.dumps(entry))
+            done.logged = entry["step"]
             if entry["train_loss"] is not None:
                 recorder.add("train", per_step, steps=1, step=entry["step"], per_step_flops=per_step)
         for hook in hooks:
@@ -438,13 +607,30 @@ def _train(config: TrainConfig, dist: Distributed, hooks: Iterable[StepHook], pr
             recorder.add("eval", eval_pass, passes=1, windows=len(run_data.val_rows))
         return loss
 
+    def checked_evaluation(step: int) -> float:
+        loss = evaluate()
+        if not math.isfinite(loss):
+            raise diverged(run_dir, step, f"validation loss {loss}", done)
+        return loss
+
+    def checkpoint(step: int) -> None:
+        # Every process checks (they hold the same weights), so all stop alike.
+        if not all(all_finite(p.detach()) for p in trainable):
+            raise diverged(run_dir, step, "weights holding NaN or infinity after the optimizer step", done)
+        if dist.is_main:
+            save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                            data_position=data_position(step, len(run_data.train), config.batch),
+                            flops_used=flops_used, trajectory=config.trajectory_values())
+        done.checkpoint = step
+
     if start.step == 0:
-        log({"step": 0, "train_loss": None, "val_loss": evaluate(), "lr": config.lr * lr_factor(0, config),
+        log({"step": 0, "train_loss": None, "val_loss": checked_evaluation(0), "lr": config.lr * lr_factor(0, config),
              "grad_norm": None, "flops": 0, "tokens_per_s": None})
     local = slice(dist.rank * config.batch // dist.world_size, (dist.rank + 1) * config.batch // dist.world_size)
-    bar = tqdm(total=config.steps, initial=start.step, desc=run_name, unit="step", dynamic_ncols=True,
-               disable=not (progress and dist.is_main))
+    bar = done.bar = tqdm(total=config.steps, initial=start.step, desc=run_name, unit="step", dynamic_ncols=True,
+                          disable=not (progress and dist.is_main))
     last_val = None
+    stop.deferring = True  # a signal now ends the run at the end of its step, with a checkpoint
     for step in range(start.step + 1, config.steps + 1):
         began = time.perf_counter()
         rows = batch_rows(step - 1, len(run_data.train), config.batch, config.seed)
@@ -457,27 +643,36 @@ def _train(config: TrainConfig, dist: Distributed, hooks: Iterable[StepHook], pr
         # batch's tokens) makes that average the gradient of the mean loss over every token of the global batch,
         # exactly what a single process computes.
         (loss_sum * dist.world_size / max(tokens, 1)).backward()
-        grad_norm = nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else math.inf)
+        grad_norm = float(nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else math.inf))
+        # One collective for the loss and for a stop request (a signal to any process), so all decide alike.
+        stop_request = torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=loss_sum.device)
+        reduced = dist.all_reduce_sum(torch.stack([loss_sum.detach().double(), stop_request]))
+        loss_total, stop_requests = reduced.tolist()
+        train_loss = loss_total / max(tokens, 1)
+        flops_used += per_step
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            if dist.is_main:
+                recorder.add("train", per_step, steps=1, step=step, per_step_flops=per_step)  # it was computed
+            raise diverged(run_dir, step, f"training loss {train_loss}, gradient norm {grad_norm}", done)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = dist.all_reduce_sum(loss_sum.detach().double()).item() / max(tokens, 1)
         seconds = time.perf_counter() - began
-        flops_used += per_step
-        entry = {"step": step, "train_loss": train_loss, "val_loss": None, "lr": lr, "grad_norm": float(grad_norm),
+        entry = {"step": step, "train_loss": train_loss, "val_loss": None, "lr": lr, "grad_norm": grad_norm,
                  "flops": step * per_step, "tokens_per_s": config.batch * config.ctx / seconds}
         if step % config.eval_every == 0 or step == config.steps:
-            entry["val_loss"] = last_val = evaluate()
+            entry["val_loss"] = last_val = checked_evaluation(step)
         log(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4f}", **({"val": f"{last_val:.4f}"} if last_val is not None else {}),
                         lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
-        if dist.is_main and ((config.checkpoint_every and step % config.checkpoint_every == 0)
-                             or step == config.steps):
-            save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                            data_position=data_position(step, len(run_data.train), config.batch),
-                            flops_used=flops_used, trajectory=config.trajectory_values())
+        stopping = stop_requests > 0 and step < config.steps  # (at the last step, finishing is as quick)
+        if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps or stopping:
+            checkpoint(step)
+        if stopping:
+            raise Interrupted(stop.signum or signal.SIGTERM, checkpoint_step=step)
     bar.close()
+    stop.deferring = False
 
     metrics = []
     if dist.is_main:

@@ -1,6 +1,7 @@
 """The run directory: what a training run writes, and `load_run`, which the forecaster uses to read it back.
 
-    <run>/config.json     every setting, the data source, the train/val/test split, model spec, trainable parameters
+    <run>/config.json     every setting, the data source and its sha256, the train/val/test split, model spec,
+                          trainable parameters, the step this (resumed) process started at
     <run>/metrics.jsonl   one JSON line per step: step, train_loss, val_loss (null between evaluations), lr,
                           grad_norm (before clipping), flops (training FLOPs so far), tokens_per_s (window
                           positions, padding included); step 0 holds the untrained model's val loss
@@ -9,6 +10,8 @@
     <run>/checkpoint.pt   the latest resumable state: trainable weights, optimizer, scheduler, data position, RNG
     <run>/adapter/        LoRA runs: the adapter in Hugging Face PEFT format (adapter_config.json + safetensors)
     <run>/model/          --full runs: every weight (config.json + model.safetensors) and the tokenizer
+    <run>/run.lock        locked by the process training the run, which writes its pid, host and start time into
+                          it: a second train.py on the directory is refused, naming that process
 
 This layout is read by forecast.py; keep it, and `load_run`, stable.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss_curve.png"
 CHECKPOINT_NAME = "checkpoint.pt"
+LOCK_NAME = "run.lock"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 
@@ -54,19 +59,34 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return config
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The run's metrics.jsonl, one dict per line (empty if the run has not logged anything yet)."""
+def read_metrics(run_dir: str | os.PathLike, drop_torn_tail: bool = False) -> list[dict]:
+    """The run's metrics.jsonl, one dict per line (empty if the run has not logged anything yet). A line that is not
+    a JSON object with a whole-number "step" raises RunDirError naming it, except, with drop_torn_tail, a last line
+    without its newline: what a process killed in the middle of appending leaves; it is dropped with a warning."""
     path = Path(run_dir) / METRICS_NAME
     if not path.is_file():
         return []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: unreadable ({e})") from None
+    lines = text.split("\n")  # the last element is "" when the file ends with a newline
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
+            if drop_torn_tail and number == len(lines):
+                print(f"warning: {path}:{number}: dropped the last line, cut short by a process that stopped while "
+                      f"writing it: {line[:60]!r}", file=sys.stderr)
+                continue
             raise RunDirError(f"{path}:{number}: not a JSON line ({e})") from None
+        if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise RunDirError(f"{path}:{number}: not a metrics line (a JSON object with a whole-number step): "
+                              f"{line[:60]!r}")
+        rows.append(row)
     return rows
 
 

@@ -36,10 +36,7 @@ class RunData:
 def load_run_data(config: TrainConfig, tokenizer) -> RunData:
     """Trajectories, their seeded train/val/test split, and the windows of the train and val trajectories."""
     data = load_or_simulate(config.data)
-    split = split_indices(len(data), seed=config.split_seed)
-    if len(split.train) == 0 or len(split.val) == 0:
-        raise ConfigError(f"{data.path}: {len(data)} trajectories leave the train or val split empty "
-                          f"(train {len(split.train)}, val {len(split.val)}); the data needs more trajectories")
+    split = run_split(config, data.trajectories.shape, data.path)
 
     def windows(indices):
         return TrainWindows(data.trajectories[indices], tokenizer, config.ctx, config.stride, config.decimals,
@@ -48,6 +45,21 @@ def load_run_data(config: TrainConfig, tokenizer) -> RunData:
     train, val = windows(split.train), windows(split.val)
     source = data.path or str(default_data_path())
     return RunData(source, data, split, train, val, validation_rows(len(val), config.val_batches * config.batch))
+
+
+def run_split(config: TrainConfig, shape: tuple[int, ...], where) -> Split:
+    """The run's train/val/test split of data of `shape` (N, T, 2), refusing (ConfigError) data that cannot make a
+    run: trajectories shorter than the FIT_STEPS their scaler is fitted on, or too few to give both a train and a
+    val split. Needs only the shape, so train.py checks this before loading anything."""
+    n, steps = shape[0], shape[1]
+    if steps < FIT_STEPS:
+        raise ConfigError(f"{where}: its trajectories have {steps} steps; training needs at least {FIT_STEPS} (each "
+                          f"trajectory's LLMTIME scaler is fitted on its first {FIT_STEPS}, the forecast context)")
+    split = split_indices(n, seed=config.split_seed)
+    if len(split.train) == 0 or len(split.val) == 0:
+        raise ConfigError(f"{where}: {n} trajectories leave the train or val split empty "
+                          f"(train {len(split.train)}, val {len(split.val)}); the data needs more trajectories")
+    return split
 
 
 def validation_rows(n_windows: int, count: int) -> np.ndarray:
