@@ -20,7 +20,8 @@ before the first forecast and booked into the FLOP ledger of --runs-dir: into th
 --model into flops.json in --out, which then must lie inside --runs-dir (default RUNS_DIR/forecasts/<model>).
 Exit status: 0 done, 1 the forecast failed (non-finite logits: NaN or infinity from the model; the output could not
 be written, e.g. a full disk), 2 bad arguments, run directory, model, data or an output location that cannot be
-written (or a record outside --runs-dir), 3 refused by the FLOP budget or by the ledger's gqa convention.
+written (or a record outside --runs-dir), 3 refused by the FLOP budget or by the ledger's gqa convention, 130 / 143
+stopped by Ctrl-C / SIGTERM (nothing written).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from qwen_mini.cli import bounded, flop_count
 from qwen_mini.fileio import ensure_writable_dir, os_error_text
 from qwen_mini.flops import GQA_MODES
 from qwen_mini.generate import NonFiniteLogits
+from training.stopping import Interrupted, StopSignals
 
 EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 1, 2, 3
 DEFAULT_RUNS_DIR = "runs"
@@ -176,9 +178,13 @@ def main(argv=None) -> int:
     print(f"forecasting {selection.label} of {source.data.path} with {source.label} on {device}", file=sys.stderr)
     booking = Booking(runs_dir, args.max_flops, args.gqa, args.no_budget)
     try:
-        evaluation, record_dir = budgeted_evaluate(source, selection, protocol, out=out, run_dir=args.run,
-                                                   baselines=baselines, batch=args.batch, booking=booking,
-                                                   progress=not args.quiet)
+        with StopSignals():  # SIGTERM (schedulers, `timeout`) ends a forecast as Ctrl-C does: with a line
+            evaluation, record_dir = budgeted_evaluate(source, selection, protocol, out=out, run_dir=args.run,
+                                                       baselines=baselines, batch=args.batch, booking=booking,
+                                                       progress=not args.quiet)
+    except Interrupted as e:
+        print(f"error: stopped by {e.name}; nothing was written", file=sys.stderr)
+        return e.exit_status
     except (BudgetExceeded, MixedConventions) as e:
         print(f"forecast.py: refused by the FLOP ledger: {e}", file=sys.stderr)
         return EXIT_OVER_BUDGET

@@ -488,6 +488,16 @@ def test_a_full_disk_stops_the_run_with_one_line_keeping_checkpoint_and_metrics(
 
 # ---- 6. SIGTERM (the first test sends it to a real process) --------------------------------------------------------
 
+def test_sigterm_stops_a_forecast_with_one_line(tmp_path, data, monkeypatch, capsys):
+    monkeypatch.setattr(forecast, "budgeted_evaluate", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    out = tmp_path / "runs" / "forecasts" / "tiny"
+    status = forecast.main(["--model", "tiny", "--data", data, "--limit", "1", "--quiet", "--runs-dir",
+                            str(tmp_path / "runs"), "--out", str(out)])
+    assert status == 143
+    assert lines_of(capsys.readouterr().err)[-1] == "error: stopped by SIGTERM; nothing was written"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_a_first_signal_is_deferred_to_the_step_boundary_and_a_second_stops_at_once():
     with StopSignals() as stop:
         with pytest.raises(Interrupted) as outside:  # before the step loop: at once, as Ctrl-C
