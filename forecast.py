@@ -11,8 +11,10 @@ is fitted on its context only; the decimals are the run's (2 for a plain model).
 trajectories with a KV cache, greedy unless sampling is asked for, and constrained to the number grammar, so every
 forecast parses to exactly --horizon steps. Metrics (MSE, MAE, R2, error per horizon step) are on original units,
 per species, over all forecast trajectories. Baselines on the same contexts: persistence (the last context
-value), untrained (the run's base model, before training), lv_fit (a Lotka-Volterra least-squares fit of the
-context, integrated over the horizon on the data's time grid).
+value), seasonal_naive (the context's last period repeated; the period from its autocorrelation), untrained (the
+run's base model, before training), lv_fit (classic and logistic Lotka-Volterra least-squares fits of the context,
+the better one integrated over the horizon on the data's time grid; a runaway forecast falls back to persistence,
+and how often is reported).
 
 Writes metrics.json, per_trajectory.csv, trajectory_<index>.png, error_vs_horizon.png and error_distribution.png
 to --out. FLOPs (prefill once per prompt, every KV-cache decode step; the untrained baseline's too) are reserved

@@ -4,12 +4,18 @@ Schema (as in the coursework's `lotka_volterra_data.h5`):
     /trajectories  float (N, T, 2), N >= 1, T >= 2: prey in [..., 0], predator in [..., 1]; finite, >= 0
     /time          float (T,), finite, strictly increasing
     /params/{alpha,beta,gamma,delta,x0,y0}  (N,) — written for simulated sets; optional when loading
-    root attributes  how a simulated set was made (seed, t_end, substeps, ranges as JSON); optional
+    /params/{inv_capacity,handling,noise}  (N,) — the simulator's terms beyond classic LV; optional
+    root attributes  how a simulated set was made (prior, seed, t_end, substeps, ranges as JSON); optional
 Any other dataset or group is ignored. Every violation raises `DataError` naming the file, the dataset and the fault.
 
-Equations: dx/dt = alpha*x - beta*x*y (prey), dy/dt = delta*x*y - gamma*y (predator).
+Equations (classic LV when inv_capacity = handling = 0; the priors' comment below says more):
+    dx/dt = alpha*x*(1 - inv_capacity*x) - beta*x*y/(1 + handling*x)   (prey)
+    dy/dt = delta*x*y/(1 + handling*x) - gamma*y                         (predator)
 
-    python -m data.lotka_volterra --simulate --out lv.h5 [--n 1000 --steps 100 --seed 0]
+Default split: trajectories in file order, the first 70 % train, the next 15 % validation, the last 15 % test
+(`split_indices`; a seeded random split with mode="random").
+
+    python -m data.lotka_volterra --simulate --out lv.h5 [--n 1000 --steps 100 --seed 0 --prior varied]
     python -m data.lotka_volterra --check lotka_volterra_data.h5     # validate and summarise a file
     python -m data.lotka_volterra --default                          # the data every CLI uses without --data
 """
@@ -30,24 +36,58 @@ import torch
 from qwen_mini.fileio import atomic_write
 
 PARAM_NAMES = ("alpha", "beta", "gamma", "delta", "x0", "y0")
+# Parameters beyond classic LV, written by the simulator and read when present (0 for every one: classic LV).
+MODEL_PARAM_NAMES = ("inv_capacity", "handling", "noise")
 
-# Ranges the simulator draws from (uniformly), chosen to resemble the coursework file. Positive rates always give
-# closed orbits; beta and delta are set through the equilibrium (x*, y*) = (gamma/delta, alpha/beta) so that every
-# orbit circles a point of the data's magnitude rather than one far from its starting populations.
-# Regressing d(ln x)/dt = alpha - beta*y and d(ln y)/dt = delta*x - gamma on the coursework trajectories gives
-# alpha, gamma ~ 0.08-0.25 (5th-95th percentile), x* ~ 0.6-3.9, y* ~ 0.26-1.0; its starting points are 0.8-1.2.
-# With these ranges (seed 0) the per-trajectory prey peak has quartiles 1.8 / 3.0 / 4.5 (coursework: 2.0 / 3.0 /
-# 4.4), 95 % of peaks stay below 7.5 (7.6), and a trajectory shows a median of 4 prey peaks over 0..200 (4).
-# x* < e also keeps the LV invariant V >= gamma*(1 - ln x*) + alpha*(1 - ln y*) > 0, so its relative drift is a
+# ---- the priors: every range the simulator draws from, in one place -----------------------------------------------
+# Equations (both priors):
+#     dx/dt = alpha*x*(1 - inv_capacity*x) - beta*x*y / (1 + handling*x)           prey
+#     dy/dt = delta*x*y / (1 + handling*x) - gamma*y                                predator
+# observed as x*exp(noise*e1), y*exp(noise*e2) with e1, e2 ~ N(0, 1) at every sample (multiplicative, stays > 0).
+# Each trajectory draws every quantity uniformly and independently from its range.
+#
+# "varied" (the default data set): logistic prey (carrying capacity K = 1/inv_capacity) and a saturating (Holling
+# type II) predator, i.e. the Rosenzweig-MacArthur model: depending on K and the handling time an orbit spirals in
+# to the equilibrium (damped), or out to a limit cycle (growing), or keeps a near-LV cycle. Calibrated on the
+# coursework file by regressing d(ln x)/dt on (1, x, y/(1+h*x)) and d(ln y)/dt on (1, x/(1+h*x)) per trajectory
+# (h on a grid): this fits its derivatives to ~2 % (classic LV only to ~6 %), with 5th-95th percentiles alpha
+# 0.11-0.29, beta 0.21-0.49, delta/beta 0.32-0.70, gamma 0.11-0.29, handling 0.08-0.20, K 5.3-13, and no
+# measurable noise (third differences as smooth as noise-free simulation). The ranges below are those, a little
+# wider. With seed 0 the simulated set then matches the file's summaries (simulated / file, 5th-50th-95th
+# percentile): prey peak 1.3-2.8-8.4 / 1.3-3.0-7.6, predator peak 0.85-1.14-2.7 / 0.86-1.14-2.2, prey mean
+# 0.58-1.38-4.3 / 0.57-1.39-3.9, oscillation std of the second half over the first 0.05-0.60-1.65 /
+# 0.08-0.76-1.51; starting points 0.8-1.2 in both.
+# Noise up to 1 % (about the resolution of 2-decimal LLMTIME text) keeps a model from relying on exact smoothness.
+#
+# "lv": classic Lotka-Volterra (closed orbits), the earlier default. beta and delta are set through the equilibrium
+# (x*, y*) = (gamma/delta, alpha/beta) so that every orbit circles a point of the data's magnitude; regressing
+# d(ln x)/dt = alpha - beta*y and d(ln y)/dt = delta*x - gamma on the coursework file gives alpha, gamma ~
+# 0.08-0.25, x* ~ 0.6-3.9, y* ~ 0.26-1.0. x* < e keeps the LV invariant V > 0, so its relative drift is a
 # meaningful check of the integrator.
-DEFAULT_RANGES = {
-    "alpha": (0.08, 0.25),
-    "gamma": (0.08, 0.25),
-    "prey_equilibrium": (0.5, 2.5),
-    "predator_equilibrium": (0.25, 1.0),
-    "x0": (0.8, 1.2),
-    "y0": (0.8, 1.2),
+PRIORS: dict[str, dict[str, tuple[float, float]]] = {
+    "varied": {
+        "alpha": (0.1, 0.3),  # prey growth rate
+        "beta": (0.2, 0.5),  # attack rate
+        "efficiency": (0.3, 0.7),  # delta = efficiency * beta: prey eaten -> predators born
+        "gamma": (0.1, 0.3),  # predator death rate
+        "handling": (0.0, 0.25),  # Holling type II saturation; 0 = LV's mass action
+        "capacity": (3.0, 16.0),  # prey carrying capacity K
+        "x0": (0.8, 1.2),
+        "y0": (0.8, 1.2),
+        "noise": (0.0, 0.01),  # std of the log observation noise
+    },
+    "lv": {
+        "alpha": (0.08, 0.25),
+        "gamma": (0.08, 0.25),
+        "prey_equilibrium": (0.5, 2.5),
+        "predator_equilibrium": (0.25, 1.0),
+        "x0": (0.8, 1.2),
+        "y0": (0.8, 1.2),
+    },
 }
+DEFAULT_PRIOR = "varied"
+# Quantities a range may start at 0 (every other one is a rate or a population and must be > 0).
+MAY_BE_ZERO = ("handling", "noise")
 DEFAULT_SUBSTEPS = 100  # RK4 steps between samples: h = 0.02 at the default grid; invariant drift ~1e-7
 DEFAULT_SEED = 0
 DEFAULT_N, DEFAULT_STEPS, DEFAULT_T_END = 1000, 100, 200.0
@@ -79,7 +119,8 @@ def load(path: str | os.PathLike) -> LVData:
         time = _read_float(f, "time", path).astype(np.float64)
         params = None
         if "params" in f and isinstance(f["params"], h5py.Group):
-            params = {k: _read_float(f["params"], k, path, prefix="params/") for k in PARAM_NAMES if k in f["params"]}
+            params = {k: _read_float(f["params"], k, path, prefix="params/") for k in PARAM_NAMES + MODEL_PARAM_NAMES
+                      if k in f["params"]}
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
     validate(trajectories, time, str(path), params)
     return LVData(trajectories, time, params, str(path), attrs)
@@ -167,7 +208,7 @@ def validate(trajectories: np.ndarray, time: np.ndarray, where: str = "data",
         if missing:
             raise DataError(f"{where}: /params lacks {', '.join(missing)} (a params group needs all of "
                             f"{', '.join(PARAM_NAMES)})")
-        for key in PARAM_NAMES:
+        for key in [k for k in PARAM_NAMES + MODEL_PARAM_NAMES if k in params]:
             value = np.asarray(params[key])
             if value.shape != (n,):
                 raise DataError(f"{where}: /params/{key} has shape {value.shape}, expected ({n},), one per trajectory")
@@ -185,7 +226,7 @@ def save(path: str | os.PathLike, data: LVData) -> Path:
             f.create_dataset("time", data=np.asarray(data.time, dtype=np.float64))
             if data.params:
                 group = f.create_group("params")
-                for key in PARAM_NAMES:
+                for key in [k for k in PARAM_NAMES + MODEL_PARAM_NAMES if k in data.params]:
                     group.create_dataset(key, data=np.asarray(data.params[key], dtype=np.float64))
             for key, value in data.attrs.items():
                 f.attrs[key] = value
@@ -202,10 +243,13 @@ def _stack(arrays, axis):
     return np.stack(arrays, axis=axis)
 
 
-def lv_rhs(state: np.ndarray, alpha, beta, gamma, delta) -> np.ndarray:
-    """d/dt of state (..., 2) = (prey x, predator y); rates broadcast against state[..., 0]. numpy or torch."""
+def lv_rhs(state: np.ndarray, alpha, beta, gamma, delta, inv_capacity=None, handling=None) -> np.ndarray:
+    """d/dt of state (..., 2) = (prey x, predator y) under the equations above (PRIORS); rates broadcast against
+    state[..., 0]. inv_capacity and handling None (or 0): classic LV. numpy or torch."""
     x, y = state[..., 0], state[..., 1]
-    return _stack([alpha * x - beta * x * y, delta * x * y - gamma * y], axis=-1)
+    growth = alpha * x if inv_capacity is None else alpha * x * (1 - inv_capacity * x)
+    encounters = x * y if handling is None else x * y / (1 + handling * x)
+    return _stack([growth - beta * encounters, delta * encounters - gamma * y], axis=-1)
 
 
 def rk4(rhs, state: np.ndarray, times: np.ndarray, substeps: int) -> np.ndarray:
@@ -224,42 +268,58 @@ def rk4(rhs, state: np.ndarray, times: np.ndarray, substeps: int) -> np.ndarray:
     return _stack(out, axis=-2)
 
 
-def draw_params(n: int, rng: np.random.Generator, ranges: dict[str, tuple[float, float]]) -> dict[str, np.ndarray]:
-    """Draw each trajectory's (alpha, beta, gamma, delta, x0, y0) uniformly from `ranges` (keys of DEFAULT_RANGES)."""
+def prior_ranges(prior: str = DEFAULT_PRIOR, **overrides: tuple[float, float]) -> dict[str, tuple[float, float]]:
+    """The (low, high) range of every quantity `prior` draws (see PRIORS), with `overrides` replacing some."""
+    if prior not in PRIORS:
+        raise ValueError(f"simulate: unknown prior {prior!r}; choose from {', '.join(PRIORS)}")
+    unknown = [key for key in overrides if key not in PRIORS[prior]]
+    if unknown:
+        raise ValueError(f"simulate: the {prior!r} prior has no range {unknown[0]!r} (it has "
+                         f"{', '.join(PRIORS[prior])})")
+    ranges = {key: tuple(float(v) for v in overrides.get(key, value)) for key, value in PRIORS[prior].items()}
     for key, (low, high) in ranges.items():
-        if not 0 < low <= high:
-            raise ValueError(f"simulate: range {key}=({low}, {high}) must satisfy 0 < low <= high "
-                             f"(rates and populations are positive)")
-    draw = {key: rng.uniform(*ranges[key], n) for key in DEFAULT_RANGES}  # fixed order: same seed, same draws
-    return {"alpha": draw["alpha"], "beta": draw["alpha"] / draw["predator_equilibrium"],
-            "gamma": draw["gamma"], "delta": draw["gamma"] / draw["prey_equilibrium"],
-            "x0": draw["x0"], "y0": draw["y0"]}
+        floor_ok = low >= 0 if key in MAY_BE_ZERO else low > 0
+        if not (floor_ok and low <= high and np.isfinite(high)):
+            bound = "0 <= low" if key in MAY_BE_ZERO else "0 < low"
+            raise ValueError(f"simulate: range {key}=({low}, {high}) must satisfy {bound} <= high (finite)")
+    return ranges
+
+
+def draw_params(n: int, rng: np.random.Generator, ranges: dict[str, tuple[float, float]]) -> dict[str, np.ndarray]:
+    """Each trajectory's parameters (PARAM_NAMES + MODEL_PARAM_NAMES), drawn uniformly from `ranges` (those of a
+    prior: see PRIORS; the "lv" keys or the "varied" keys), in the ranges' order: same seed, same draws."""
+    draw = {key: rng.uniform(low, high, n) for key, (low, high) in ranges.items()}
+    if "prey_equilibrium" in draw:  # the "lv" prior: rates set through the equilibrium, no extra terms
+        zeros = np.zeros(n)
+        return {"alpha": draw["alpha"], "beta": draw["alpha"] / draw["predator_equilibrium"],
+                "gamma": draw["gamma"], "delta": draw["gamma"] / draw["prey_equilibrium"],
+                "x0": draw["x0"], "y0": draw["y0"], "inv_capacity": zeros, "handling": zeros, "noise": zeros}
+    return {"alpha": draw["alpha"], "beta": draw["beta"], "gamma": draw["gamma"],
+            "delta": draw["efficiency"] * draw["beta"], "x0": draw["x0"], "y0": draw["y0"],
+            "inv_capacity": 1.0 / draw["capacity"], "handling": draw["handling"], "noise": draw["noise"]}
 
 
 def simulate(n: int = DEFAULT_N, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED, t_end: float = DEFAULT_T_END,
-             substeps: int = DEFAULT_SUBSTEPS, *,
-             alpha: tuple[float, float] = DEFAULT_RANGES["alpha"],
-             gamma: tuple[float, float] = DEFAULT_RANGES["gamma"],
-             prey_equilibrium: tuple[float, float] = DEFAULT_RANGES["prey_equilibrium"],
-             predator_equilibrium: tuple[float, float] = DEFAULT_RANGES["predator_equilibrium"],
-             x0: tuple[float, float] = DEFAULT_RANGES["x0"],
-             y0: tuple[float, float] = DEFAULT_RANGES["y0"]) -> LVData:
+             substeps: int = DEFAULT_SUBSTEPS, *, prior: str = DEFAULT_PRIOR,
+             **ranges: tuple[float, float]) -> LVData:
     """`n` trajectories sampled at `steps` evenly spaced times over [0, t_end], integrated by RK4 with `substeps`
-    steps between samples. Each trajectory's parameters are drawn uniformly from the (low, high) ranges (see
-    DEFAULT_RANGES for why these): alpha, gamma directly, beta = alpha / predator_equilibrium, delta = gamma /
-    prey_equilibrium, and the starting populations x0 (prey), y0 (predator). Same arguments, same data."""
+    steps between samples, then observed with the trajectory's noise. Each trajectory's parameters are drawn from
+    `prior` (PRIORS: "varied", the default data set, or "lv", classic Lotka-Volterra); keyword ranges, e.g.
+    alpha=(0.2, 0.2), replace the prior's. Same arguments, same data."""
     if n < 1 or steps < 2 or substeps < 1 or not t_end > 0:
         raise ValueError(f"simulate needs n >= 1, steps >= 2, substeps >= 1 and t_end > 0, got n={n}, "
                          f"steps={steps}, substeps={substeps}, t_end={t_end}")
-    ranges = {"alpha": alpha, "gamma": gamma, "prey_equilibrium": prey_equilibrium,
-              "predator_equilibrium": predator_equilibrium, "x0": x0, "y0": y0}
-    ranges = {key: (float(low), float(high)) for key, (low, high) in ranges.items()}
-    params = draw_params(n, np.random.default_rng(seed), ranges)
+    ranges = prior_ranges(prior, **ranges)
+    rng = np.random.default_rng(seed)
+    params = draw_params(n, rng, ranges)
     time = np.linspace(0.0, t_end, steps)
     rates = [params[k] for k in ("alpha", "beta", "gamma", "delta")]
+    extra = [None if not params[k].any() else params[k] for k in ("inv_capacity", "handling")]
     state = np.stack([params["x0"], params["y0"]], axis=-1)
-    trajectories = rk4(lambda s: lv_rhs(s, *rates), state, time, substeps)
-    attrs = {"generator": "data.lotka_volterra.simulate", "seed": int(seed), "t_end": float(t_end),
+    trajectories = rk4(lambda s: lv_rhs(s, *rates, *extra), state, time, substeps)
+    if params["noise"].any():  # drawn after the parameters, so the noise never changes them
+        trajectories = trajectories * np.exp(params["noise"][:, None, None] * rng.standard_normal(trajectories.shape))
+    attrs = {"generator": "data.lotka_volterra.simulate", "prior": prior, "seed": int(seed), "t_end": float(t_end),
              "substeps": int(substeps), "ranges": json.dumps(ranges)}
     return LVData(trajectories.astype(np.float32), time, params, attrs=attrs)
 
@@ -281,8 +341,8 @@ def cache_dir() -> Path:
 
 def _default_settings() -> dict:
     """Everything besides (n, steps, seed) that decides the default simulated set."""
-    return {"t_end": DEFAULT_T_END, "substeps": DEFAULT_SUBSTEPS,
-            "ranges": {k: list(v) for k, v in DEFAULT_RANGES.items()}}
+    return {"t_end": DEFAULT_T_END, "substeps": DEFAULT_SUBSTEPS, "prior": DEFAULT_PRIOR,
+            "ranges": {k: list(v) for k, v in PRIORS[DEFAULT_PRIOR].items()}}
 
 
 def default_data_path() -> Path:
@@ -303,7 +363,7 @@ def load_or_simulate(path: str | os.PathLike | None) -> LVData:
         settings = _default_settings()
         # save() writes through a temporary file and a rename, so concurrent first uses each write a whole file.
         save(cached, simulate(DEFAULT_N, DEFAULT_STEPS, DEFAULT_SEED, settings["t_end"], settings["substeps"],
-                              **settings["ranges"]))
+                              prior=settings["prior"], **settings["ranges"]))
     try:
         return load(cached)
     except DataError as e:
@@ -319,6 +379,7 @@ class Split:
     seed: int
     fractions: tuple[float, float, float]
     n: int
+    mode: str = "random"  # "ordered" or "random" (see split_indices); runs that predate the modes were random
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in ("train", "val", "test"):
@@ -333,29 +394,45 @@ class Split:
         raise KeyError(f"trajectory index {index} is in no split (the split covers 0..{self.n - 1})")
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "fractions": list(self.fractions), "n": self.n,
+        return {"mode": self.mode, "seed": self.seed, "fractions": list(self.fractions), "n": self.n,
                 **{k: self[k].tolist() for k in ("train", "val", "test")}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Split":
+        """The split a run recorded, index lists as they were (a record without a mode predates the ordered split,
+        and was random)."""
         return cls(*(np.asarray(d[k], dtype=np.int64) for k in ("train", "val", "test")), seed=d["seed"],
-                   fractions=tuple(d["fractions"]), n=d["n"])
+                   fractions=tuple(d["fractions"]), n=d["n"], mode=d.get("mode", "random"))
+
+    def describe(self) -> str:
+        if self.mode == "ordered":
+            return "in file order (the last trajectories are the test split)"
+        return f"random, seed {self.seed}"
 
 
-def split_indices(n: int, seed: int = 0, fractions=(0.7, 0.15, 0.15)) -> Split:
-    """Seeded train/val/test split of trajectory indices; the same (n, seed, fractions) always gives the same one."""
+SPLIT_MODES = ("ordered", "random")
+DEFAULT_SPLIT_MODE = "ordered"
+
+
+def split_indices(n: int, seed: int = 0, fractions=(0.7, 0.15, 0.15), mode: str = DEFAULT_SPLIT_MODE) -> Split:
+    """Train/val/test split of trajectory indices. mode "ordered" (the default): in file order, the first
+    fractions[0] train, the next fractions[1] validation, the rest (the last trajectories) test, so an index says
+    its split at a glance (with 1000 trajectories: 0-699, 700-849, 850-999). mode "random": a seeded permutation
+    (`seed` matters only here). The same arguments always give the same split."""
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split mode must be one of {', '.join(SPLIT_MODES)}, got {mode!r}")
     if int(n) != n or n < 0:
         raise ValueError(f"split_indices needs a whole number of trajectories n >= 0, got {n!r}")
     n = int(n)
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.arange(n) if mode == "ordered" else np.random.default_rng(seed).permutation(n)
     # Train and val sizes are rounded; test takes the rest, so the three always cover all n indices exactly.
     n_train = min(n, round(n * fractions[0]))
     n_val = min(n - n_train, round(n * fractions[1]))
     parts = np.split(order, [n_train, n_train + n_val])
-    return Split(*(np.sort(p) for p in parts), seed=seed, fractions=fractions, n=n)
+    return Split(*(np.sort(p) for p in parts), seed=seed, fractions=fractions, n=n, mode=mode)
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------
@@ -390,6 +467,9 @@ def main(argv=None) -> int:
     p.add_argument("--substeps", type=int, default=DEFAULT_SUBSTEPS,
                    help="RK4 steps between samples (default %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default %(default)s)")
+    p.add_argument("--prior", choices=list(PRIORS), default=DEFAULT_PRIOR,
+                   help="parameter prior (see PRIORS in data/lotka_volterra.py): varied = logistic prey, "
+                        "saturating predator, observation noise; lv = classic Lotka-Volterra (default %(default)s)")
     args = p.parse_args(argv)
     if args.simulate and not args.out:
         p.error("--simulate needs --out PATH")
@@ -399,7 +479,7 @@ def main(argv=None) -> int:
         elif args.default:
             data = load_or_simulate(None)
         else:
-            data = simulate(args.n, args.steps, args.seed, args.t_end, args.substeps)
+            data = simulate(args.n, args.steps, args.seed, args.t_end, args.substeps, prior=args.prior)
             data.path = str(save(args.out, data))
         print(summary(data))
         return 0

@@ -14,13 +14,13 @@ from data.dataset import EvalExample, make_eval_example
 from data.lotka_volterra import LVData, Split
 from qwen_mini.fileio import atomic_write, write_json_atomic
 
-from .baselines import LVFit, lotka_volterra_forecast, persistence
+from .baselines import LVFit, estimate_period, lotka_volterra_forecast, persistence, seasonal_naive
 from .forecast import Forecast, GenerationStats, forecast_examples
 from .metrics import forecast_metrics, per_trajectory_errors
 from .plots import plot_error_distribution, plot_error_vs_horizon, plot_trajectory
 
 MODEL = "model"
-BASELINES = ("persistence", "untrained", "lv_fit")
+BASELINES = ("persistence", "seasonal_naive", "untrained", "lv_fit")
 PLOTTED_FROM_A_SPLIT = 3  # trajectories plotted one by one when a whole split is forecast
 
 
@@ -102,6 +102,7 @@ class Evaluation:
     lv_fit: LVFit | None = None
     notes: list[str] = field(default_factory=list)
     generation: dict[str, GenerationStats] = field(default_factory=dict)  # per generated method, FLOPs included
+    periods: list[int | None] | None = None  # seasonal_naive's period per trajectory (None: none found)
 
     def summary(self) -> dict:
         """Everything metrics.json records."""
@@ -114,7 +115,8 @@ class Evaluation:
             "selection": self.selection.label,
             "trajectories": self.selection.indices,
             "data": self.data.path,
-            "split": {"seed": self.split.seed, "fractions": list(self.split.fractions), "n": self.split.n},
+            "split": {"mode": self.split.mode, "seed": self.split.seed, "fractions": list(self.split.fractions),
+                      "n": self.split.n},
             "n_trajectories": len(self.examples),
             "n_scored": int(self.scored.sum()),
             "parse_failures": failures[MODEL],
@@ -130,10 +132,16 @@ class Evaluation:
             "notes": self.notes,
         }
         if self.lv_fit is not None:
-            summary["lv_fit"] = {"median_context_mse_scaled": float(np.median(self.lv_fit.loss)),
-                                 "iterations": self.lv_fit.iterations,
-                                 "diverged_forecasts": int((~np.isfinite(self.predictions["lv_fit"])).any(axis=(1, 2))
-                                                           .sum())}
+            fit, n = self.lv_fit, len(self.lv_fit.loss)
+            summary["lv_fit"] = {"median_context_mse_scaled": float(np.median(fit.loss)),
+                                 "iterations": fit.iterations,
+                                 "logistic_chosen": int(fit.logistic.sum()),
+                                 "fallbacks_to_persistence": int(fit.fallback.sum()),
+                                 "fallback_rate": float(fit.fallback.sum() / n) if n else 0.0}
+        if self.periods is not None:
+            found = [p for p in self.periods if p]
+            summary["seasonal_naive"] = {"median_period_steps": float(np.median(found)) if found else None,
+                                         "no_period_found": len(self.periods) - len(found)}
         return summary
 
 
@@ -179,10 +187,18 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
     predictions = {name: np.stack([f.median for f in fcs]) for name, fcs in forecasts.items()}
     if "persistence" in baselines:
         predictions["persistence"] = np.stack([persistence(ex.context, protocol.horizon) for ex in examples])
+    periods = None
+    if "seasonal_naive" in baselines:
+        periods = [estimate_period(ex.context) for ex in examples]
+        predictions["seasonal_naive"] = np.stack([seasonal_naive(ex.context, protocol.horizon, period or 1)
+                                                  for ex, period in zip(examples, periods)])
     lv_fit = None
     if "lv_fit" in baselines:  # the data schema guarantees two variables: prey and predator
         predictions["lv_fit"], lv_fit = lotka_volterra_forecast(np.stack([ex.context for ex in examples]),
                                                                 data.time, protocol.horizon)
+    if lv_fit is not None and lv_fit.fallback.any():
+        notes.append(f"lv_fit: {int(lv_fit.fallback.sum())} of {len(examples)} forecasts left the bounded range (a "
+                     f"runaway orbit) and are persistence instead")
     predictions = {name: predictions[name] for name in (MODEL, *BASELINES) if name in predictions}  # table order
     targets = np.stack([ex.target for ex in examples])
     # The generated methods may fail to parse (without the grammar); all methods are scored on the trajectories
@@ -191,7 +207,7 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
     metrics = {name: forecast_metrics(p[scored], targets[scored]) if scored.any() else None
                for name, p in predictions.items()}
     return Evaluation(protocol, selection, data, split, examples, forecasts, predictions, targets, scored, metrics,
-                      stats, lv_fit, notes, generated)
+                      stats, lv_fit, notes, generated, periods)
 
 
 def write_outputs(evaluation: Evaluation, out_dir: Path) -> list[Path]:
@@ -222,18 +238,25 @@ def write_per_trajectory_csv(path: Path, evaluation: Evaluation) -> Path:
     errors = {name: per_trajectory_errors(p, evaluation.targets) for name, p in evaluation.predictions.items()}
     columns = [f"{name}_{metric}" for name, e in errors.items() for metric in e]
     lv = evaluation.lv_fit
-    lv_columns = ["lv_alpha", "lv_beta", "lv_gamma", "lv_delta", "lv_x0", "lv_y0", "lv_context_mse"] if lv else []
+    lv_columns = ["lv_alpha", "lv_beta", "lv_gamma", "lv_delta", "lv_inv_capacity", "lv_x0", "lv_y0",
+                  "lv_context_mse", "lv_variant", "lv_fallback"] if lv else []
+    periods = evaluation.periods
+    period_columns = ["seasonal_period"] if periods is not None else []
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "split", "model_samples_parsed", "scored", *columns, *lv_columns])
+            writer.writerow(["index", "split", "model_samples_parsed", "scored", *columns, *lv_columns,
+                             *period_columns])
             for row, (ex, fc) in enumerate(zip(evaluation.examples, evaluation.forecasts[MODEL])):
                 values = [errors[name][metric][row] for name, e in errors.items() for metric in e]
-                lv_values = [*lv.params[row], *lv.state0[row], lv.loss[row]] if lv else []
+                lv_values = [*lv.params[row], lv.inv_capacity[row], *lv.state0[row], lv.loss[row]] if lv else []
+                lv_labels = [lv.variant[row], bool(lv.fallback[row])] if lv else []
+                period = [periods[row] or ""] if periods is not None else []
                 writer.writerow([ex.index, evaluation.split.which(ex.index),
                                  f"{len(fc.samples) - fc.parse_failures}/{len(fc.samples)}",
-                                 bool(evaluation.scored[row]), *(f"{v:.6g}" for v in values + lv_values)])
+                                 bool(evaluation.scored[row]), *(f"{v:.6g}" for v in values + lv_values),
+                                 *lv_labels, *period])
 
     return atomic_write(path, write)
 

@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from .metrics import SPECIES  # noqa: E402
 
 MODEL_COLOR = "tab:blue"
-BASELINE_COLORS = {"persistence": "tab:orange", "untrained": "tab:green", "lv_fit": "tab:red"}
+BASELINE_COLORS = {"persistence": "tab:orange", "seasonal_naive": "tab:purple", "untrained": "tab:green",
+                   "lv_fit": "tab:red"}
 
 
 def plot_trajectory(path: Path, time: np.ndarray, context: np.ndarray, target: np.ndarray, forecast: np.ndarray,

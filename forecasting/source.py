@@ -18,7 +18,7 @@ from qwen_mini.fileio import sha256_file
 # `--model tiny` is the very model every tiny run starts from.
 TINY_MODEL_SEED = 0
 DEFAULT_DECIMALS = 2
-DEFAULT_SPLIT_SEED = 0  # train.py's --split-seed default: the split a run on the same data would have used
+DEFAULT_SPLIT_SEED = 0  # train.py's --split-seed default (used only by a random split)
 
 
 @dataclass
@@ -50,7 +50,8 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decimals: int | None = None,
              context: int | None = None, device=None, dtype: torch.dtype | None = None) -> ForecastSource:
     """A trained run: its model (adapter merged), its data file and train/val/test split, its decimals. Another
-    data file (`data_path`) is split afresh with the run's split seed, with a note saying so."""
+    data file (`data_path`) is split afresh the way the run's data was (ordered, or random with its seed), with a
+    note saying so."""
     from training.run import load_base_model, load_run
 
     model, tokenizer, config = load_run(run_dir, device=device, dtype=dtype)
@@ -60,12 +61,13 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
     source_note = []
     if data_path is not None and (run_data is None or Path(data_path).resolve() != Path(run_data).resolve()):
         data = load_or_simulate(data_path)
-        split_seed = config.get("split", {}).get("seed", DEFAULT_SPLIT_SEED)
-        split = split_indices(len(data), seed=split_seed)
-        origin = f"seed {split_seed} over {data.path} (not the run's data)"
+        recorded = config.get("split", {})
+        split = split_indices(len(data), seed=recorded.get("seed", DEFAULT_SPLIT_SEED),
+                              mode=recorded.get("mode", "random"))  # a record without a mode was random
+        origin = f"{split.describe()} over {data.path} (not the run's data)"
         trained_on = run_data or "the default simulated set"
         source_note.append(f"--data {data_path} is not the data run {run_dir} trained on ({trained_on}); its "
-                           f"trajectories are split afresh with the run's split seed {split_seed}")
+                           f"trajectories are split afresh as the run's were: {split.describe()}")
     else:
         data = load_or_simulate(run_data if data_path is None else data_path)
         if "split" not in config:
@@ -79,7 +81,7 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
             source_note.append(f"{data.path} changed since run {run_dir} trained on it (its sha256 is not the "
                                f"{recorded_sha[:12]}... recorded then): the run's test split may now hold other "
                                "trajectories, even ones it trained on")
-        origin = f"the run's (seed {split.seed})"
+        origin = f"the run's ({split.describe()})"
     run_decimals = config.get("decimals", DEFAULT_DECIMALS)
     if decimals is not None and decimals != run_decimals:
         source_note.append(f"--decimals {decimals} differs from the {run_decimals} the run trained with")
@@ -102,14 +104,15 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
 
 def from_model(spec: str, *, data_path: str | None = None, decimals: int | None = None, device=None,
                dtype: torch.dtype | None = None) -> ForecastSource:
-    """A model as it is (no run): the trajectories are split as train.py would split them (seed 0)."""
+    """A model as it is (no run): the trajectories are split as train.py splits them by default (in file order,
+    the last 15 % test)."""
     model, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, device=device, seed=TINY_MODEL_SEED)
     model.requires_grad_(False)
     data = load_or_simulate(data_path)
     split = split_indices(len(data), seed=DEFAULT_SPLIT_SEED)
     name = Path(str(spec).rstrip("/")).name or str(spec)
     return ForecastSource(model.eval(), tokenizer, str(spec), DEFAULT_DECIMALS if decimals is None else decimals,
-                          data, split, f"seed {DEFAULT_SPLIT_SEED}, as train.py splits it", None,
+                          data, split, f"{split.describe()}, as train.py splits it by default", None,
                           Path("forecasts") / name)
 
 

@@ -1,4 +1,5 @@
-"""Simulator (checked by the LV invariant), h5 schema validation, default data source, split, CLI."""
+"""Simulator (checked by the LV invariant and the varied prior's closed forms), h5 schema validation, default data
+source, split, CLI."""
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from data import lotka_volterra as lv
 
 
 def test_simulated_trajectories_are_positive_and_conserve_the_lv_invariant():
-    data = lv.simulate(n=200, steps=100, seed=3)
+    data = lv.simulate(n=200, steps=100, seed=3, prior="lv")
     x = data.trajectories.astype(np.float64)
     assert x.shape == (200, 100, 2) and np.isfinite(x).all() and (x > 0).all()
     p = {k: data.params[k][:, None] for k in ("alpha", "beta", "gamma", "delta")}
@@ -25,18 +26,68 @@ def test_simulated_trajectories_are_positive_and_conserve_the_lv_invariant():
     np.testing.assert_allclose(data.time, np.arange(100) * 200 / 99)  # the coursework grid
 
 
-def test_parameters_come_from_the_documented_ranges_and_are_recorded():
-    data = lv.simulate(n=300, steps=10, seed=4)
+def test_lv_parameters_come_from_the_documented_ranges_and_are_recorded():
+    data = lv.simulate(n=300, steps=10, seed=4, prior="lv")
     p = data.params
     for key, values in (("alpha", p["alpha"]), ("gamma", p["gamma"]), ("x0", p["x0"]), ("y0", p["y0"]),
                         ("prey_equilibrium", p["gamma"] / p["delta"]), ("predator_equilibrium", p["alpha"] / p["beta"])):
-        low, high = lv.DEFAULT_RANGES[key]
+        low, high = lv.PRIORS["lv"][key]
         assert low - 1e-12 <= values.min() and values.max() <= high + 1e-12, key
-    assert data.attrs["seed"] == 4 and json.loads(data.attrs["ranges"])["alpha"] == list(lv.DEFAULT_RANGES["alpha"])
-    narrow = lv.simulate(n=5, steps=10, seed=4, alpha=(0.2, 0.2))
+    assert all(not p[k].any() for k in lv.MODEL_PARAM_NAMES)  # classic LV: no extra terms, no noise
+    assert data.attrs["seed"] == 4 and data.attrs["prior"] == "lv"
+    assert json.loads(data.attrs["ranges"])["alpha"] == list(lv.PRIORS["lv"]["alpha"])
+    narrow = lv.simulate(n=5, steps=10, seed=4, prior="lv", alpha=(0.2, 0.2))
     assert np.all(narrow.params["alpha"] == 0.2)
     with pytest.raises(ValueError, match=r"range gamma=\(0.3, 0.1\) must satisfy 0 < low <= high"):
         lv.simulate(n=5, steps=10, gamma=(0.3, 0.1))
+    with pytest.raises(ValueError, match=r"the 'lv' prior has no range 'capacity'"):
+        lv.simulate(n=5, steps=10, prior="lv", capacity=(1, 2))
+    with pytest.raises(ValueError, match=r"unknown prior 'nope'; choose from varied, lv"):
+        lv.simulate(n=5, steps=10, prior="nope")
+
+
+def test_varied_prior_draws_every_documented_range_and_records_it():
+    data = lv.simulate(n=400, steps=10, seed=4)  # the default prior
+    p, ranges = data.params, lv.PRIORS["varied"]
+    derived = {"efficiency": p["delta"] / p["beta"], "capacity": 1 / p["inv_capacity"]}
+    for key, (low, high) in ranges.items():
+        values = derived.get(key, p.get(key))
+        assert low - 1e-9 <= values.min() and values.max() <= high + 1e-9, key
+        assert values.max() - values.min() > 0.8 * (high - low), key  # the whole range is used, not a corner
+    assert data.attrs["prior"] == "varied" and json.loads(data.attrs["ranges"]) == {k: list(v) for k, v in
+                                                                                    ranges.items()}
+
+
+def test_varied_prior_without_noise_follows_the_documented_equations():
+    """Closed forms: the coexistence equilibrium of the varied equations, x* = gamma / (delta - gamma*h) and
+    y* = alpha*(1 - x*/K)*(1 + h*x*)/beta, is a fixed point; and classic LV is the case K = inf, h = 0."""
+    alpha, beta, gamma, delta, h, k = 0.2, 0.4, 0.15, 0.2, 0.1, 10.0
+    x_star = gamma / (delta - gamma * h)
+    y_star = alpha * (1 - x_star / k) * (1 + h * x_star) / beta
+    rhs = lv.lv_rhs(np.array([x_star, y_star]), alpha, beta, gamma, delta, 1 / k, h)
+    np.testing.assert_allclose(rhs, 0.0, atol=1e-15)
+    state = np.array([1.3, 0.7])
+    np.testing.assert_allclose(lv.lv_rhs(state, alpha, beta, gamma, delta, 0.0, 0.0),
+                               [alpha * 1.3 - beta * 1.3 * 0.7, delta * 1.3 * 0.7 - gamma * 0.7])
+    # Starting at the equilibrium, a noise-free simulation stays there (the RK4 path of a fixed point).
+    data = lv.simulate(n=1, steps=20, seed=0, alpha=(alpha, alpha), beta=(beta, beta),
+                       efficiency=(delta / beta, delta / beta), gamma=(gamma, gamma), handling=(h, h),
+                       capacity=(k, k), x0=(x_star, x_star), y0=(y_star, y_star), noise=(0, 0))
+    np.testing.assert_allclose(data.trajectories[0], np.tile([x_star, y_star], (20, 1)), rtol=1e-6)
+
+
+def test_varied_prior_shape_noise_and_variety():
+    data = lv.simulate(n=300, steps=100, seed=5)
+    x = data.trajectories.astype(np.float64)
+    assert x.shape == (300, 100, 2) and np.isfinite(x).all() and (x > 0).all()
+    # Observation noise: the first sample is the recorded start times exp(noise * N(0, 1)), within 5 sigma.
+    log_ratio = np.log(x[:, 0] / np.stack([data.params["x0"], data.params["y0"]], axis=1))
+    assert (np.abs(log_ratio) <= 5 * data.params["noise"][:, None] + 1e-6).all()
+    # Variety: orbits that damp and orbits that grow (std of the prey over the second half against the first).
+    ratio = x[:, 55:, 0].std(axis=1) / x[:, 10:55, 0].std(axis=1)
+    assert (ratio < 0.5).mean() > 0.2 and (ratio > 1.1).mean() > 0.1
+    same = lv.simulate(n=300, steps=100, seed=5)
+    assert np.array_equal(same.trajectories, data.trajectories)
 
 
 def test_rk4_is_fourth_order_on_exponential_growth():
@@ -55,7 +106,7 @@ def test_save_then_load_is_identical(tmp_path):
     lv.save(tmp_path / "x.h5", data)
     back = lv.load(tmp_path / "x.h5")
     assert np.array_equal(back.trajectories, data.trajectories) and np.array_equal(back.time, data.time)
-    assert all(np.array_equal(back.params[k], data.params[k]) for k in lv.PARAM_NAMES)
+    assert all(np.array_equal(back.params[k], data.params[k]) for k in lv.PARAM_NAMES + lv.MODEL_PARAM_NAMES)
     assert back.attrs == data.attrs and back.path == str(tmp_path / "x.h5")
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file behind
 
@@ -149,13 +200,14 @@ def test_default_data_is_simulated_once_and_cached(tmp_path, monkeypatch):
     second = lv.load_or_simulate(None)
     assert path.stat().st_mtime_ns == mtime and np.array_equal(first.trajectories, second.trajectories)
     assert np.array_equal(first.trajectories, lv.simulate(12, lv.DEFAULT_STEPS, lv.DEFAULT_SEED).trajectories)
+    assert first.attrs["prior"] == lv.DEFAULT_PRIOR == "varied"
 
 
 def test_default_cache_name_follows_the_simulator_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN_MINI_CACHE", str(tmp_path))
     name = lv.default_data_path().name
     assert name.startswith("lv_simulated_n1000_t100_seed0_") and name.endswith(".h5")
-    monkeypatch.setitem(lv.DEFAULT_RANGES, "alpha", (0.1, 0.2))  # a changed simulator must not reuse an old file
+    monkeypatch.setitem(lv.PRIORS["varied"], "alpha", (0.1, 0.2))  # a changed simulator must not reuse an old file
     assert lv.default_data_path().name != name
     monkeypatch.delenv("QWEN_MINI_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -169,14 +221,35 @@ def test_a_broken_cached_file_is_named_with_a_way_out(tmp_path, monkeypatch):
         lv.load_or_simulate(None)
 
 
+def test_default_split_is_in_file_order_with_the_last_15_percent_as_test():
+    split = lv.split_indices(1000)
+    assert split.mode == "ordered"
+    assert split.train.tolist() == list(range(700)) and split.val.tolist() == list(range(700, 850))
+    assert split.test.tolist() == list(range(850, 1000)) and split.which(972) == "test"
+    assert lv.split_indices(1000, seed=5).test.tolist() == split.test.tolist()  # the seed plays no part
+    restored = lv.Split.from_dict(split.to_dict())
+    assert restored.mode == "ordered" and np.array_equal(restored.val, split.val)
+    small = lv.split_indices(20)
+    assert small.test.tolist() == [17, 18, 19] and small.val.tolist() == [14, 15, 16]
+    with pytest.raises(ValueError, match="split mode must be one of ordered, random, got 'shuffled'"):
+        lv.split_indices(10, mode="shuffled")
+
+
+def test_a_recorded_split_without_a_mode_is_the_old_random_one():
+    old = lv.split_indices(1000, seed=0, mode="random").to_dict()
+    del old["mode"]  # what runs recorded before the ordered split existed
+    restored = lv.Split.from_dict(old)
+    assert restored.mode == "random" and restored.test.tolist() == old["test"]
+
+
 def test_split_is_seeded_disjoint_complete_and_recorded():
-    split = lv.split_indices(1000, seed=0)
+    split = lv.split_indices(1000, seed=0, mode="random")
     assert (len(split.train), len(split.val), len(split.test)) == (700, 150, 150)
     assert sorted(np.concatenate([split.train, split.val, split.test]).tolist()) == list(range(1000))
     np.random.seed(123)  # global numpy state must not matter
-    again = lv.split_indices(1000, seed=0)
+    again = lv.split_indices(1000, seed=0, mode="random")
     assert all(np.array_equal(split[k], again[k]) for k in ("train", "val", "test"))
-    assert not np.array_equal(split.test, lv.split_indices(1000, seed=1).test)
+    assert not np.array_equal(split.test, lv.split_indices(1000, seed=1, mode="random").test)
     restored = lv.Split.from_dict(split.to_dict())
     assert np.array_equal(restored.test, split.test) and restored.which(int(split.val[0])) == "val"
     with pytest.raises(ValueError, match="summing to 1"):
@@ -188,7 +261,7 @@ def test_split_is_seeded_disjoint_complete_and_recorded():
 @pytest.mark.parametrize("fractions", [(0.7, 0.15, 0.15), (0.5, 0.5, 0.0), (1.0, 0.0, 0.0), (0.34, 0.33, 0.33)])
 def test_split_partitions_small_sets_exactly(fractions):
     for n in range(0, 25):
-        split = lv.split_indices(n, seed=n, fractions=fractions)
+        split = lv.split_indices(n, seed=n, fractions=fractions, mode=("ordered", "random")[n % 2])
         parts = [split.train, split.val, split.test]
         assert sorted(np.concatenate(parts).tolist()) == list(range(n))
         assert all(np.array_equal(p, np.sort(p)) for p in parts)

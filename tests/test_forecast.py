@@ -213,7 +213,7 @@ def test_persistence_is_the_last_context_value():
 
 
 def test_lv_fit_recovers_known_parameters_from_a_noise_free_context():
-    data = simulate(n=4, steps=100, seed=21)
+    data = simulate(n=4, steps=100, seed=21, prior="lv")
     forecasts, fit = lotka_volterra_forecast(data.trajectories[:, :50], data.time, 50)
     true = np.stack([data.params[k] for k in ("alpha", "beta", "gamma", "delta")], axis=1)
     assert (np.abs(fit.params - true) / true).max() <= 1e-2
@@ -223,7 +223,7 @@ def test_lv_fit_recovers_known_parameters_from_a_noise_free_context():
 
 
 def test_gradient_matching_guess_is_close_on_clean_data():
-    data = simulate(n=3, steps=400, seed=5, t_end=200)  # fine sampling: finite differences are accurate
+    data = simulate(n=3, steps=400, seed=5, t_end=200, prior="lv")  # fine sampling: finite differences are accurate
     guess = gradient_matching_guess(data.trajectories, data.time)
     true = np.stack([data.params[k] for k in ("alpha", "beta", "gamma", "delta")], axis=1)
     assert (np.abs(guess[:, :4] - true) / true).max() < 0.1
@@ -234,7 +234,7 @@ def test_gradient_matching_guess_is_close_on_clean_data():
 @pytest.fixture(scope="module")
 def thousand_h5(tmp_path_factory):
     path = tmp_path_factory.mktemp("lv") / "lv1000.h5"
-    save(path, simulate(n=1000, steps=100, seed=3, substeps=10))
+    save(path, simulate(n=1000, steps=100, seed=3, substeps=10, prior="lv"))
     return str(path)
 
 
@@ -249,12 +249,18 @@ def test_cli_sample_972_writes_plots_and_metrics(thousand_h5, tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     result = json.loads((out / "metrics.json").read_text())
     assert result["trajectories"] == [972] and result["parse_failures"] == 0 and result["n_scored"] == 1
-    assert set(result["metrics"]) == {"model", "persistence", "lv_fit"}  # untrained: the model itself
+    # (no untrained baseline: --model forecasts with the untrained model itself)
+    assert set(result["metrics"]) == {"model", "persistence", "seasonal_naive", "lv_fit"}
     assert result["protocol_settings"]["context"] == 50 and result["protocol_settings"]["horizon"] == 50
     assert result["metrics"]["lv_fit"]["prey"]["mse"] < 1e-4  # noise-free LV data: the fit is near exact
+    assert result["lv_fit"]["fallbacks_to_persistence"] == 0 and result["seasonal_naive"]["no_period_found"] == 0
+    with open(out / "per_trajectory.csv") as f:
+        row, = csv.DictReader(f)
+    assert row["lv_variant"] in ("classic", "logistic") and row["lv_fallback"] == "False"
+    assert 10 <= int(row["seasonal_period"]) <= 40 and float(row["seasonal_naive_prey_mse"]) >= 0
     assert "scaler fitted on the context only" in captured.out and "tokens/s" in captured.out
-    where = split_indices(1000, seed=0).which(972)  # a plain model's data is split as train.py splits it
-    assert f"trajectory 972 is in the {where} split" in captured.err
+    assert split_indices(1000).which(972) == "test"  # a plain model's data is split as train.py splits it
+    assert "trajectory 972 is in the test split" in captured.err
 
 
 def test_cli_errors_name_the_bad_value(thousand_h5, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.lotka_volterra import DataError
+from data.lotka_volterra import SPLIT_MODES, DataError
 from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError as ModelConfigError
 from ledger import DEFAULT_BUDGET, BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
 from lora import VALID_TARGETS
@@ -66,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "simulated set (1000 trajectories, generated once and cached)")
     what.add_argument("--decimals", type=non_negative_int, default=d.decimals,
                       help="decimals of the LLMTIME numbers (default: %(default)s)")
+    what.add_argument("--split", dest="split_mode", choices=SPLIT_MODES, default=d.split_mode,
+                      help="the 70/15/15 train/val/test split of the trajectories: ordered = in file order, the last "
+                           "15 %% test and the 15 %% before them validation; random = a seeded permutation "
+                           "(default: %(default)s)")
     what.add_argument("--split-seed", type=int, default=d.split_seed,
-                      help="seed of the 70/15/15 train/val/test split of the trajectories (default: %(default)s)")
+                      help="seed of the random split (--split random) (default: %(default)s)")
 
     adapt = p.add_argument_group("what is trained")
     adapt.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")

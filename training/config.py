@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.lotka_volterra import SPLIT_MODES
 from lora import VALID_TARGETS
 from ledger import DEFAULT_BUDGET
 from qwen_mini.flops import GQA_MODES
@@ -23,7 +24,8 @@ TINY_MODEL_SEED = 0
 # Settings that change what a run computes: a resumed run must have the same values as the run it continues.
 # (--steps may grow; --eval-every, --checkpoint-every, --val-batches, --device and the output paths may change.)
 TRAJECTORY_KEYS = ("model", "data", "full", "rank", "alpha", "targets", "lora_dropout", "lr", "batch", "ctx", "stride",
-                   "decimals", "seed", "split_seed", "warmup", "schedule", "grad_clip", "weight_decay", "dtype")
+                   "decimals", "seed", "split_mode", "split_seed", "warmup", "schedule", "grad_clip", "weight_decay",
+                   "dtype")
 
 
 class ConfigError(ValueError):
@@ -49,7 +51,8 @@ class TrainConfig:
     checkpoint_every: int = 100  # 0 = only at the end
     decimals: int = 2
     seed: int = 0
-    split_seed: int = 0
+    split_mode: str = "ordered"  # "ordered": the last 15 % of the trajectories are the test split; or "random"
+    split_seed: int = 0  # the random split's seed
     warmup: int = 0
     schedule: str = "constant"
     grad_clip: float = 1.0  # 0 = no clipping
@@ -109,6 +112,8 @@ class TrainConfig:
                 raise ConfigError(f"LoRA targets must be among {', '.join(VALID_TARGETS)}, got {list(self.targets)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.split_mode not in SPLIT_MODES:
+            raise ConfigError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {self.split_mode!r}")
         if self.gqa is not None and self.gqa not in GQA_MODES:
             raise ConfigError(f"gqa must be one of {', '.join(GQA_MODES)}, got {self.gqa!r}")
         if self.dtype not in DTYPES:

@@ -55,7 +55,7 @@ def run_split(config: TrainConfig, shape: tuple[int, ...], where) -> Split:
     if steps < FIT_STEPS:
         raise ConfigError(f"{where}: its trajectories have {steps} steps; training needs at least {FIT_STEPS} (each "
                           f"trajectory's LLMTIME scaler is fitted on its first {FIT_STEPS}, the forecast context)")
-    split = split_indices(n, seed=config.split_seed)
+    split = split_indices(n, seed=config.split_seed, mode=config.split_mode)
     if len(split.train) == 0 or len(split.val) == 0:
         raise ConfigError(f"{where}: {n} trajectories leave the train or val split empty "
                           f"(train {len(split.train)}, val {len(split.val)}); the data needs more trajectories")
