@@ -45,8 +45,10 @@ def max_forecast_tokens(horizon: int, n_vars: int, decimals: int = 2, int_digits
 
 
 class NumberGrammar:
-    """The `allowed_tokens` hook of `qwen_mini.generate` for `batch` rows forecasting `horizon` steps of `n_vars`
-    numbers each. Stateful: it reads one new token per call, so use one instance per generate call."""
+    """The `allowed_tokens` constraint of `qwen_mini.generate` for `batch` rows forecasting `horizon` steps of
+    `n_vars` numbers each (`read` each row's new token, ask what is `allowed` next; rows may advance unevenly, as in
+    jump-forward decoding). Stateful: use one instance per generate call. Calling it as `grammar(step, generated)`
+    is the lockstep form (HF's logits processors)."""
 
     def __init__(self, tokenizer, vocab_size: int, batch: int, n_vars: int, horizon: int, decimals: int = 2,
                  int_digits: int = 3, allow_negative: bool = False, stop_id: int | None = None,
@@ -94,9 +96,9 @@ class NumberGrammar:
 
     def read(self, tokens: torch.Tensor) -> None:
         """Advance every row's state by its newly generated token (B,). Tokens outside the grammar (e.g. the stop
-        token, or padding after it) leave the state unchanged."""
+        token, padding after it, or NO_TOKEN (-1) for a row that wrote nothing) leave the state unchanged."""
         tokens = tokens.to(self.device)
-        digit = self.is_digit[tokens.clamp(0, self.vocab_size - 1)]
+        digit = self.is_digit[tokens.clamp(0, self.vocab_size - 1)] & (tokens >= 0)
         point, var_sep, step_sep = (tokens == self.ids[c] for c in (POINT, VAR_SEP, STEP_SEP))
         minus = tokens == self.ids[MINUS] if self.allow_negative else torch.zeros_like(point)
         integer_digit = digit & ~self.has_point
@@ -145,10 +147,10 @@ class NumberGrammar:
 
 
 class StepCounter:
-    """The `allowed_tokens` hook for unconstrained forecasts: any token may follow, but a row that has written
+    """The `allowed_tokens` constraint for unconstrained forecasts: any token may follow, but a row that has written
     `horizon` step separators may only stop, so no row generates past its horizon while others finish. The model can
     still write malformed text; decoding counts it. A token that merges the separator with other characters (";\\n"
-    in Qwen's vocabulary) counts as many separators as it holds."""
+    in Qwen's vocabulary) counts as many separators as it holds. Same protocol as NumberGrammar."""
 
     def __init__(self, tokenizer, vocab_size: int, batch: int, horizon: int, stop_id: int | None = None,
                  device: torch.device | str | None = None):
@@ -166,14 +168,22 @@ class StepCounter:
         self.steps = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.tokens_read = 0
 
+    def read(self, tokens: torch.Tensor) -> None:
+        """Count each row's step separators in its new token (NO_TOKEN, -1: the row wrote nothing)."""
+        tokens = tokens.to(self.device)
+        self.steps += self.separators[tokens.clamp(0, self.vocab_size - 1)] * (tokens >= 0)
+        self.tokens_read += 1
+
+    def allowed(self) -> torch.Tensor:
+        done = self.steps >= self.horizon
+        mask = (~done)[:, None].expand(self.batch, self.vocab_size).clone()
+        mask[:, self.stop_id] = True
+        return mask
+
     def __call__(self, step: int, generated: torch.Tensor) -> torch.Tensor:
         if self.tokens_read != max(step - 1, 0):
             raise RuntimeError(f"StepCounter was asked about step {step} after reading {self.tokens_read} tokens: "
                                f"use a new one for every generate call")
         if step > 0:
-            self.steps += self.separators[generated[:, -1].to(self.device).clamp(0, self.vocab_size - 1)]
-            self.tokens_read += 1
-        done = self.steps >= self.horizon
-        mask = (~done)[:, None].expand(self.batch, self.vocab_size).clone()
-        mask[:, self.stop_id] = True
-        return mask
+            self.read(generated[:, -1])
+        return self.allowed()

@@ -108,48 +108,91 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, indexed by slot (the column of the padded batch).
+    """Preallocated keys/values for every layer. Each row of the batch fills its own slots from the left: a forward
+    call of T tokens per row writes row b's tokens at slots lengths[b] .. lengths[b] + T - 1, so rows may advance by
+    different numbers of tokens (a decode chunk whose shorter rows end in padding: jump-forward decoding).
 
-    `slot_mask` remembers which slots hold real tokens, so left padding keeps being masked out while decoding.
+    `slot_mask` marks the slots that hold real tokens (not the left padding of a prompt, not the trailing padding of
+    a chunk, whose slots the row's next tokens overwrite); `lengths` counts each row's slots up to its last real
+    token, `positions` its real tokens (the rotary position of its next one). A static cache attends over all
+    `max_len` slots, so a decode step's shapes never change and its state lives in tensors only: what a compiled
+    step (and a CUDA graph) needs. Otherwise attention covers the slots used so far.
     """
 
-    def __init__(self, config: QwenConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+    def __init__(self, config: QwenConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
+                 static: bool = False):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slot_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.max_len = max_len
-        self.length = 0  # slots filled by earlier forward calls
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len, self.static = max_len, static
+        self.used = 0  # the most slots any row used (eager caches only: a static one keeps no Python state)
+        self._slots = None  # (B, T) slots of the call in progress, between `begin` and `end`
 
-    def reserve(self, attention_mask: torch.Tensor) -> None:
-        """Claim the next T slots for a forward call (before the layers write them)."""
-        start, T = self.length, attention_mask.shape[1]
-        if start + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {start} used + {T} new do not fit")
-        self.slot_mask[:, start:start + T] = attention_mask.bool()
+    @property
+    def length(self) -> int:
+        """Slots used by the longest row."""
+        return int(self.lengths.max()) if len(self.lengths) else 0
+
+    def begin(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Claim slots for a call of T tokens per row (`attention_mask` (B, T) marks the real ones) before the layers
+        write them. Returns the rotary position of each token and the (B, 1, T, S) boolean attention mask: a token
+        sees the real tokens of its row up to its own slot, and its own slot (padding never softmaxes over nothing)."""
+        B, T = attention_mask.shape
+        if not self.static and self.used + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.used} used + {T} new do not fit")
+        real = attention_mask.bool()
+        slots = self.lengths[:, None] + torch.arange(T, device=real.device)
+        self.slot_mask[torch.arange(B, device=real.device)[:, None], slots] = real
+        position_ids = (self.positions[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
+        key_slots = torch.arange(self.max_len if self.static else self.used + T, device=real.device)
+        seen = (key_slots <= slots[..., None]) & self.slot_mask[:, None, :len(key_slots)]
+        self._slots = slots
+        return position_ids, (seen | (key_slots == slots[..., None]))[:, None]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer_idx, :, :, start:end] = k
-        self.v[layer_idx, :, :, start:end] = v
+        """Write one layer's keys/values (B, heads, T, head_dim) at the claimed slots; all keys/values to attend to."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer_idx, rows, :, self._slots] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer_idx, rows, :, self._slots] = v.transpose(1, 2).to(self.v.dtype)
+        if self.static:
+            return self.k[layer_idx], self.v[layer_idx]
+        end = self.used + k.shape[2]
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
 
-    def repeat_interleave(self, repeats: int, max_len: int | None = None) -> "KVCache":
+    def end(self, attention_mask: torch.Tensor) -> None:
+        """After the layers: each row has used the slots up to its last real token of the call."""
+        real = attention_mask.bool()
+        T = real.shape[1]
+        last = T - real.flip(-1).long().argmax(-1)  # one past the last real token; T when none is real: fixed below
+        self.lengths += torch.where(real.any(-1), last, 0)
+        self.positions += real.sum(-1)
+        self._slots = None
+        if not self.static:
+            self.used = self.length
+
+    def repeat_interleave(self, repeats: int, max_len: int | None = None, static: bool | None = None) -> "KVCache":
         """A new cache (room for `max_len` positions, default the same) whose row b * repeats + r holds a copy of
         this cache's row b: the prompt's cache for each of its samples."""
         max_len = self.max_len if max_len is None else max_len
-        if max_len < self.length:
-            raise ValueError(f"a cache holding {self.length} positions cannot be copied into {max_len}")
+        used = self.length
+        if max_len < used:
+            raise ValueError(f"a cache holding {used} positions cannot be copied into {max_len}")
         L, B, H, _, D = self.k.shape
         copy = object.__new__(KVCache)
         copy.k = self.k.new_zeros(L, B * repeats, H, max_len, D)
         copy.v = self.v.new_zeros(L, B * repeats, H, max_len, D)
         copy.slot_mask = self.slot_mask.new_zeros(B * repeats, max_len)
-        filled = slice(0, self.length)
+        filled = slice(0, used)
         copy.k[..., filled, :] = self.k[..., filled, :].repeat_interleave(repeats, dim=1)
         copy.v[..., filled, :] = self.v[..., filled, :].repeat_interleave(repeats, dim=1)
         copy.slot_mask[:, filled] = self.slot_mask[:, filled].repeat_interleave(repeats, dim=0)
-        copy.max_len, copy.length = max_len, self.length
+        copy.lengths = self.lengths.repeat_interleave(repeats)
+        copy.positions = self.positions.repeat_interleave(repeats)
+        copy.max_len, copy.static = max_len, self.static if static is None else static
+        copy.used, copy._slots = used, None
         return copy
 
 
@@ -176,32 +219,30 @@ class Qwen(nn.Module):
         chunked loss) apply `lm_head` themselves."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        start = kv_cache.length if kv_cache is not None else 0
-        if kv_cache is None and attention_mask is None:
-            mask = None  # causal, no padding
+        if kv_cache is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            cache_positions, mask = kv_cache.begin(attention_mask)
+            position_ids = cache_positions if position_ids is None else position_ids
+        elif attention_mask is None:
+            mask = None  # causal, no padding: the fast fused path used in training
             if position_ids is None:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-            if kv_cache is not None:
-                kv_cache.reserve(attention_mask)
-                key_mask = kv_cache.slot_mask[:, :start + T]
-            else:
-                key_mask = attention_mask.bool()
+            key_mask = attention_mask.bool()
             if position_ids is None:  # a token's position = real tokens before it
-                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-            mask = attention_mask_4d(key_mask, start)
+                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = attention_mask_4d(key_mask)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
-            kv_cache.length = start + T
+            kv_cache.end(attention_mask)
         return self.model.norm(x)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+        return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device, static=static)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -212,12 +253,10 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         nn.init.zeros_(module.bias)
 
 
-def attention_mask_4d(key_mask: torch.Tensor, start: int) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask: query slot start+t sees key slot s <= start+t that holds a real token.
-
-    A query always sees its own slot, so padding rows never softmax over nothing (their outputs are ignored)."""
-    S = key_mask.shape[1]
-    q_slots = torch.arange(start, S, device=key_mask.device)[:, None]
-    k_slots = torch.arange(S, device=key_mask.device)[None, :]
-    causal = k_slots <= q_slots
-    return ((causal & key_mask[:, None, :]) | (k_slots == q_slots))[:, None]
+def attention_mask_4d(key_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask without a cache: token t sees tokens s <= t that are real, and itself (so padding
+    rows never softmax over nothing; their outputs are ignored)."""
+    T = key_mask.shape[1]
+    slots = torch.arange(T, device=key_mask.device)
+    causal = slots[None, :] <= slots[:, None]
+    return ((causal & key_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=key_mask.device))[:, None]

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from conftest import PARITY_CONFIGS, hf_reference, left_padded_batch, random_model, write_checkpoint
-from qwen_mini import from_pretrained, generate, sample_next
+from qwen_mini import PRESETS, QwenConfig, char_tokenizer, from_pretrained, generate, sample_next
+from qwen_mini.generate import DecodeStats, inverse_transform
 
 CONFIG = PARITY_CONFIGS["gqa7to1_tied"]
+TINY = QwenConfig(**PRESETS["tiny"], name="tiny")
 
 
 def test_prefill_plus_incremental_steps_equal_full_forward():
@@ -182,3 +184,90 @@ def test_kv_cache_repeat_interleave_copies_rows_in_order():
     assert cache.k.abs().sum() > 0  # a copy, not a view: samples write their own slots
     with pytest.raises(ValueError, match="holding 5 positions"):
         cache.repeat_interleave(2, max_len=4)
+
+
+# ---- sampling by inverse transform, jump-forward and compiled decoding ----------------------------------------------
+
+def test_inverse_transform_draws_each_token_with_its_probability():
+    # An even grid of uniforms hits each token exactly in proportion to its probability (cdf 0.5, 0.8, 0.8, 1.0).
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.2]).expand(1000, 4)
+    uniform = (torch.arange(1000) + 0.5) / 1000
+    assert torch.bincount(inverse_transform(probs, uniform), minlength=4).tolist() == [500, 300, 0, 200]
+    # Unnormalised rows, and u next to 1 never lands on a token of probability 0.
+    edge = inverse_transform(torch.tensor([[0.6, 1.4, 0.0]]), torch.tensor([1 - 2 ** -24]))
+    assert edge.tolist() == [1]
+
+
+def grammar_generation(model, tokenizer, prompts, samples=3, horizon=5, **kwargs):
+    from forecasting.grammar import NumberGrammar
+
+    input_ids, mask = tokenizer.encode_batch(prompts)
+    grammar = NumberGrammar(tokenizer, model.config.vocab_size, len(prompts) * samples, n_vars=2, horizon=horizon)
+    stats = DecodeStats()
+    tokens = generate(model, input_ids, mask, max_new_tokens=grammar.max_new_tokens(), num_samples=samples,
+                      stop_token_ids=[grammar.stop_id], allowed_tokens=grammar, candidate_ids=grammar.candidate_ids,
+                      stats=stats, **kwargs)
+    return tokens, stats
+
+
+PROMPTS = ["0.52,1.10;0.61,0.98;", "1.20,0.33;", "13.1,0.2;0.4,2.25;"]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "top_p": 0.95}])
+def test_jump_forward_writes_the_tokens_of_plain_decoding_in_fewer_forwards(sampling):
+    """The grammar's forced tokens (separator after the last decimal, point after a leading zero or the last integer
+    digit, stop after the horizon) are appended without a draw and fed with the next step; the tokens of every row,
+    sampled (seeded) as well as greedy, are those of plain decoding."""
+    model, tokenizer = random_model(TINY, seed=21), char_tokenizer()
+    seeded = lambda: {"generator": torch.Generator().manual_seed(5)} if sampling else {}  # noqa: E731
+    plain, plain_stats = grammar_generation(model, tokenizer, PROMPTS, **sampling, **seeded())
+    jumped, jump_stats = grammar_generation(model, tokenizer, PROMPTS, jump_forward=True, **sampling, **seeded())
+    assert torch.equal(jumped, plain)
+    assert plain_stats.forced_tokens == 0 and jump_stats.forced_tokens > 0.2 * (plain != 1).sum()
+    assert jump_stats.forwards <= plain_stats.forwards - jump_stats.forced_tokens // len(plain) // 2
+    assert jump_stats.fed_tokens == plain_stats.fed_tokens  # every token is fed once either way
+
+
+def test_jump_forward_needs_a_constraint_with_read():
+    model = random_model(CONFIG)
+    with pytest.raises(ValueError, match="jump_forward needs a TokenConstraint"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, jump_forward=True,
+                 allowed_tokens=lambda step, generated: None)
+
+
+def test_compiled_decoding_matches_eager_and_compiles_once():
+    """torch.compile'd decode step over a static cache (one graph: tokens per row fixed, rows and cache length
+    symbolic): float32 logits within 1e-5 of the eager step, the same tokens from generate, and no recompilation
+    for a call with other rows and prompt lengths. One layer keeps the compilation to seconds."""
+    from qwen_mini.generate import compiled_decode_step, compiled_graphs, decode_step
+
+    config = QwenConfig(**{**PRESETS["tiny"], "num_hidden_layers": 1}, name="tiny-1-layer")
+    model, tokenizer = random_model(config, seed=22), char_tokenizer()
+    input_ids, mask = tokenizer.encode_batch(PROMPTS)
+    prompt_cache = model.new_cache(3, input_ids.shape[1])
+    with torch.no_grad():
+        model(input_ids, mask, kv_cache=prompt_cache)
+    eager, compiled = (prompt_cache.repeat_interleave(2, max_len=input_ids.shape[1] + 12, static=True)
+                       for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+    head = model.lm_head.weight
+    with torch.no_grad():
+        for _ in range(5):
+            tokens = torch.randint(2, config.vocab_size, (6, 2), generator=gen)
+            real = torch.stack([torch.ones(6, dtype=torch.bool), torch.rand(6, generator=gen) < 0.5], dim=1)
+            expected = decode_step(model, eager, tokens, real, head)
+            torch.testing.assert_close(compiled_decode_step()(model, compiled, tokens, real, head), expected,
+                                       atol=1e-5, rtol=0)
+    assert torch.equal(eager.lengths, compiled.lengths) and torch.equal(eager.slot_mask, compiled.slot_mask)
+
+    plain, _ = grammar_generation(model, tokenizer, PROMPTS, samples=2)
+    fast, _ = grammar_generation(model, tokenizer, PROMPTS, samples=2, compile=True, jump_forward=True)
+    assert torch.equal(fast, plain)
+    graphs = compiled_graphs()
+    other = ["7.25,0.5;", "0.1,0.2;0.3,0.4;0.5,0.6;"]
+    plain, _ = grammar_generation(model, tokenizer, other, samples=4, temperature=0.9,
+                                  generator=torch.Generator().manual_seed(1))
+    fast, _ = grammar_generation(model, tokenizer, other, samples=4, temperature=0.9, compile=True,
+                                 jump_forward=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fast, plain)
+    assert compiled_graphs() == graphs, "compiled decoding recompiled for another batch shape"
