@@ -3,10 +3,11 @@ against the baselines, and say where the plots and metrics are. A few minutes on
 
     python demo.py [--steps N] [--seed S]
 
-It is exactly these two commands, with a fresh run directory each time (earlier demo runs are kept):
+It is exactly these three commands, with a fresh run directory each time (earlier demo runs are kept):
     python train.py --model tiny --full --steps 600 --batch 16 --ctx 256 --lr 3e-3 --warmup 50 --schedule cosine \
         --out runs/demo
     python forecast.py --run runs/demo
+    python report.py runs
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import forecast
+import report
 import train
 
 
@@ -42,9 +44,13 @@ def main(argv=None) -> int:
     print(f"[demo] forecasting the test split: python forecast.py --run {run}", flush=True)
     if forecast.main(["--run", str(run), "--seed", str(args.seed)]) != 0:
         return 1
+    print(f"[demo] writing the report of every run in {args.runs_dir}: python report.py {args.runs_dir}", flush=True)
+    if report.main([args.runs_dir]) != 0:
+        return 1
     print(f"\n[demo] done. Training run: {run}/ (metrics.jsonl, loss curve PNG, weights, flops.json)\n"
           f"[demo] forecasts: {run}/forecast/ (metrics.json, per_trajectory.csv, trajectory_*.png, "
           f"error_vs_horizon.png, error_distribution.png)\n"
+          f"[demo] report: {Path(args.runs_dir) / report.REPORT_NAME} (tables, loss curves, the FLOP ledger)\n"
           f"[demo] next: python forecast.py --run {run} --sample 972 --out {run}/forecast_972 ; "
           f"python flops.py --runs {args.runs_dir}")
     return 0

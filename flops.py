@@ -7,6 +7,7 @@
     python flops.py --runs runs                  # what every run spent (train, eval, forecast), what is left of 1e17
     python flops.py --runs runs --steps 3000     # ... and whether a planned run of 3000 steps still fits
     python flops.py --runs runs --settle         # release the reservations of runs whose process is gone
+    python flops.py --plan plans/coursework.toml # each stage's FLOPs, and whether the study fits
 
 The model is built on the meta device (shapes only, no weights), so this takes a fraction of a second beyond
 importing torch. Counting conventions: `qwen_mini/flops.py`; the ledger: `ledger/`.
@@ -23,6 +24,7 @@ from ledger import (DEFAULT_BUDGET, BudgetExceeded, Ledger, LedgerError, MixedCo
 from qwen_mini import PRESETS, ConfigError, QwenConfig
 from qwen_mini.cli import flop_count, non_negative_int, positive_int
 from qwen_mini.flops import COSTS, GQA_MODES, FlopCountError, count_forward, format_flops, meta_model
+from study.plan import PlanError, estimate_plan, format_estimate, load_plan
 from lora import VALID_TARGETS
 from training.cli import target_list
 
@@ -53,11 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flops.py",
         description="FLOPs of one training step of Qwen2.5 + LoRA, per layer, counted from the model's modules "
                     "(backward = 2 x forward). With --runs: the FLOP ledger of a runs directory (training, "
-                    "validation and forecasting FLOPs of every run).",
+                    "validation and forecasting FLOPs of every run). With --plan: a study plan's FLOPs, stage by "
+                    "stage.",
         epilog="Counting conventions (primitive costs, matmul = m*p*(2n-1), softmax, RoPE tables, loss, KV-cache "
                "generation): see the docstring of qwen_mini/flops.py. Exit status: 0 ok, 2 bad arguments, 3 over "
-               "budget: the ledger of --runs has spent more than --max-flops, or a planned run (--steps) does not fit "
-               "what is left.")
+               "budget: the ledger of --runs has spent more than --max-flops, or a planned run (--steps) or plan "
+               "(--plan) does not fit what is left.")
     model = parser.add_argument_group("model")
     which = model.add_mutually_exclusive_group()
     which.add_argument("--model", default=None, metavar="NAME",
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     counting.add_argument("--gqa", choices=GQA_MODES, default=None,
                           help="real: k/v projections to the model's key/value heads; mha: the common "
                                "simplification that counts grouped-query attention as multi-head attention "
-                               "(default: real, or with --runs the ledger's convention)")
+                               "(default: real, or with --runs/--plan the ledger's convention)")
     counting.add_argument("--cost", type=cost_override, action="append", default=[], metavar="PRIMITIVE=FLOPS",
                           help=f"override one primitive's cost, e.g. --cost exp=1 (repeatable); defaults: "
                                f"{', '.join(f'{k}={v}' for k, v in COSTS.items())}")
@@ -103,8 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--settle", action="store_true",
                         help="with --runs: release the reservations of jobs whose process is gone (what they spent "
                              "stays booked)")
+    budget.add_argument("--plan", type=Path, metavar="TOML",
+                        help="a study plan (see plans/): each stage's training, evaluation and forecasting FLOPs, what "
+                             "is already spent of it, and whether the rest fits the budget left in the plan's runs "
+                             "directory (or --runs)")
     budget.add_argument("--max-flops", type=flop_count, default=None, metavar="FLOPS",
-                        help="the budget of everything under the runs directory together (default 1e17)")
+                        help="the budget of everything under the runs directory together (default 1e17, or the "
+                             "plan's)")
     parser.add_argument("--json", action="store_true", help="print JSON (exact integer counts) instead of tables")
     return parser
 
@@ -153,7 +161,7 @@ def show_ledger(args, report) -> int:
     ledger = Ledger(args.runs, args.max_flops or DEFAULT_BUDGET)
     released = ledger.settle_dead() if args.settle else []
     records = ledger.records()
-    output = {**summary(records, ledger.max_flops), "settled": [
+    output = {**summary(records, ledger.max_flops, args.runs), "settled": [
         {"run_name": record.run_name, "reservation": r["id"], "flops": r["flops"], "spent": r["spent"],
          "what": r.get("what", "")} for record, r in released]}
     status = EXIT_OVER_BUDGET if output["over_budget"] else EXIT_OK
@@ -176,7 +184,7 @@ def show_ledger(args, report) -> int:
     if args.settle and not released:
         print("settled: no reservation of a finished process was left")
     print(f"FLOP ledger of {args.runs} (gqa={', '.join(output['gqa']) or '-'}):")
-    print(format_ledger(records, ledger.max_flops))
+    print(format_ledger(records, ledger.max_flops, args.runs))
     if args.steps:
         print(f"\nplanned run: {args.steps:,} steps x {format_flops(report.step)} = {format_flops(planned)} FLOPs "
               f"(log10 {log10(planned):.2f}; batch {args.batch} x ctx {args.ctx}, gqa={report.gqa}; training only)")
@@ -190,11 +198,25 @@ def show_ledger(args, report) -> int:
     return status
 
 
+def show_plan(args) -> int:
+    """flops.py --plan FILE: the plan's stages, their FLOPs, and whether what is left of it fits."""
+    try:
+        plan = load_plan(args.plan, runs_dir=args.runs, max_flops=args.max_flops, gqa=args.gqa)
+        estimate = estimate_plan(plan)
+    except (PlanError, LedgerError, MixedConventions, ValueError, OSError) as e:
+        print(f"flops.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_estimate(plan, estimate))
+    return EXIT_OK if estimate.fits else EXIT_OVER_BUDGET
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.settle and args.runs is None:
         parser.error("--settle needs --runs DIR")
+    if args.plan is not None:
+        return show_plan(args)
     try:
         config = load_config(args)
         model, adapters = build_model(config, args)

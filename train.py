@@ -1,11 +1,18 @@
 """Fine-tune Qwen2.5 with LoRA on Lotka-Volterra series under a FLOP budget: `python train.py --help`.
 
 The command line is `training.cli`; the run itself is `training.loop.train_run`, grids `training.grid.run_grid`,
-and `training.run.load_run` reads a finished run back.
+and `training.run.load_run` reads a finished run back. `--plan FILE` hands the whole study to `study.cli`, which
+sits above training (training never imports it).
 """
 import sys
 
-from training.cli import main
+import training.cli
+from study.cli import plan_command
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training.cli.main(argv, run_plan=plan_command)
+
 
 if __name__ == "__main__":
     sys.exit(main())

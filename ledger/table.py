@@ -1,20 +1,23 @@
 """The ledger as people read it: a text table (flops.py --runs DIR) and a JSON summary (--json, report.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from qwen_mini.flops import format_flops
 
 from .ledger import totals
 from .records import KINDS, Record, log10, log10_text
 
 
-def summary(records: list[Record], max_flops: int) -> dict:
+def summary(records: list[Record], max_flops: int, runs_dir=None) -> dict:
     """total (all FLOPs spent), by_kind, reserved (by running jobs), budget, remaining (after spent and reserved),
     over_budget, gqa, and one entry per record with its cumulative total."""
     t = totals(records)
     cumulative, runs = 0, []
     for record in records:
         cumulative += record.flops_used
-        runs.append({"run_name": record.run_name, "path": str(record.path), "gqa": record.gqa,
+        runs.append({"run_name": record.run_name, "dir": record_label(record, runs_dir), "path": str(record.path),
+                     "gqa": record.gqa,
                      "flops_used": record.flops_used, "by_kind": record.by_kind,
                      "log10_flops_used": log10(record.flops_used) if record.flops_used else None,
                      "cumulative_flops": cumulative, "reserved": record.outstanding,
@@ -27,17 +30,29 @@ def summary(records: list[Record], max_flops: int) -> dict:
             "gqa": sorted({r.gqa for r in records}), "runs": runs}
 
 
-def format_ledger(records: list[Record], max_flops: int) -> str:
-    """One line per record (FLOPs by kind, total, cumulative, share of the budget, reserved), then the totals."""
-    name_width = max([len("run"), *(len(r.run_name) for r in records)])
+def record_label(record: Record, runs_dir=None) -> str:
+    """A record's name in tables: its directory relative to the runs directory (run names repeat across stages)."""
+    if runs_dir is not None:
+        try:
+            return str(record.run_dir.resolve().relative_to(Path(runs_dir).resolve()))
+        except ValueError:
+            pass
+    return record.run_name
+
+
+def format_ledger(records: list[Record], max_flops: int, runs_dir=None) -> str:
+    """One line per record (FLOPs by kind, total, cumulative, share of the budget, reserved), then the totals.
+    Records are named by their directory under `runs_dir` when given, else by run name."""
+    names = [record_label(r, runs_dir) for r in records]
+    name_width = max([len("run"), *(len(name) for name in names)])
     header = (f"{'run':<{name_width}}  {'steps':>7}  {'train':>9}  {'eval':>9}  {'forecast':>9}  {'total':>9}  "
               f"{'log10':>6}  {'cumulative':>10}  {'of budget':>9}  {'reserved':>9}")
     lines = [header, "-" * len(header)]
     cumulative = 0
-    for r in records:
+    for r, name in zip(records, names):
         cumulative += r.flops_used
         kinds = "  ".join(f"{format_flops(r.by_kind[k]):>9}" for k in KINDS)
-        lines.append(f"{r.run_name:<{name_width}}  {r.steps_done:>7,}  {kinds}  {format_flops(r.flops_used):>9}  "
+        lines.append(f"{name:<{name_width}}  {r.steps_done:>7,}  {kinds}  {format_flops(r.flops_used):>9}  "
                      f"{log10_text(r.flops_used):>6}  {format_flops(cumulative):>10}  "
                      f"{100 * cumulative / max_flops if max_flops else 0:>8.2f}%  "
                      f"{format_flops(r.outstanding) if r.outstanding else '-':>9}")

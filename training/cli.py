@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--no-budget", action="store_true",
                             help="no reservation and no budget check; needed for a --out outside --runs-dir, which "
                                  "then is counted in no ledger")
+    evaluation.add_argument("--plan", metavar="TOML",
+                            help="run a study plan stage by stage (grid, best-of sweep, final run, forecasts); "
+                                 "continues a stopped study. Settings come from the plan; --runs-dir, --max-flops, "
+                                 "--gqa, --device, --dtype and --seed may override it (see plans/)")
 
     hardware = p.add_argument_group("hardware")
     hardware.add_argument("--device", default=d.device,
@@ -156,7 +160,7 @@ def target_list(text: str) -> tuple[str, ...]:
 
 def configs_from_args(args: argparse.Namespace) -> list:
     """The TrainConfig of every run the flags ask for."""
-    settings = {key: value for key, value in vars(args).items() if key not in ("lr", "rank", "ctx")}
+    settings = {key: value for key, value in vars(args).items() if key not in ("lr", "rank", "ctx", "plan")}
     return expand_grid(settings, args.lr, args.rank, args.ctx)
 
 
@@ -168,15 +172,21 @@ def interruption(e: KeyboardInterrupt) -> str:
     return f"stopped by {e.name} after step {e.checkpoint_step}, with a checkpoint there"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run_plan=None) -> int:
+    """train.py. `run_plan(args, parser, dist)`: what --plan runs (train.py passes the study package's runner; its
+    failures end like a run's)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.plan is not None and run_plan is None:
+        parser.error("--plan is run by train.py (the study package), not by training.cli alone")
     try:
-        configs = configs_from_args(args)
+        configs = [] if args.plan is not None else configs_from_args(args)
     except ConfigError as e:
         parser.error(str(e))
     dist = from_environment(args.device)
     try:
+        if args.plan is not None:
+            return run_plan(args, parser, dist)
         if len(configs) == 1:
             results = [train_run(configs[0], dist=dist)]
         else:
@@ -191,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
-        print(f"train.py: {interruption(e)}; to continue, run the same command with --resume", file=sys.stderr)
+        again = "the same command" + ("" if args.plan is not None else " with --resume")
+        print(f"train.py: {interruption(e)}; to continue, run {again}", file=sys.stderr)
         return e.exit_status if isinstance(e, Interrupted) else EXIT_INTERRUPTED
     except TrainingDiverged as e:
         print(f"train.py: error: {e}", file=sys.stderr)

@@ -1,0 +1,41 @@
+"""`train.py --plan FILE`: the flags a plan may take from the command line, then `run_plan`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .plan import PlanError, load_plan, run_plan
+
+# With --plan, every other setting comes from the plan file.
+PLAN_FLAGS = ("plan", "runs_dir", "max_flops", "gqa", "device", "dtype", "seed")
+
+
+def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist) -> int:
+    """Run the study plan `args.plan` (train.py's parser and process group); 0 when every stage is done."""
+    if dist.enabled:
+        parser.error("--plan runs its stages one after another in one process: start it without torchrun")
+    changed = [dest for dest, value in vars(args).items()
+               if dest not in PLAN_FLAGS and value != parser.get_default(dest)]
+    if changed:
+        parser.error(f"--{changed[0].replace('_', '-')}: with --plan the settings come from the plan file; only "
+                     f"{', '.join('--' + f.replace('_', '-') for f in PLAN_FLAGS[1:])} may be given with it")
+
+    def given(dest):
+        value = getattr(args, dest)
+        return None if value == parser.get_default(dest) else value
+
+    try:
+        plan = load_plan(args.plan, runs_dir=given("runs_dir"), max_flops=given("max_flops"), gqa=args.gqa)
+        study = run_plan(plan, device=given("device"), dtype=given("dtype"), seed=given("seed"))
+    except PlanError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"\n[plan] study {plan.name} done: {plan.study_dir}/")
+    for stage in study["stages"]:
+        if stage["kind"] == "train":
+            print(f"[plan]   {stage['name']}: {len(stage['runs'])} run(s), best {stage['best']} "
+                  f"(validation loss {stage['best_val_loss']:.4f})")
+        else:
+            print(f"[plan]   {stage['name']}: forecasts in {', '.join(stage['forecasts'])}")
+    print(f"[plan] next: python report.py {plan.runs_dir} ; python flops.py --runs {plan.runs_dir}")
+    return 0
