@@ -55,7 +55,8 @@ def forecast_bound(source: ForecastSource, selection: Selection, protocol: Proto
 
 
 def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Protocol, *, out, run_dir, baselines,
-                      batch: int, booking: Booking, progress: bool = True) -> tuple[Evaluation, Path]:
+                      batch: int, booking: Booking, progress: bool = True, jump_forward: bool = False,
+                      compile: bool = False) -> tuple[Evaluation, Path]:
     """`evaluate`, with its FLOPs reserved (BudgetExceeded, MixedConventions, OutsideRunsDir before any forecast),
     booked call by call and settled. Returns (evaluation, the record it was booked into)."""
     record_dir = record_dir_of(run_dir, out)
@@ -78,7 +79,8 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
     with recorder:
         evaluation = evaluate(source.model, source.tokenizer, source.data, source.split, selection, protocol,
                               baselines=baselines, load_untrained=source.load_untrained, batch=batch,
-                              progress=progress, gqa=gqa, on_flops=booker(recorder, source, selection, out))
+                              progress=progress, gqa=gqa, on_flops=booker(recorder, source, selection, out),
+                              jump_forward=jump_forward, compile=compile)
     return evaluation, record_dir
 
 

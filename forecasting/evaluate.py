@@ -147,13 +147,14 @@ class Evaluation:
 
 def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection, protocol: Protocol | None = None, *,
              baselines=BASELINES, load_untrained=None, batch: int = 16, progress: bool = True, gqa: str = "real",
-             on_flops=None) -> Evaluation:
+             on_flops=None, jump_forward: bool = False, compile: bool = False) -> Evaluation:
     """Forecast the selected trajectories with `model` and the chosen baselines under `protocol`.
 
     `load_untrained`: a callable returning the base model before training (the "untrained" baseline); None when
     `model` is itself untrained, and then that baseline is skipped with a note. `on_flops(method, flops)` is called
     after every generate call of a generated method ("model", "untrained") with its GenerationFlops (gqa: how
-    attention is counted); `Evaluation.generation` holds each method's totals."""
+    attention is counted); `Evaluation.generation` holds each method's totals. `jump_forward`, `compile`: how the
+    generated methods decode (`qwen_mini.generate`), the same tokens either way."""
     protocol = protocol or Protocol()
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -163,7 +164,7 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
     generation = dict(decimals=protocol.decimals, batch=batch, constrained=protocol.constrained,
                       num_samples=protocol.num_samples, temperature=protocol.temperature, top_p=protocol.top_p,
                       seed=protocol.seed, int_digits=protocol.int_digits, allow_negative=protocol.allow_negative,
-                      progress=progress, gqa=gqa)
+                      progress=progress, gqa=gqa, jump_forward=jump_forward, compile=compile)
     stats = GenerationStats()
     generated = {MODEL: stats}
 

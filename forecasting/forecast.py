@@ -84,8 +84,8 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
                       constrained: bool = True, num_samples: int = 1, temperature: float = 0.0,
                       top_p: float | None = None, seed: int = 0, int_digits: int = 3, allow_negative: bool = False,
                       progress: bool = True, label: str = "forecast", stats: GenerationStats | None = None,
-                      gqa: str = "real", on_flops: Callable[[GenerationFlops], None] | None = None
-                      ) -> list[Forecast]:
+                      gqa: str = "real", on_flops: Callable[[GenerationFlops], None] | None = None,
+                      jump_forward: bool = False, compile: bool = False) -> list[Forecast]:
     """Forecast each example's horizon (the length of its target) from its prompt; one Forecast per example.
 
     `batch` counts generated rows (trajectories x samples) per generate call; a call holds all samples of its
@@ -93,7 +93,8 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
     otherwise `num_samples` draws per trajectory from one torch.Generator seeded with `seed`. With `constrained`
     every sample parses to exactly the horizon; without, whatever the model writes is decoded and the failures are
     reported in each Forecast's `reports`. `label` names the progress bar (one step per batch). Each call's FLOPs
-    (counted with `gqa`) are added to `stats` and handed to `on_flops` (e.g. to book them in the ledger)."""
+    (counted with `gqa`) are added to `stats` and handed to `on_flops` (e.g. to book them in the ledger).
+    `jump_forward` and `compile` choose how `qwen_mini.generate` decodes; neither changes the tokens."""
     if num_samples < 1 or batch < 1:
         raise ValueError(f"num_samples and batch must be >= 1, got num_samples={num_samples}, batch={batch}")
     if num_samples > 1 and temperature <= 0:
@@ -124,7 +125,8 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
         tokens = generate(model, input_ids.to(device), attention_mask.to(device), num_samples=num_samples,
                           max_new_tokens=max_forecast_tokens(horizon, n_vars, decimals, int_digits, allow_negative),
                           temperature=temperature, top_p=top_p, generator=generator, stop_token_ids=[hook.stop_id],
-                          allowed_tokens=hook, candidate_ids=candidate_ids)
+                          allowed_tokens=hook, candidate_ids=candidate_ids, jump_forward=jump_forward,
+                          compile=compile)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.seconds += time.perf_counter() - began

@@ -162,6 +162,16 @@ def test_batched_forecasting_equals_one_trajectory_at_a_time(tiny):
         np.testing.assert_array_equal(alone.samples, fc.samples)
 
 
+@pytest.mark.parametrize("constrained", [True, False], ids=["grammar", "step_counter"])
+def test_jump_forward_forecasts_are_the_plain_ones(tiny, examples, constrained):
+    """Sampled, several per trajectory, batched: the same texts with jump-forward decoding as without."""
+    model, tokenizer = tiny
+    kwargs = dict(batch=6, progress=False, seed=2, temperature=1.2, num_samples=2, constrained=constrained)
+    plain = forecast_examples(model, tokenizer, examples, **kwargs)
+    jumped = forecast_examples(model, tokenizer, examples, jump_forward=True, **kwargs)
+    assert [fc.texts for fc in jumped] == [fc.texts for fc in plain]
+
+
 def test_unconstrained_failures_are_counted_not_raised(tiny, examples):
     model, tokenizer = tiny
     forecasts = forecast_examples(model, tokenizer, examples[:3], constrained=False, progress=False)
