@@ -58,6 +58,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = no clipping
     weight_decay: float = 0.0
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block (same math; compiled once per process)
     device: str = "auto"
     dtype: str = "auto"
     max_flops: int = DEFAULT_BUDGET
