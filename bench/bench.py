@@ -6,6 +6,12 @@
 
 Each (task, implementation) runs in a fresh subprocess so its peak memory is its own (peak RSS on CPU,
 torch.cuda.max_memory_allocated on GPU). Timings: warm-up excluded, median of --reps repetitions.
+
+Every task also reports the FLOPs each implementation executed (counted by qwen_mini.flops from what it ran: HF's
+full LM head and its prefill of every sample included), its achieved GFLOP/s, and the bound of the machine measured
+in the same run (first subprocess): the best GEMM rate of the dtype (F.linear or oneDNN, MLP shapes, 2048 rows) and
+the memory bandwidth (a large copy). A task's bound is its FLOPs at the GEMM peak, or for decode steps that read
+more bytes (weights, cache) per FLOP than the machine balances, those bytes at the bandwidth.
 Writes a JSON with every number and prints the ours/theirs ratios.
 """
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch  # noqa: E402
 from bench.hf_twin import hf_twin  # noqa: E402
 from qwen_mini import PRESETS, Qwen, QwenConfig  # noqa: E402
 from qwen_mini.cli import positive_float, positive_int  # noqa: E402
+from qwen_mini.flops import count_forward, generation_flops, meta_model  # noqa: E402
+from qwen_mini.generate import DecodeStats  # noqa: E402
 
 # Medium CPU config: the real vocabulary and layer shapes of Qwen2.5-0.5B, fewer layers, so the LM head's cost is
 # the real one while a run stays within minutes on 2 cores.
@@ -89,7 +97,8 @@ def task_forward(model, impl, config, args, device):
         fn = lambda: model(ids).logits  # noqa: E731
     with torch.inference_mode():
         times = timed(fn, device, args.reps)
-    return {"seconds": times, "tokens": args.batch * args.ctx}
+    flops = count_forward(meta_model(config), args.batch, args.ctx, include_loss=False, training=False).forward
+    return {"seconds": times, "tokens": args.batch * args.ctx, "flops": flops}
 
 
 def task_train_step(model, impl, config, args, device):
@@ -108,9 +117,20 @@ def task_train_step(model, impl, config, args, device):
                                                  lora_dropout=0.0))
         loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
     model.train()
+    if impl == "ours":
+        for _, layer in lora.lora_layers(model):  # train.py's precision: adapters and AdamW state in float32
+            layer.lora_A.float()
+            layer.lora_B.float()
+        if args.compile:
+            from training.loop import compile_blocks
+
+            compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params), "PEFT keeps its adapters in float32 too"
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.autocast else None
+    # bf16 weights train as train.py --dtype bfloat16 does: frozen base in bf16, matmuls under bf16 autocast.
+    use_autocast = args.autocast or args.dtype == "bfloat16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else None
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -123,7 +143,9 @@ def task_train_step(model, impl, config, args, device):
         optimizer.step()
 
     times = timed(step, device, args.reps)
-    return {"seconds": times, "tokens": args.batch * args.ctx, "trainable": sum(p.numel() for p in params)}
+    flops = count_forward(counting_model(config, args), args.batch, args.ctx, training=True).step
+    return {"seconds": times, "tokens": args.batch * args.ctx, "trainable": sum(p.numel() for p in params),
+            "flops": flops}
 
 
 def timed_generation(fn, device, reps: int):
@@ -146,7 +168,7 @@ def task_generate(model, impl, config, args, device, restrict_to=None):
         from qwen_mini import generate
 
         def fn(new=args.gen_new):
-            return generate(model, ids, mask, max_new_tokens=new, candidate_ids=restrict_to)
+            return generate(model, ids, mask, max_new_tokens=new, candidate_ids=restrict_to, compile=args.compile)
     else:
         def fn(new=args.gen_new):
             return model.generate(ids, attention_mask=mask, **{**kwargs, "max_new_tokens": new,
@@ -160,8 +182,13 @@ def task_generate(model, impl, config, args, device, restrict_to=None):
 
             kwargs["logits_processor"] = LogitsProcessorList([OnlyTokens(restrict_to, config.vocab_size, device)])
     times, tokens = timed_generation(fn, device, args.gen_reps)
+    # HF computes the whole LM head every step (its logits processor masks afterwards)
+    head_rows = len(restrict_to) if restrict_to is not None and impl == "ours" else None
+    flops = generation_flops(meta_model(config), args.gen_prompts, args.gen_prompt_len, args.gen_prompts,
+                             args.gen_new, head_rows=head_rows).total
     # the checksum lets the driver check that both implementations produced the same tokens
-    return {"seconds": times, "tokens": args.gen_prompts * args.gen_new,
+    return {"seconds": times, "tokens": args.gen_prompts * args.gen_new, "flops": flops,
+            "decode_bytes_per_flop": decode_bytes_per_flop(config, args, args.gen_prompts, head_rows),
             "output_checksum": int((tokens.long() * torch.arange(1, tokens.shape[1] + 1, device=device)).sum())}
 
 
@@ -194,14 +221,17 @@ def task_forecast(model, impl, config, args, device):
 
     stop_id = grammar().stop_id
 
+    decode = DecodeStats()
     if impl == "ours":
         from qwen_mini import generate
 
         def fn(new=max_new):
             hook = grammar()
+            decode.__init__()  # the stats of the last call
             return generate(model, ids, mask, max_new_tokens=new, num_samples=args.fc_samples,
                             temperature=args.fc_temperature, generator=torch.Generator(device).manual_seed(args.seed),
-                            stop_token_ids=[stop_id], allowed_tokens=hook, candidate_ids=hook.candidate_ids)
+                            stop_token_ids=[stop_id], allowed_tokens=hook, candidate_ids=hook.candidate_ids,
+                            jump_forward=args.jump_forward, compile=args.compile, stats=decode)
     else:
         from transformers import LogitsProcessorList
 
@@ -220,8 +250,21 @@ def task_forecast(model, impl, config, args, device):
     # tokens each row generated, its stop token included (not the padding after it)
     lengths = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, tokens.shape[1])
     steps = (tokens == tokenizer.token_to_id(STEP_SEP)).sum(1)
+    counter, n_candidates = meta_model(config), len(grammar().candidate_ids)
+    if impl == "ours":  # one prefill per prompt; decode forwards of (rows x tokens per row) slots, padding included
+        plain = generation_flops(counter, len(examples), ids.shape[1], rows, decode.forwards + 1,
+                                 head_rows=n_candidates)
+        flops = plain.prefill + plain.decode * decode.fed_slots // max(rows * decode.forwards, 1)
+        extra = {"decode_forwards": decode.forwards, "fed_tokens": decode.fed_tokens, "fed_slots": decode.fed_slots,
+                 "forced_tokens": decode.forced_tokens}
+    else:  # num_return_sequences: every sample's row prefilled; the whole LM head every step; as many steps
+        flops = generation_flops(counter, rows, ids.shape[1], rows, tokens.shape[1]).total
+        extra = {"decode_forwards": tokens.shape[1] - 1}
     return {"seconds": times, "tokens": int(lengths.sum()), "rows": rows, "prompt_tokens": int(mask.sum()),
-            "complete_rows": int(((steps == args.fc_horizon) & stopped.any(1)).sum())}
+            "complete_rows": int(((steps == args.fc_horizon) & stopped.any(1)).sum()), "flops": flops,
+            "decode_bytes_per_flop": decode_bytes_per_flop(config, args, rows, n_candidates if impl == "ours" else None,
+                                                           cached=ids.shape[1] + max_new // 2),
+            **extra}
 
 
 class GrammarProcessor:
@@ -247,6 +290,63 @@ class OnlyTokens:
         return scores.masked_fill(self.blocked, float("-inf"))
 
 
+def counting_model(config: QwenConfig, args):
+    """A weightless model with the train step's adapters, for counting its FLOPs."""
+    import lora
+
+    model = meta_model(config)
+    lora.inject(model, rank=args.rank, alpha=args.rank, targets=tuple(args.targets.split(",")))
+    return model
+
+
+def decode_bytes_per_flop(config: QwenConfig, args, rows: int, head_rows: int | None, cached: int | None = None
+                          ) -> float:
+    """Bytes a decode step of `rows` rows reads per FLOP it does: every layer weight and the scored LM-head rows
+    once, plus the keys/values of `cached` positions per row (default: the generate task's average)."""
+    element = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    cached = args.gen_prompt_len + args.gen_new // 2 if cached is None else cached
+    layer_weights = sum(p.numel() for name, p in meta_model(config).named_parameters() if ".layers." in name)
+    head = (config.vocab_size if head_rows is None else head_rows) * config.hidden_size
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * cached * rows
+    flops = count_forward(meta_model(config), rows, 1, include_loss=False, past=cached, logits="last",
+                          head_rows=head_rows, training=False).forward
+    return (layer_weights + head + kv) * element / flops
+
+
+def task_machine(model, impl, config, args, device):
+    """The machine's limits in this run, for this dtype and thread count: the best GEMM rate at the MLP's shapes
+    (F.linear, and oneDNN's linear where torch has it) and the bandwidth of a large copy."""
+    import torch.nn.functional as F
+
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rates = {}
+    for n, k in ((config.intermediate_size, config.hidden_size), (config.hidden_size, config.intermediate_size)):
+        x = torch.randn(2048, k, generator=gen).to(device, dtype)
+        w = torch.randn(n, k, generator=gen).to(device, dtype)
+        kernels = {"F.linear": lambda: F.linear(x, w)}
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        for name, fn in kernels.items():
+            best = min(timed(fn, device, reps=5, warmup=2))
+            rates[f"{name} {n}x{k}"] = 2 * 2048 * n * k / best / 1e9
+    source = torch.empty(2 ** 28 // 4, device=device)
+    target = torch.empty_like(source)
+    best = min(timed(lambda: target.copy_(source), device, reps=5, warmup=2))
+    return {"seconds": [0.0], "tokens": 0, "gemm_gflops": rates, "gemm_peak_gflops": max(rates.values()),
+            "bandwidth_gbs": 2 * source.numel() * source.element_size() / best / 1e9}
+
+
+def bound_seconds(result: dict, machine: dict) -> tuple[float, str]:
+    """(the fastest the task's FLOPs can run on this machine, which limit that is): FLOPs at the GEMM peak, or for
+    work that reads more bytes per FLOP than the machine's balance (decode), its bytes at the bandwidth."""
+    peak, bandwidth = machine["gemm_peak_gflops"] * 1e9, machine["bandwidth_gbs"] * 1e9
+    per_flop = result.get("decode_bytes_per_flop")
+    if per_flop is not None and per_flop * peak > bandwidth:
+        return result["flops"] * per_flop / bandwidth, "bandwidth"
+    return result["flops"] / peak, "GEMM"
+
+
 def current_memory(device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated()
@@ -262,7 +362,7 @@ def run_case(args) -> dict:
     config = build_config(args.config)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = build_models(config, args.impl, device, dtype, args.seed)
+    model = build_models(config, args.impl, device, dtype, args.seed) if args.task != "machine" else None
     before = current_memory(device)
     result = globals()[f"task_{args.task}"](model, args.impl, config, args, device)
     if device.type == "cuda":
@@ -275,7 +375,9 @@ def run_case(args) -> dict:
     # the fair comparison, since the HF process also carries the transformers library itself.
     result["task_peak_bytes"] = result["peak_bytes"] - before
     result["median_s"] = statistics.median(result["seconds"])
-    result["tokens_per_s"] = result["tokens"] / result["median_s"]
+    result["tokens_per_s"] = result["tokens"] / result["median_s"] if result["median_s"] else 0.0
+    if "flops" in result:
+        result["gflops_per_s"] = result["flops"] / result["median_s"] / 1e9
     print("RESULT " + json.dumps(result))
     return result
 
@@ -306,11 +408,16 @@ def main(argv=None):
                    help="Qwen2.5 tokenizer (directory or hub id) for the forecast task (default: %(default)s)")
     p.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],
                    help="HF generate's cache implementation")
-    p.add_argument("--autocast", action="store_true", help="bf16 autocast for the training step on CUDA")
+    p.add_argument("--autocast", action="store_true",
+                   help="train step: float32 weights under bf16 autocast (--dtype bfloat16 trains as train.py does: "
+                        "bf16 base, float32 adapters, bf16 autocast)")
+    p.add_argument("--compile", action="store_true",
+                   help="ours: torch.compile the decoder blocks (train step) and the decode step (generation)")
+    p.add_argument("--jump-forward", action="store_true", help="ours, forecast task: jump-forward decoding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)  # internal: run one case
-    p.add_argument("--task", choices=TASKS, help=argparse.SUPPRESS)
+    p.add_argument("--task", choices=(*TASKS, "machine"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.impl:
         run_case(args)
@@ -322,15 +429,16 @@ def main(argv=None):
         p.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     passthrough = without_out_flag(list(argv if argv is not None else sys.argv[1:]))
     results = {}
+    print("[bench] machine limits ...", flush=True)
+    machine = run_subprocess(passthrough, "machine", "ours")
+    print(f"[bench] GEMM peak {machine['gemm_peak_gflops']:.0f} GFLOP/s ({args.dtype}), memory bandwidth "
+          f"{machine['bandwidth_gbs']:.1f} GB/s", flush=True)
     for task in tasks:
         for impl in ("ours", "hf"):
             print(f"[bench] {task} / {impl} ...", flush=True)
-            proc = subprocess.run([sys.executable, __file__, *passthrough, "--impl", impl, "--task", task],
-                                  capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                raise SystemExit(f"{task}/{impl} failed:\n{proc.stderr[-3000:]}")
-            results[f"{task}/{impl}"] = json.loads(lines[-1][len("RESULT "):])
+            results[f"{task}/{impl}"] = result = run_subprocess(passthrough, task, impl)
+            result["bound_s"], result["bound"] = bound_seconds(result, machine)
+            result["fraction_of_bound"] = result["bound_s"] / result["median_s"]
         ours, theirs = results[f"{task}/ours"], results[f"{task}/hf"]
         if "output_checksum" in ours and ours["output_checksum"] != theirs["output_checksum"]:
             print(f"[bench] WARNING: {task}: our tokens differ from HF's (checksums {ours['output_checksum']} vs "
@@ -345,10 +453,20 @@ def main(argv=None):
               "cpu_count": os.cpu_count(), "device": args.device,
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-              "args": {k: v for k, v in vars(args).items() if k not in ("impl", "task")}, "results": results}
+              "args": {k: v for k, v in vars(args).items() if k not in ("impl", "task")}, "machine": machine,
+              "results": results}
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(format_table(record))
     print(f"\nwrote {args.out}")
+
+
+def run_subprocess(passthrough: list[str], task: str, impl: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *passthrough, "--impl", impl, "--task", task],
+                          capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{task}/{impl} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def without_out_flag(argv: list[str]) -> list[str]:
@@ -364,18 +482,23 @@ def without_out_flag(argv: list[str]) -> list[str]:
 
 
 def format_table(record) -> str:
-    rows = [f"{'task':<16} {'ours s':>9} {'HF s':>9} {'time ours/HF':>12} {'ours tok/s':>11} {'HF tok/s':>10} "
-            f"{'ours GiB':>9} {'HF GiB':>8} {'task GiB ours/HF':>17}"]
+    machine = record["machine"]
+    rows = [f"{record['args']['dtype']}, {record['args']['config']}: GEMM peak {machine['gemm_peak_gflops']:.0f} "
+            f"GFLOP/s, bandwidth {machine['bandwidth_gbs']:.1f} GB/s (measured in this run)",
+            f"{'task':<16} {'ours s':>9} {'HF s':>9} {'time ours/HF':>12} {'ours tok/s':>11} {'HF tok/s':>10} "
+            f"{'task GiB ours/HF':>17} {'GFLOP ours/HF':>17} {'GFLOP/s ours/HF':>16} {'ours % of bound':>16}"]
     results = record["results"]
     for task in TASKS:
         if f"{task}/ours" not in results:
             continue
         a, b = results[f"{task}/ours"], results[f"{task}/hf"]
         rows.append(f"{task:<16} {a['median_s']:>9.3f} {b['median_s']:>9.3f} {a['median_s'] / b['median_s']:>12.2f} "
-                    f"{a['tokens_per_s']:>11.1f} {b['tokens_per_s']:>10.1f} {a['peak_bytes'] / 2**30:>9.2f} "
-                    f"{b['peak_bytes'] / 2**30:>8.2f} "
-                    f"{a['task_peak_bytes'] / 2**30:>7.2f}/{b['task_peak_bytes'] / 2**30:<5.2f}"
-                    f"{a['task_peak_bytes'] / max(b['task_peak_bytes'], 1):>5.2f}")
+                    f"{a['tokens_per_s']:>11.1f} {b['tokens_per_s']:>10.1f} "
+                    f"{a['task_peak_bytes'] / 2**30:>5.2f}/{b['task_peak_bytes'] / 2**30:<5.2f}"
+                    f"{a['task_peak_bytes'] / max(b['task_peak_bytes'], 1):>5.2f}x "
+                    f"{a['flops'] / 1e9:>8.0f}/{b['flops'] / 1e9:<8.0f} "
+                    f"{a['gflops_per_s']:>7.0f}/{b['gflops_per_s']:<8.0f} "
+                    f"{100 * a['fraction_of_bound']:>6.0f} % {a['bound']}")
     return "\n".join(rows)
 
 

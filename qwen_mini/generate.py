@@ -158,7 +158,7 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         logits = logits.repeat_interleave(num_samples, dim=0)
     uniforms = (torch.rand(rows, max_new_tokens, generator=generator, device=device)
                 if temperature > 0 else None)
-    step_fn = compiled_decode_step() if compile else decode_step
+    step_fn = compiled_decode_step if compile else decode_step
     stats = stats if stats is not None else DecodeStats()
     row_index = torch.arange(rows, device=device)
     length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens written per row
@@ -222,8 +222,6 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         stats.forwards += 1
         stats.fed_tokens += int(real.sum())
         stats.fed_slots += real.numel()
-        if compile:
-            _batch_and_length_vary(cache, tokens, real)
         logits = step_fn(model, cache, tokens, real, head)
     return out[:, :int(length.max())]
 
@@ -265,8 +263,13 @@ def _batch_and_length_vary(cache: KVCache, tokens: torch.Tensor, real: torch.Ten
     mark(cache.slot_mask, 1)
 
 
-def compiled_decode_step():
-    """decode_step, compiled once per process (torch.compile, inductor); see `compiled_graphs`."""
+def compiled_decode_step(model: Qwen, cache: KVCache, tokens: torch.Tensor, real: torch.Tensor,
+                         head: torch.Tensor) -> torch.Tensor:
+    """decode_step, torch.compile'd (inductor) over a static cache: one graph per model, tokens per row and grad
+    mode, whatever the rows and the cache length (`compiled_graphs` counts them)."""
     if _compiled["step"] is None:
         _compiled["step"] = torch.compile(decode_step, backend=_counting_inductor, fullgraph=True)
-    return _compiled["step"]
+    if not cache.static:
+        raise ValueError("compiled decoding needs a static cache (model.new_cache(..., static=True))")
+    _batch_and_length_vary(cache, tokens, real)
+    return _compiled["step"](model, cache, tokens, real, head)

@@ -239,35 +239,37 @@ def test_compiled_decoding_matches_eager_and_compiles_once():
     """torch.compile'd decode step over a static cache (one graph: tokens per row fixed, rows and cache length
     symbolic): float32 logits within 1e-5 of the eager step, the same tokens from generate, and no recompilation
     for a call with other rows and prompt lengths. One layer keeps the compilation to seconds."""
+    from forecasting.grammar import NumberGrammar
     from qwen_mini.generate import compiled_decode_step, compiled_graphs, decode_step
 
     config = QwenConfig(**{**PRESETS["tiny"], "num_hidden_layers": 1}, name="tiny-1-layer")
     model, tokenizer = random_model(config, seed=22), char_tokenizer()
     input_ids, mask = tokenizer.encode_batch(PROMPTS)
     prompt_cache = model.new_cache(3, input_ids.shape[1])
-    with torch.no_grad():
+    with torch.inference_mode():  # as generate runs it (the graph is specialised to inference tensors)
         model(input_ids, mask, kv_cache=prompt_cache)
-    eager, compiled = (prompt_cache.repeat_interleave(2, max_len=input_ids.shape[1] + 12, static=True)
-                       for _ in range(2))
+        eager, compiled = (prompt_cache.repeat_interleave(2, max_len=input_ids.shape[1] + 12, static=True)
+                           for _ in range(2))
     gen = torch.Generator().manual_seed(0)
-    head = model.lm_head.weight
-    with torch.no_grad():
+    with torch.inference_mode():
+        candidates = NumberGrammar(tokenizer, config.vocab_size, 1, n_vars=2, horizon=1).candidate_ids
+        head = model.lm_head.weight[torch.tensor(candidates)]  # the grammar's rows, as generate scores them
         for _ in range(5):
             tokens = torch.randint(2, config.vocab_size, (6, 2), generator=gen)
             real = torch.stack([torch.ones(6, dtype=torch.bool), torch.rand(6, generator=gen) < 0.5], dim=1)
             expected = decode_step(model, eager, tokens, real, head)
-            torch.testing.assert_close(compiled_decode_step()(model, compiled, tokens, real, head), expected,
+            torch.testing.assert_close(compiled_decode_step(model, compiled, tokens, real, head), expected,
                                        atol=1e-5, rtol=0)
     assert torch.equal(eager.lengths, compiled.lengths) and torch.equal(eager.slot_mask, compiled.slot_mask)
+    graphs = compiled_graphs()  # compiled for 6 rows and a cache of input_ids.shape[1] + 12 slots
 
     plain, _ = grammar_generation(model, tokenizer, PROMPTS, samples=2)
     fast, _ = grammar_generation(model, tokenizer, PROMPTS, samples=2, compile=True, jump_forward=True)
     assert torch.equal(fast, plain)
-    graphs = compiled_graphs()
     other = ["7.25,0.5;", "0.1,0.2;0.3,0.4;0.5,0.6;"]
     plain, _ = grammar_generation(model, tokenizer, other, samples=4, temperature=0.9,
                                   generator=torch.Generator().manual_seed(1))
     fast, _ = grammar_generation(model, tokenizer, other, samples=4, temperature=0.9, compile=True,
                                  jump_forward=True, generator=torch.Generator().manual_seed(1))
     assert torch.equal(fast, plain)
-    assert compiled_graphs() == graphs, "compiled decoding recompiled for another batch shape"
+    assert compiled_graphs() == graphs, "compiled decoding recompiled for another cache length or number of rows"
