@@ -257,9 +257,9 @@ def _batch_and_length_vary(cache: KVCache, tokens: torch.Tensor, real: torch.Ten
     mark = torch._dynamo.maybe_mark_dynamic
     for tensor in (tokens, real, cache.slot_mask, cache.lengths, cache.positions):
         mark(tensor, 0)
-    for tensor in (cache.k, cache.v):
-        mark(tensor, 1)
-        mark(tensor, 3)
+    for tensor in (*cache.k, *cache.v):
+        mark(tensor, 0)
+        mark(tensor, 2)
     mark(cache.slot_mask, 1)
 
 

@@ -141,9 +141,11 @@ class KVCache:
 
     def __init__(self, config: QwenConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
                  static: bool = False):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One tensor per layer: a compiled step then writes each in place (slices of one big tensor would be
+        # rebuilt whole on every write).
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.slot_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -175,12 +177,13 @@ class KVCache:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Write one layer's keys/values (B, heads, T, head_dim) at the claimed slots; all keys/values to attend to."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer_idx, rows, :, self._slots] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer_idx, rows, :, self._slots] = v.transpose(1, 2).to(self.v.dtype)
+        keys, values = self.k[layer_idx], self.v[layer_idx]
+        keys[rows, :, self._slots] = k.transpose(1, 2).to(keys.dtype)
+        values[rows, :, self._slots] = v.transpose(1, 2).to(values.dtype)
         if self.static:
-            return self.k[layer_idx], self.v[layer_idx]
+            return keys, values
         end = self.used + k.shape[2]
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def end(self, attention_mask: torch.Tensor) -> None:
         """After the layers: each row has used the slots up to its last real token of the call."""
@@ -200,14 +203,17 @@ class KVCache:
         used = self.length
         if max_len < used:
             raise ValueError(f"a cache holding {used} positions cannot be copied into {max_len}")
-        L, B, H, _, D = self.k.shape
+        B, H, _, D = self.k[0].shape
         copy = object.__new__(KVCache)
-        copy.k = self.k.new_zeros(L, B * repeats, H, max_len, D)
-        copy.v = self.v.new_zeros(L, B * repeats, H, max_len, D)
-        copy.slot_mask = self.slot_mask.new_zeros(B * repeats, max_len)
         filled = slice(0, used)
-        copy.k[..., filled, :] = self.k[..., filled, :].repeat_interleave(repeats, dim=1)
-        copy.v[..., filled, :] = self.v[..., filled, :].repeat_interleave(repeats, dim=1)
+
+        def copied(layer: torch.Tensor) -> torch.Tensor:
+            rows = layer.new_zeros(B * repeats, H, max_len, D)
+            rows[:, :, filled] = layer[:, :, filled].repeat_interleave(repeats, dim=0)
+            return rows
+
+        copy.k, copy.v = [copied(layer) for layer in self.k], [copied(layer) for layer in self.v]
+        copy.slot_mask = self.slot_mask.new_zeros(B * repeats, max_len)
         copy.slot_mask[:, filled] = self.slot_mask[:, filled].repeat_interleave(repeats, dim=0)
         copy.lengths = self.lengths.repeat_interleave(repeats)
         copy.positions = self.positions.repeat_interleave(repeats)

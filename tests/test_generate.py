@@ -174,14 +174,15 @@ def test_kv_cache_repeat_interleave_copies_rows_in_order():
     with torch.no_grad():
         model(input_ids, mask, kv_cache=cache)
     copy = cache.repeat_interleave(3, max_len=12)
-    assert copy.length == 5 and copy.max_len == 12 and copy.k.shape[3] == 12
+    assert copy.length == 5 and copy.max_len == 12 and copy.k[0].shape[2] == 12
     for row in range(6):
-        assert torch.equal(copy.k[:, row, :, :8], cache.k[:, row // 3])
-        assert torch.equal(copy.v[:, row, :, :8], cache.v[:, row // 3])
+        for layer in range(CONFIG.num_hidden_layers):
+            assert torch.equal(copy.k[layer][row, :, :8], cache.k[layer][row // 3])
+            assert torch.equal(copy.v[layer][row, :, :8], cache.v[layer][row // 3])
         assert torch.equal(copy.slot_mask[row, :8], cache.slot_mask[row // 3])
     assert not copy.slot_mask[:, 5:].any()
-    copy.k.zero_()
-    assert cache.k.abs().sum() > 0  # a copy, not a view: samples write their own slots
+    copy.k[0].zero_()
+    assert cache.k[0].abs().sum() > 0  # a copy, not a view: samples write their own slots
     with pytest.raises(ValueError, match="holding 5 positions"):
         cache.repeat_interleave(2, max_len=4)
 
