@@ -19,6 +19,7 @@ beta*x*y (prey), dy/dt = delta*x*y - gamma*y (predator); classic LV has inv_capa
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -45,6 +46,21 @@ JACOBIAN_STEP = 1e-6
 # A forecast above this multiple of its species' largest context value is unstable (a fitted orbit that runs away
 # rather than one the context supports) and falls back to persistence.
 FALLBACK_FACTOR = 10.0
+
+
+def single_threaded(function):
+    """Run `function` with one torch thread. The LV fit is thousands of elementwise operations on tensors of a few
+    thousand elements: splitting each across threads only adds synchronisation, which on a busy machine costs far
+    more than the work (the fit of the coursework test split: 2.4 s on one thread, 155 s on two shared cores)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
 
 
 def persistence(context: np.ndarray, horizon: int) -> np.ndarray:
@@ -157,6 +173,7 @@ class LVFit:
         return [VARIANTS[int(flag)] for flag in self.logistic]
 
 
+@single_threaded
 def fit_lotka_volterra(contexts: np.ndarray, times: np.ndarray, *, substeps: int = DEFAULT_SUBSTEPS,
                        iterations: int = 40, variants=VARIANTS) -> LVFit:
     """Least-squares fit of each (T, 2) context observed at `times` (T,) by the classic and/or logistic LV model,
@@ -241,6 +258,7 @@ def fit_lotka_volterra(contexts: np.ndarray, times: np.ndarray, *, substeps: int
                  loss=(loss[rows] / r.shape[1]).numpy(), iterations=iteration, logistic=chosen_logistic)
 
 
+@single_threaded
 def lotka_volterra_forecast(contexts: np.ndarray, times: np.ndarray, horizon: int, *,
                             substeps: int = DEFAULT_SUBSTEPS, iterations: int = 40,
                             variants=VARIANTS) -> tuple[np.ndarray, LVFit]:

@@ -72,3 +72,18 @@ def test_a_runaway_forecast_falls_back_to_persistence():
     assert fit.fallback.tolist() == [True]
     np.testing.assert_array_equal(forecast[0], persistence(growing[0, :50], 50))
     assert FALLBACK_FACTOR * growing[0, :50, 0].max() < growing[0, 50:, 0].max()  # it would have left the range
+
+
+def test_lv_fit_is_finite_on_the_users_test_split():
+    """The users' file (skipped where absent): the classic fit alone reached MSE ~1e34 on its test split."""
+    from conftest import LV_H5
+    from data.lotka_volterra import load, split_indices
+
+    if not LV_H5.is_file():
+        pytest.skip("../shared/fixtures/lotka_volterra_data.h5 not present")
+    data = load(LV_H5)
+    test = data.trajectories[split_indices(len(data)).test]
+    forecast, fit = lotka_volterra_forecast(test[:, :50], data.time, 50)
+    mse = ((forecast - test[:, 50:]) ** 2).mean(axis=(0, 1))
+    assert np.isfinite(mse).all() and (mse < [0.5, 0.1]).all()  # persistence: 0.96 and 0.11
+    assert fit.fallback.sum() <= 0.05 * len(test)
