@@ -58,16 +58,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose float32 inference on CPU (no autograd, no autocast) runs oneDNN's GEMM: at decode-sized inputs
+    (tens of rows) on 2 cores it is 2-4x faster than the default MKL GEMM, which hardly uses the second core there;
+    at training sizes the two are within noise. Results agree to float32 rounding (~1e-6 relative)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ONEDNN_LINEAR and x.dtype == torch.float32 and not torch.is_grad_enabled() and x.device.type == "cpu" \
+                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available()
+
+
 class Attention(nn.Module):
     def __init__(self, config: QwenConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                         config.head_dim)
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         B, T, _ = x.shape
@@ -106,9 +121,9 @@ def packed_query_attention(q, k, v, mask):
 class MLP(nn.Module):
     def __init__(self, config: QwenConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -231,7 +246,7 @@ class Qwen(nn.Module):
         self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(init_weights)
