@@ -251,10 +251,12 @@ def task_forecast(model, impl, config, args, device):
     lengths = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, tokens.shape[1])
     steps = (tokens == tokenizer.token_to_id(STEP_SEP)).sum(1)
     counter, n_candidates = meta_model(config), len(grammar().candidate_ids)
-    if impl == "ours":  # one prefill per prompt; decode forwards of (rows x tokens per row) slots, padding included
+    if impl == "ours":  # one prefill per prompt; decode forwards of the real tokens fed (a compiled step computes
+        # its padding too: rows x tokens per row)
         plain = generation_flops(counter, len(examples), ids.shape[1], rows, decode.forwards + 1,
                                  head_rows=n_candidates)
-        flops = plain.prefill + plain.decode * decode.fed_slots // max(rows * decode.forwards, 1)
+        computed = decode.fed_slots if args.compile else decode.fed_tokens
+        flops = plain.prefill + plain.decode * computed // max(rows * decode.forwards, 1)
         extra = {"decode_forwards": decode.forwards, "fed_tokens": decode.fed_tokens, "fed_slots": decode.fed_slots,
                  "forced_tokens": decode.forced_tokens}
     else:  # num_return_sequences: every sample's row prefilled; the whole LM head every step; as many steps

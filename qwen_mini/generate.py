@@ -52,7 +52,7 @@ class DecodeStats:
     """What a `generate` call ran (filled in when passed as `stats=`)."""
     forwards: int = 0  # decode forward passes (the prefill not counted)
     fed_tokens: int = 0  # real tokens fed to them, all rows
-    fed_slots: int = 0  # rows x tokens per row of those passes (padding included): what the layers computed
+    fed_slots: int = 0  # rows x tokens per row of those passes, padding included (a compiled step computes it all)
     forced_tokens: int = 0  # tokens appended without sampling (jump-forward)
 
 

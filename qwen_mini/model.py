@@ -59,13 +59,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose float32 inference on CPU (no autograd, no autocast) runs oneDNN's GEMM: at decode-sized inputs
-    (tens of rows) on 2 cores it is 2-4x faster than the default MKL GEMM, which hardly uses the second core there;
-    at training sizes the two are within noise. Results agree to float32 rounding (~1e-6 relative)."""
+    """nn.Linear whose float32 inference on CPU (no autograd, no autocast, not being compiled: inductor picks its own
+    GEMM) runs oneDNN's GEMM: at decode-sized inputs (tens of rows) on 2 cores it is 2-4x faster than the default MKL
+    GEMM, which hardly uses the second core there; at training sizes the two are within noise. Results agree to
+    float32 rounding (~1e-6 relative)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ONEDNN_LINEAR and x.dtype == torch.float32 and not torch.is_grad_enabled() and x.device.type == "cpu" \
-                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") \
+                and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -85,10 +87,14 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        B, T = cos.shape[:2]  # x is (B, T, hidden), or the real tokens of a padded decode chunk (see KVCache.packed)
+        packed = kv_cache.packed if kv_cache is not None else None
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if packed is not None:
+            q, k, v = (unpack_tokens(t, packed, B, T) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
@@ -97,11 +103,21 @@ class Attention(nn.Module):
         else:  # mask None means "plain causal, no padding": the fast fused path used in training.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y if packed is None else y.flatten(0, 1)[packed])
+
+
+def unpack_tokens(x: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """(N, features) rows of the real tokens -> (B, T, features), zeros where `index` (into B * T) has none."""
+    grid = x.new_zeros(B * T, x.shape[-1])
+    grid[index] = x
+    return grid.view(B, T, -1)
 
 
 # Decode steps attend with at most this many queries per key/value head (query heads sharing it x tokens per row).
 PACKED_QUERIES = 64
+# Calls of at most this many tokens per row through an eager cache are decode chunks: their padding is not computed.
+PACK_TOKENS = 4
 
 
 def packed_query_attention(q, k, v, mask):
@@ -167,6 +183,10 @@ class KVCache:
         self.max_len, self.static = max_len, static
         self.used = 0  # the most slots any row used (eager caches only: a static one keeps no Python state)
         self._slots = None  # (B, T) slots of the call in progress, between `begin` and `end`
+        # Between `begin` and `end` of a decode chunk with padding (rows that jumped ahead by fewer tokens, or stopped):
+        # the flat indices (into B * T) of its real tokens. The layers then compute those only, (N, hidden), and
+        # attention puts them back in the (B, T) grid; eager caches only (a static one keeps its shapes).
+        self.packed = None
 
     @property
     def length(self) -> int:
@@ -187,6 +207,8 @@ class KVCache:
         key_slots = torch.arange(self.slot_mask.shape[1] if self.static else self.used + T, device=real.device)
         seen = (key_slots <= slots[..., None]) & self.slot_mask[:, None, :len(key_slots)]
         self._slots = slots
+        if not self.static and T <= PACK_TOKENS and not bool(real.all()):
+            self.packed = real.flatten().nonzero().squeeze(1)
         return position_ids, (seen | (key_slots == slots[..., None]))[:, None]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
@@ -207,7 +229,7 @@ class KVCache:
         last = T - real.flip(-1).long().argmax(-1)  # one past the last real token; T when none is real: fixed below
         self.lengths += torch.where(real.any(-1), last, 0)
         self.positions += real.sum(-1)
-        self._slots = None
+        self._slots = self.packed = None
         if not self.static:
             self.used = self.length
 
@@ -233,7 +255,7 @@ class KVCache:
         copy.lengths = self.lengths.repeat_interleave(repeats)
         copy.positions = self.positions.repeat_interleave(repeats)
         copy.max_len, copy.static = max_len, self.static if static is None else static
-        copy.used, copy._slots = used, None
+        copy.used, copy._slots, copy.packed = used, None, None
         return copy
 
 
@@ -275,11 +297,15 @@ class Qwen(nn.Module):
                 position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
             mask = attention_mask_4d(key_mask)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        packed = kv_cache.packed if kv_cache is not None else None
+        if packed is not None:  # a padded decode chunk: the layers compute its real tokens only
+            x = x.flatten(0, 1)[packed]
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.end(attention_mask)
-        return self.model.norm(x)
+        x = self.model.norm(x)
+        return x if packed is None else unpack_tokens(x, packed, B, T)
 
     def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
         p = self.lm_head.weight
