@@ -229,6 +229,30 @@ def test_jump_forward_writes_the_tokens_of_plain_decoding_in_fewer_forwards(samp
     assert jump_stats.fed_tokens == plain_stats.fed_tokens  # every token is fed once either way
 
 
+def test_a_padded_decode_chunk_computes_the_same_logits_packed_as_in_the_grid():
+    """Through an eager cache the layers compute only the real tokens of a chunk with padding (packed); a static
+    cache computes the whole (B, T) grid. Same logits after each row's last real token, same cache bookkeeping."""
+    from qwen_mini.generate import decode_step
+
+    model = random_model(CONFIG, seed=14)
+    input_ids, mask = left_padded_batch(CONFIG.vocab_size, [7, 3, 5, 6], seed=14)
+    gen = torch.Generator().manual_seed(14)
+    with torch.inference_mode():
+        eager = model.new_cache(4, 30)
+        model(input_ids, mask, kv_cache=eager)
+        grid = eager.repeat_interleave(1, static=True)
+        for _ in range(4):
+            tokens = torch.randint(0, CONFIG.vocab_size, (4, 2), generator=gen)
+            real = torch.stack([torch.rand(4, generator=gen) < 0.8, torch.rand(4, generator=gen) < 0.5], dim=1)
+            real[:, 1] &= real[:, 0]  # padding only at the end of a row
+            packed = decode_step(model, eager, tokens, real, model.lm_head.weight)
+            assert eager.packed is None  # only during the call
+            full = decode_step(model, grid, tokens, real, model.lm_head.weight)
+            has = real.any(1)
+            torch.testing.assert_close(packed[has], full[has], atol=1e-5, rtol=0)
+    assert torch.equal(eager.lengths, grid.lengths) and torch.equal(eager.positions, grid.positions)
+
+
 def test_jump_forward_needs_a_constraint_with_read():
     model = random_model(CONFIG)
     with pytest.raises(ValueError, match="jump_forward needs a TokenConstraint"):
