@@ -6,7 +6,9 @@ keeps its own length in the cache, so rows may advance by different numbers of t
 - **Jump-forward** (`jump_forward=True`): where the constraint allows a row exactly one next token (the number
   grammar's separator after the last decimal, the point after a leading zero, the stop token after the horizon),
   that token is appended without sampling and fed together with the row's sampled token in the next step, so a
-  forecast takes fewer forward passes. The tokens are those of plain decoding (see "Sampling").
+  forecast takes fewer forward passes (27 % fewer for LLMTIME numbers). Rows with fewer tokens in a step are padded;
+  through an eager cache the layers compute the real tokens only. The tokens are those of plain decoding (see
+  "Sampling"; in bf16, up to the rounding differences a different batch shape brings).
 - **Compiled decoding** (`compile=True`): the decode step is `torch.compile`d over a static cache (attention over
   all its slots, state in tensors only, a fixed number of tokens per row), so it compiles once per model and batch
   shape and never again (`compiled_graphs()` counts the compilations); the path CUDA graphs need.
