@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .config import QwenConfig
 
@@ -59,15 +60,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose float32 inference on CPU (no autograd, no autocast, not being compiled: inductor picks its own
-    GEMM) runs oneDNN's GEMM: at decode-sized inputs (tens of rows) on 2 cores it is 2-4x faster than the default MKL
-    GEMM, which hardly uses the second core there; at training sizes the two are within noise. Results agree to
-    float32 rounding (~1e-6 relative)."""
+    """nn.Linear whose float32 inference on CPU runs oneDNN's GEMM: at decode-sized inputs (tens of rows) on 2 cores
+    it is 2-4x faster than the default MKL GEMM, which hardly uses the second core there; at training sizes the two
+    are within noise. Results agree to float32 rounding (~1e-6 relative). Not under autograd or autocast, not while
+    compiling (inductor picks its own GEMM), not under a dispatch mode (FLOP counters see a plain linear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ONEDNN_LINEAR and x.dtype == torch.float32 and not torch.is_grad_enabled() and x.device.type == "cpu" \
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") \
-                and not torch.compiler.is_compiling():
+                and not torch.compiler.is_compiling() and _current_dispatch_mode() is None:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
