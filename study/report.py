@@ -171,6 +171,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _save_line_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_budget(path: Path, records: list[Record], groups: dict[str, int], budget: int) -> Path:
     """Two horizontal bars against the budget: spent by kind (and reserved), spent by group."""
     t = totals(records)
@@ -210,12 +219,8 @@ def plot_group_losses(path: Path, group: Group) -> Path:
             ax.plot(steps, moving_average(losses, window), color=color, alpha=0.35, lw=1)
         if run.val:
             ax.plot(*zip(*run.val), "o-", color=color, ms=3, lw=1.5, label=short_label(run, group))
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token); faint: train")
-    ax.set_title(f"{group.name}: loss curves", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save_line_plot(fig, ax, path, "step", "validation loss (nats/token); faint: train",
+                           f"{group.name}: loss curves")
 
 
 def short_label(run: RunInfo, group: Group) -> str:
@@ -279,12 +284,8 @@ def plot_context(path: Path, name: str, sweeps: dict[str, list[RunInfo]]) -> Pat
         for r in members:
             ax.annotate(f"{r.best_val:.3f}", (r.config["ctx"], r.best_val), fontsize=7, textcoords="offset points",
                         xytext=(0, 5), ha="center")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("best validation loss")
-    ax.set_title(f"{name}: validation loss against context length", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save_line_plot(fig, ax, path, "context length (tokens)", "best validation loss",
+                           f"{name}: validation loss against context length")
 
 
 # ---- the report ----------------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def test_config_validation_messages(field, value, message):
 
 
 def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ConfigError, match="known presets: qwen2.5-0.5b, tiny"):
+    with pytest.raises(ConfigError, match="known presets: lv-tiny, qwen2.5-0.5b, tiny"):
         QwenConfig.from_name("qwen-7b")
 
 

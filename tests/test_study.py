@@ -293,3 +293,15 @@ def test_a_killed_plan_continues_where_it_stopped(tmp_path, small_data, capsys):
     study = json.loads((runs / "small" / "study.json").read_text())
     assert [s["name"] for s in study["stages"]] == ["zero_shot", "grid", "context", "test"]
     assert Ledger(runs).totals().outstanding == 0
+
+
+@pytest.mark.parametrize("name", ["coursework", "demo"])
+def test_shipped_plans_fit_the_budget(name, tmp_path):
+    """The plans the README points to load, and fit 1e17 with everything counted (the coursework one close to it)."""
+    plan = load_plan(ROOT / "plans" / f"{name}.toml", runs_dir=tmp_path)
+    estimate = estimate_plan(plan)
+    assert estimate.fits and estimate.total <= 1e17
+    if name == "coursework":
+        assert plan.gqa == "mha" and estimate.total > 0.9e17  # uses the budget, as the reports' plans do
+    else:
+        assert (ROOT / plan.train["model"]).is_dir()  # the shipped lv-tiny: runs offline
