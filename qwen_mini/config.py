@@ -157,4 +157,11 @@ PRESETS: dict[str, dict] = {
                  num_attention_heads=7, num_key_value_heads=1, head_dim=16, rope_theta=1_000_000.0,
                  rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=4096,
                  bos_token_id=None, eos_token_id=1, pad_token_id=0, torch_dtype="float32"),
+    # The character vocabulary again, sized to be pretrained on CPU on simulated LV series (models/recipe.py makes
+    # models/lv-tiny from it): four layers, 4:1 query:kv heads, positions for a whole 100-step trajectory's text
+    # (~1000 tokens) and more.
+    "lv-tiny": dict(vocab_size=32, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=32, rope_theta=10_000.0,
+                    rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=2048,
+                    bos_token_id=None, eos_token_id=1, pad_token_id=0, torch_dtype="float32"),
 }
