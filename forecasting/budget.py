@@ -41,7 +41,7 @@ def generated_methods(source: ForecastSource, baselines) -> list[str]:
 
 
 def forecast_bound(source: ForecastSource, selection: Selection, protocol: Protocol, *, baselines, batch: int,
-                   gqa: str) -> int:
+                   gqa: str, jump_forward: bool = False, compile: bool = False) -> int:
     """The most FLOPs `evaluate` can spend on these trajectories: exact prefills, the longest forecasts."""
     examples = [make_eval_example(source.data.trajectories[i], i, protocol.context, protocol.horizon,
                                   protocol.decimals) for i in selection.indices]
@@ -50,7 +50,8 @@ def forecast_bound(source: ForecastSource, selection: Selection, protocol: Proto
                                   protocol.int_digits, protocol.allow_negative)
     one = generation_plan(source.model, prompts, [longest] * len(prompts), batch=batch,
                           num_samples=protocol.num_samples, constrained=protocol.constrained,
-                          allow_negative=protocol.allow_negative, gqa=gqa)
+                          allow_negative=protocol.allow_negative, gqa=gqa, jump_forward=jump_forward,
+                          compile=compile)
     return one * len(generated_methods(source, baselines))
 
 
@@ -74,7 +75,8 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
     if booking.no_budget:
         recorder = ledger.recorder(record_dir, run_name=name, gqa=gqa)
     else:
-        bound = forecast_bound(source, selection, protocol, baselines=baselines, batch=batch, gqa=gqa)
+        bound = forecast_bound(source, selection, protocol, baselines=baselines, batch=batch, gqa=gqa,
+                               jump_forward=jump_forward, compile=compile)
         recorder = ledger.reserve(record_dir, bound, kind="forecast", run_name=name, gqa=gqa, what=what)
     with recorder:
         evaluation = evaluate(source.model, source.tokenizer, source.data, source.split, selection, protocol,

@@ -6,7 +6,7 @@ same calls before they run (an upper bound, or an estimate from the targets' len
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -16,7 +16,8 @@ from tqdm import tqdm
 from data.dataset import EvalExample
 from data.llmtime import STEP_SEP, VAR_SEP, ParseReport, decode, encode
 from qwen_mini import generate
-from qwen_mini.flops import GenerationFlops, generation_flops
+from qwen_mini.flops import GenerationFlops, generation_flops, static_decode_flops
+from qwen_mini.generate import JUMP_TOKENS, DecodeStats
 
 from .grammar import DIGITS, POINT, NumberGrammar, StepCounter, max_forecast_tokens
 
@@ -122,16 +123,22 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
             hook = StepCounter(tokenizer, model.config.vocab_size, rows, horizon, device=device)
             candidate_ids = None
         began = time.perf_counter()
+        decode = DecodeStats()
         tokens = generate(model, input_ids.to(device), attention_mask.to(device), num_samples=num_samples,
                           max_new_tokens=max_forecast_tokens(horizon, n_vars, decimals, int_digits, allow_negative),
                           temperature=temperature, top_p=top_p, generator=generator, stop_token_ids=[hook.stop_id],
                           allowed_tokens=hook, candidate_ids=candidate_ids, jump_forward=jump_forward,
-                          compile=compile)
+                          compile=compile, stats=decode)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.seconds += time.perf_counter() - began
+        head_rows = len(candidate_ids) if candidate_ids is not None else None
         flops = generation_flops(model, len(chunk), input_ids.shape[1], rows, tokens.shape[1], gqa=gqa,
-                                 head_rows=len(set(candidate_ids)) if candidate_ids is not None else None)
+                                 head_rows=head_rows)
+        if decode.cache_slots:  # compiled: what the fixed-shape steps computed, padding and all
+            flops = replace(flops, decode=static_decode_flops(
+                model, rows, decode.forwards, decode.fed_slots // max(rows * decode.forwards, 1), decode.cache_slots,
+                gqa=gqa, head_rows=head_rows))
         stats.count(flops)
         if on_flops is not None:
             on_flops(flops)
@@ -157,11 +164,12 @@ def grammar_candidates(allow_negative: bool = False) -> int:
 
 def generation_plan(model, prompt_tokens: list[int], new_tokens: list[int], *, batch: int = 16,
                     num_samples: int = 1, constrained: bool = True, allow_negative: bool = False,
-                    gqa: str = "real") -> int:
+                    gqa: str = "real", jump_forward: bool = False, compile: bool = False) -> int:
     """FLOPs of `forecast_examples` on examples whose prompts are `prompt_tokens` long, if each batch generates the
     largest of its examples' `new_tokens` (the rows of a batch decode until the last one stops): pass every
     example's `max_forecast_tokens` for an upper bound, or its target text's length + 1 for an estimate. `model`
-    may be a meta-device model (only shapes are read)."""
+    may be a meta-device model (only shapes are read). With `compile`, a bound: every step computes its full width
+    (2 tokens a row with `jump_forward`) against the whole static cache, one step per new token."""
     if len(prompt_tokens) != len(new_tokens):
         raise ValueError(f"one prompt length and one token count per example, got {len(prompt_tokens)} and "
                          f"{len(new_tokens)}")
@@ -169,8 +177,14 @@ def generation_plan(model, prompt_tokens: list[int], new_tokens: list[int], *, b
     head_rows = grammar_candidates(allow_negative) if constrained else None
     for start in range(0, len(prompt_tokens), per_call):
         prompts = prompt_tokens[start:start + per_call]
-        total += generation_flops(model, len(prompts), max(prompts), len(prompts) * num_samples,
-                                  max(new_tokens[start:start + per_call]), gqa=gqa, head_rows=head_rows).total
+        rows, longest = len(prompts) * num_samples, max(new_tokens[start:start + per_call])
+        flops = generation_flops(model, len(prompts), max(prompts), rows, longest, gqa=gqa, head_rows=head_rows)
+        if compile:
+            width = 1 + JUMP_TOKENS if jump_forward else 1  # generate's static cache: prompt + new + width - 1
+            flops = replace(flops, decode=static_decode_flops(model, rows, longest - 1, width,
+                                                              max(prompts) + longest + width - 1, gqa=gqa,
+                                                              head_rows=head_rows))
+        total += flops.total
     return total
 
 

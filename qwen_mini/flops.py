@@ -45,6 +45,8 @@ Conventions (the users' spreadsheet rules, now in one place):
   every row counts the batch's steps. Feeding k tokens in one call counts as feeding them one by one. The LM head
   covers only the rows of the weight that are scored (`head_rows`: the grammar's candidate tokens when generation
   is restricted to them). Sampling, the grammar's masks and argmax are not model arithmetic and are not counted.
+  Compiled decoding over a static cache (`static_decode_flops`) computes more: every step's fixed number of slots
+  per row, padding and finished rows included, each attending to every slot of the cache.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ from .model import MLP, Attention, Block, Qwen, RMSNorm, RotaryEmbedding
 __all__ = ["BACKWARD_FACTOR", "COSTS", "GQA_MODES", "CountContext", "FlopCountError", "FlopReport", "FlopRow",
            "GenerationFlops", "count_forward", "counter_for", "cross_entropy_flops", "eval_flops", "format_flops",
            "generation_flops", "is_lora_linear", "linear_features", "matmul_flops", "meta_model", "register_counter",
-           "resolve_costs", "training_step_flops", "unregister_counter"]
+           "resolve_costs", "static_decode_flops", "training_step_flops", "unregister_counter"]
 
 # FLOPs per primitive operation (the users' table). Read-only: pass `costs=` to override entries.
 COSTS: Mapping[str, int] = MappingProxyType({
@@ -593,6 +595,18 @@ def generation_flops(model: nn.Module, prompts: int, prompt_len: int, rows: int,
                                  "`past` in another way; sum the steps one by one")
         decode = fed * at[0] + slope * fed * (fed - 1) // 2
     return GenerationFlops(prefill, decode, prompts * prompt_len, rows * fed)
+
+
+def static_decode_flops(model: nn.Module, rows: int, forwards: int, tokens_per_row: int, cache_slots: int,
+                        gqa: str = "real", head_rows: int | None = None, costs: Mapping[str, int] = COSTS) -> int:
+    """Decode FLOPs of compiled decoding over a static KV cache (`generate(compile=True)`): each of `forwards` steps
+    computes `tokens_per_row` slots of every row, padding and finished rows included, and every slot attends to all
+    `cache_slots` slots of the cache (a fixed-shape graph cannot skip the empty ones)."""
+    if not forwards:
+        return 0
+    return forwards * count_forward(model, rows, tokens_per_row, past=cache_slots - tokens_per_row, gqa=gqa,
+                                    costs=costs, include_loss=False, logits="last", head_rows=head_rows,
+                                    training=False).forward
 
 
 # ---- a model to count without weights ------------------------------------------------------------------------------

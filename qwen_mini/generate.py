@@ -56,6 +56,7 @@ class DecodeStats:
     fed_tokens: int = 0  # real tokens fed to them, all rows
     fed_slots: int = 0  # rows x tokens per row of those passes, padding included (a compiled step computes it all)
     forced_tokens: int = 0  # tokens appended without sampling (jump-forward)
+    cache_slots: int = 0  # compiled decoding: the static cache's slots, all attended to by every step (else 0)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -162,6 +163,7 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                 if temperature > 0 else None)
     step_fn = compiled_decode_step if compile else decode_step
     stats = stats if stats is not None else DecodeStats()
+    stats.cache_slots = cache_len if compile else 0
     row_index = torch.arange(rows, device=device)
     length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens written per row
     finished = torch.zeros(rows, dtype=torch.bool, device=device)

@@ -305,3 +305,27 @@ def test_shipped_plans_fit_the_budget(name, tmp_path):
         assert plan.gqa == "mha" and estimate.total > 0.9e17  # uses the budget, as the reports' plans do
     else:
         assert (ROOT / plan.train["model"]).is_dir()  # the shipped lv-tiny: runs offline
+
+
+def test_a_compiled_forecast_books_what_its_fixed_shape_steps_compute(tmp_path, capsys):
+    """--compile --jump-forward: every decode step computes 2 slots of every row, each attending to every slot of the
+    static cache (prompt + longest forecast + 1), so that is what is booked and reserved — not the eager count."""
+    from forecasting.grammar import max_forecast_tokens
+
+    runs = tmp_path / "runs"
+    booked = {}
+    for mode in ([], ["--compile", "--jump-forward"]):
+        out = runs / ("compiled" if mode else "eager")
+        status, _, err = run_main(forecast_cli.main, capsys, "--model", "tiny", "--limit", "2", "--horizon", "3",
+                                  "--no-baselines", "--quiet", "--runs-dir", runs, "--out", out, *mode)
+        assert status == 0, err
+        booked[bool(mode)] = read_record(out / "flops.json").forecasts[0]
+    eager, compiled = booked[False], booked[True]
+    width = compiled["prefill_tokens"] // 2
+    candidates = 10 + 3 + 1
+    assert compiled["prefill_flops"] == eager["prefill_flops"] == closed_forward(2, width, width, 2, candidates)
+    longest = max_forecast_tokens(3, 2)
+    per_step = closed_forward(2, 2, width + longest + 1, 2, candidates)
+    steps, rest = divmod(compiled["decode_flops"], per_step)
+    assert rest == 0 and 3 * 2 * 5 / 2 <= steps < longest  # at most 2 tokens a step, fewer steps than tokens
+    assert compiled["decode_flops"] > eager["decode_flops"]
