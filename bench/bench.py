@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from bench.hf_twin import hf_twin  # noqa: E402
 from qwen_mini import PRESETS, Qwen, QwenConfig  # noqa: E402
 from qwen_mini.cli import positive_float, positive_int  # noqa: E402
-from qwen_mini.flops import count_forward, generation_flops, meta_model  # noqa: E402
+from qwen_mini.flops import count_forward, generation_flops, meta_model, static_decode_flops  # noqa: E402
 from qwen_mini.generate import DecodeStats  # noqa: E402
 
 # Medium CPU config: the real vocabulary and layer shapes of Qwen2.5-0.5B, fewer layers, so the LM head's cost is
@@ -118,9 +118,7 @@ def task_train_step(model, impl, config, args, device):
         loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
     model.train()
     if impl == "ours":
-        for _, layer in lora.lora_layers(model):  # train.py's precision: adapters and AdamW state in float32
-            layer.lora_A.float()
-            layer.lora_B.float()
+        lora.adapters_to_float32(model)  # train.py's precision: adapters and AdamW state in float32
         if args.compile:
             from training.loop import compile_blocks
 
@@ -143,7 +141,7 @@ def task_train_step(model, impl, config, args, device):
         optimizer.step()
 
     times = timed(step, device, args.reps)
-    flops = count_forward(counting_model(config, args), args.batch, args.ctx, training=True).step
+    flops = executed_step_flops(count_forward(counting_model(config, args), args.batch, args.ctx, training=True))
     return {"seconds": times, "tokens": args.batch * args.ctx, "trainable": sum(p.numel() for p in params),
             "flops": flops}
 
@@ -221,17 +219,17 @@ def task_forecast(model, impl, config, args, device):
 
     stop_id = grammar().stop_id
 
-    decode = DecodeStats()
+    last = {}  # the DecodeStats of the last call
     if impl == "ours":
         from qwen_mini import generate
 
         def fn(new=max_new):
             hook = grammar()
-            decode.__init__()  # the stats of the last call
+            last["decode"] = DecodeStats()
             return generate(model, ids, mask, max_new_tokens=new, num_samples=args.fc_samples,
                             temperature=args.fc_temperature, generator=torch.Generator(device).manual_seed(args.seed),
                             stop_token_ids=[stop_id], allowed_tokens=hook, candidate_ids=hook.candidate_ids,
-                            jump_forward=args.jump_forward, compile=args.compile, stats=decode)
+                            jump_forward=args.jump_forward, compile=args.compile, stats=last["decode"])
     else:
         from transformers import LogitsProcessorList
 
@@ -251,12 +249,17 @@ def task_forecast(model, impl, config, args, device):
     lengths = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, tokens.shape[1])
     steps = (tokens == tokenizer.token_to_id(STEP_SEP)).sum(1)
     counter, n_candidates = meta_model(config), len(grammar().candidate_ids)
-    if impl == "ours":  # one prefill per prompt; decode forwards of the real tokens fed (a compiled step computes
-        # its padding too: rows x tokens per row)
+    if impl == "ours":  # one prefill per prompt; eager: decode forwards of the real tokens fed; compiled: every
+        # slot of every step against the whole static cache
+        decode = last["decode"]
         plain = generation_flops(counter, len(examples), ids.shape[1], rows, decode.forwards + 1,
                                  head_rows=n_candidates)
-        computed = decode.fed_slots if args.compile else decode.fed_tokens
-        flops = plain.prefill + plain.decode * computed // max(rows * decode.forwards, 1)
+        if decode.cache_slots:
+            flops = plain.prefill + static_decode_flops(counter, rows, decode.forwards,
+                                                        decode.fed_slots // max(rows * decode.forwards, 1),
+                                                        decode.cache_slots, head_rows=n_candidates)
+        else:
+            flops = plain.prefill + plain.decode * decode.fed_tokens // max(rows * decode.forwards, 1)
         extra = {"decode_forwards": decode.forwards, "fed_tokens": decode.fed_tokens, "fed_slots": decode.fed_slots,
                  "forced_tokens": decode.forced_tokens}
     else:  # num_return_sequences: every sample's row prefilled; the whole LM head every step; as many steps
@@ -299,6 +302,31 @@ def counting_model(config: QwenConfig, args):
     model = meta_model(config)
     lora.inject(model, rank=args.rank, alpha=args.rank, targets=tuple(args.targets.split(",")))
     return model
+
+
+def executed_step_flops(report) -> int:
+    """FLOPs a LoRA training step actually executes (not the 3 x forward of the budget convention): the forward;
+    each matmul's input gradient where its input needs one, its weight gradient where the weight trains (the
+    adapters only); attention's two products differentiate both operands; the other operations once more
+    backward. Nothing before the first adapter needs a gradient: the embedding, rotary tables, the first layer's norm
+    and its q/k/v base projections and adapters' inputs run forward only (k_proj too: it has no adapter)."""
+    total = 0
+    for row in report.rows:
+        total += row.forward
+        first_attention_input = row.layer == "layers.0" and row.component.startswith(
+            ("input_layernorm.", "self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj."))
+        if row.layer in ("embed_tokens", "rotary_emb") or row.component.startswith("self_attn.rope_k") \
+                and row.layer == "layers.0":
+            continue
+        if row.component.endswith(".matmul"):
+            trains = ".lora_A." in row.component or ".lora_B." in row.component
+            input_grad = not (first_attention_input and ".lora_B." not in row.component)
+            total += row.forward * (int(input_grad) + int(trains))
+        elif row.component in ("self_attn.scores", "self_attn.values"):
+            total += 2 * row.forward
+        elif not first_attention_input or ".lora_" in row.component:
+            total += row.forward
+    return total
 
 
 def decode_bytes_per_flop(config: QwenConfig, args, rows: int, head_rows: int | None, cached: int | None = None

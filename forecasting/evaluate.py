@@ -243,6 +243,7 @@ def write_per_trajectory_csv(path: Path, evaluation: Evaluation) -> Path:
                   "lv_context_mse", "lv_variant", "lv_fallback"] if lv else []
     periods = evaluation.periods
     period_columns = ["seasonal_period"] if periods is not None else []
+    variants = lv.variant if lv else None  # one list, not one per row
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -252,7 +253,7 @@ def write_per_trajectory_csv(path: Path, evaluation: Evaluation) -> Path:
             for row, (ex, fc) in enumerate(zip(evaluation.examples, evaluation.forecasts[MODEL])):
                 values = [errors[name][metric][row] for name, e in errors.items() for metric in e]
                 lv_values = [*lv.params[row], lv.inv_capacity[row], *lv.state0[row], lv.loss[row]] if lv else []
-                lv_labels = [lv.variant[row], bool(lv.fallback[row])] if lv else []
+                lv_labels = [variants[row], bool(lv.fallback[row])] if lv else []
                 period = [periods[row] or ""] if periods is not None else []
                 writer.writerow([ex.index, evaluation.split.which(ex.index),
                                  f"{len(fc.samples) - fc.parse_failures}/{len(fc.samples)}",

@@ -204,6 +204,16 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapters_to_float32(model: nn.Module) -> int:
+    """Keep every adapter's A and B in float32 whatever the base's dtype (a bf16 base trains float32 adapters and
+    AdamW state under autocast). Returns the number of adapted layers."""
+    layers = list(lora_layers(model))
+    for _, layer in layers:
+        layer.lora_A.float()
+        layer.lora_B.float()
+    return len(layers)
+
+
 def merge_all(model: nn.Module) -> int:
     """Merge every adapter into its base weight; returns the number of LoRA layers."""
     layers = [layer for _, layer in lora_layers(model)]

@@ -394,9 +394,7 @@ def build_model(config: TrainConfig, device: torch.device, precision: Precision)
         model.requires_grad_(True)
     else:
         lora.inject(model, config.rank, config.alpha, config.targets, config.lora_dropout)
-        for _, layer in lora.lora_layers(model):
-            layer.lora_A.float()
-            layer.lora_B.float()
+        lora.adapters_to_float32(model)
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.compile:
