@@ -14,12 +14,12 @@ import torch
 from tqdm import tqdm
 
 from data.dataset import EvalExample
-from data.llmtime import STEP_SEP, VAR_SEP, ParseReport, decode, encode
+from data.llmtime import ParseReport, decode, encode
 from qwen_mini import generate
 from qwen_mini.flops import GenerationFlops, generation_flops, static_decode_flops
 from qwen_mini.generate import JUMP_TOKENS, DecodeStats
 
-from .grammar import DIGITS, POINT, NumberGrammar, StepCounter, max_forecast_tokens
+from .grammar import NumberGrammar, StepCounter, grammar_chars, max_forecast_tokens
 
 
 @dataclass
@@ -157,9 +157,9 @@ def trajectories_per_call(batch: int, num_samples: int) -> int:
 
 
 def grammar_candidates(allow_negative: bool = False) -> int:
-    """Tokens the number grammar can produce (NumberGrammar.candidate_ids): digits, point, separators, minus when
-    allowed, the stop token; the LM head of a constrained forecast scores only these."""
-    return len(DIGITS + POINT + VAR_SEP + STEP_SEP) + int(allow_negative) + 1
+    """Tokens the number grammar can produce (NumberGrammar.candidate_ids): its characters and the stop token; the LM
+    head of a constrained forecast scores only these."""
+    return len(grammar_chars(allow_negative)) + 1
 
 
 def generation_plan(model, prompt_tokens: list[int], new_tokens: list[int], *, batch: int = 16,

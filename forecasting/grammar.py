@@ -44,6 +44,11 @@ def max_forecast_tokens(horizon: int, n_vars: int, decimals: int = 2, int_digits
     return horizon * n_vars * (number + 1) + 1
 
 
+def grammar_chars(allow_negative: bool = False) -> str:
+    """The characters the number grammar writes (one token each); with the stop token, every token it allows."""
+    return DIGITS + POINT + VAR_SEP + STEP_SEP + (MINUS if allow_negative else "")
+
+
 class NumberGrammar:
     """The `allowed_tokens` constraint of `qwen_mini.generate` for `batch` rows forecasting `horizon` steps of
     `n_vars` numbers each (`read` each row's new token, ask what is `allowed` next; rows may advance unevenly, as in
@@ -63,8 +68,7 @@ class NumberGrammar:
         self.stop_id = tokenizer.eos_id if stop_id is None else stop_id
         if self.stop_id is None:
             raise ValueError("the tokenizer has no eos token to end a forecast with; pass stop_id")
-        chars = DIGITS + POINT + VAR_SEP + STEP_SEP + (MINUS if allow_negative else "")
-        self.ids = single_token_ids(tokenizer, chars)
+        self.ids = single_token_ids(tokenizer, grammar_chars(allow_negative))
         if self.stop_id in self.ids.values():
             raise ValueError(f"the stop token {self.stop_id} is also the token of a grammar character")
         too_big = [i for i in (*self.ids.values(), self.stop_id) if not 0 <= i < vocab_size]
