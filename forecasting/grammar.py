@@ -68,7 +68,8 @@ class NumberGrammar:
         self.stop_id = tokenizer.eos_id if stop_id is None else stop_id
         if self.stop_id is None:
             raise ValueError("the tokenizer has no eos token to end a forecast with; pass stop_id")
-        self.ids = single_token_ids(tokenizer, grammar_chars(allow_negative))
+        chars = grammar_chars(allow_negative)
+        self.ids = single_token_ids(tokenizer, chars)
         if self.stop_id in self.ids.values():
             raise ValueError(f"the stop token {self.stop_id} is also the token of a grammar character")
         too_big = [i for i in (*self.ids.values(), self.stop_id) if not 0 <= i < vocab_size]
