@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, default=STEPS, help="LoRA training steps (default: %(default)s)")
     args = p.parse_args(argv)
     if args.data is not None and not Path(args.data).is_file():
-        p.error(f"--data {args.data}: no such file")
+        p.error(f"--data {args.data}: " + ("a directory, not an h5 file" if Path(args.data).is_dir() else "no such file"))
     run = fresh_dir(Path(args.runs_dir) / "demo")
     steps = ["--model", str(LV_TINY), "--rank", "8", "--ctx", "768", "--steps", str(args.steps), *TRAIN,
              "--seed", str(args.seed),

@@ -30,3 +30,6 @@ def test_demo_refuses_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--data", str(tmp_path / "nope.h5"), "--runs-dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "nope.h5: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--data", str(tmp_path), "--runs-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and f"--data {tmp_path}: a directory, not an h5 file" in capsys.readouterr().err
