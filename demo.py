@@ -28,10 +28,11 @@ LV_TINY = MODEL_DIR  # the shipped pretrained base
 # few steps, so the demo stays within minutes on a CPU.
 STEPS = 40
 TRAIN = ["--lr", "5e-4", "--batch", "8", "--schedule", "cosine", "--eval-every", "20", "--val-batches", "2"]
-# The point forecast is the median of 10 samples (LLMTIME's): one greedy path puts a sharp peak a few steps off, which
-# squared error punishes twice; the median of samples hedges where the timing is uncertain. The untrained baseline
-# is left out to stay within minutes (`forecast.py --model models/lv-tiny` forecasts zero-shot).
-FORECAST = ["--jump-forward", "--num-samples", "10", "--temperature", "1.0", "--batch", "100",
+# The point forecast is the median of 20 samples (LLMTIME's): one greedy path puts a sharp peak a few steps off, which
+# squared error punishes twice; the median of samples hedges where the timing is uncertain. 400 rows per generate
+# call (20 trajectories) keep the tiny model's decode loop busy. The untrained baseline is left out to stay within
+# minutes (`forecast.py --model models/lv-tiny` forecasts zero-shot).
+FORECAST = ["--jump-forward", "--num-samples", "20", "--temperature", "1.0", "--batch", "400",
             "--baselines", "persistence,seasonal_naive,lv_fit"]
 __doc__ = __doc__.replace("{TRAIN}", f"--steps {STEPS} " + " ".join(TRAIN)).replace("{FORECAST}", " ".join(FORECAST))
 

@@ -2,7 +2,7 @@
 Lotka-Volterra series in LLMTIME text, with the project's own tools.
 
     python -m models.recipe                     # the whole recipe in runs/lv-tiny-pretrain, then models/lv-tiny
-    python -m models.recipe --threads 1         # as recorded on a shared 2-core machine (see models/lv-tiny)
+    python -m models.recipe --threads 1         # one torch thread (faster on a busy shared machine)
 
 The steps (each printed as the command it equals; run again after an interruption, the recipe continues where it
 stopped: finished steps are kept, training resumes from its last checkpoint):
@@ -35,13 +35,16 @@ PRESET = "lv-tiny"
 INIT_SEED = 0
 # Trajectories of the default length (100 steps over 0..200) from the default prior.
 DATASETS = {"data.h5": {"n": 40000, "seed": 1, "prior": "varied"},
-            "data2.h5": {"n": 30000, "seed": 2, "prior": "varied"}}
+            "data2.h5": {"n": 30000, "seed": 2, "prior": "varied"},
+            "data3.h5": {"n": 30000, "seed": 3, "prior": "varied"}}
 COMMON = ["--full", "--ctx", "1024", "--batch", "8", "--schedule", "cosine", "--dtype", "bfloat16", "--seed", "0",
           "--eval-every", "100", "--val-batches", "4", "--checkpoint-every", "100"]
 STAGES = [
     {"out": "run", "model": "init", "data": "data.h5", "args": ["--steps", "4000", "--lr", "3e-3", "--warmup", "100"]},
     {"out": "run2", "model": "run/model", "data": "data2.h5",
      "args": ["--steps", "3000", "--lr", "1e-3", "--warmup", "100"]},
+    {"out": "run3", "model": "run2/model", "data": "data3.h5",
+     "args": ["--steps", "3000", "--lr", "5e-4", "--warmup", "100"]},
 ]
 FIRST_STEPS = 3  # losses of the first stage recorded for the reproduction test (tests/test_lv_tiny.py)
 WEIGHTS = "model.safetensors"
@@ -119,7 +122,7 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def export(work: Path, out: Path, wall: dict[str, float], threads: int) -> Path:
+def export(work: Path, out: Path, wall: dict[str, float], threads: dict[str, int]) -> Path:
     """Step 4: copy the last stage's weights and tokenizer into `out` and describe how they were made."""
     source = work / STAGES[-1]["out"] / "model"
     missing = [name for name in FILES if not (source / name).is_file()]
@@ -136,13 +139,13 @@ def export(work: Path, out: Path, wall: dict[str, float], threads: int) -> Path:
             "out": stage["out"], "data": stage["data"], "args": COMMON + stage["args"], "steps": steps,
             "tokens_seen": steps * config["batch"] * config["ctx"], "train_windows": config.get("train_windows"),
             "per_step_flops": config["per_step_flops"], "train_flops": metrics[-1]["flops"],
-            "wall_seconds": round(wall.get(stage["out"], float("nan")), 1),
+            "wall_seconds": round(wall.get(stage["out"], float("nan")), 1), "threads": threads.get(stage["out"]),
             "val_losses": [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]})
     first = read_metrics(work / STAGES[0]["out"])
     record = {
         "preset": PRESET, "init_seed": INIT_SEED, "datasets": DATASETS, "stages": stages,
         "commands": commands(Path("runs/lv-tiny-pretrain")),
-        "recipe_command": "python -m models.recipe" + (f" --threads {threads}" if threads else ""),
+        "recipe_command": "python -m models.recipe",
         "parameters": json.loads((work / STAGES[0]["out"] / "config.json").read_text()).get("total_params"),
         "weights_bytes": (out / WEIGHTS).stat().st_size, "train_flops": sum(s["train_flops"] for s in stages),
         "wall_seconds": round(sum(s["wall_seconds"] for s in stages), 1),
@@ -164,7 +167,8 @@ def readme(r: dict, c: dict) -> str:
     stages = "\n".join(
         f"- Stage {i + 1} (`{s['out']}/`, on `{s['data']}`): `{' '.join(s['args'])}`; {s['steps']:,} steps "
         f"({s['tokens_seen']:,} token positions, {s['train_windows']:,} training windows), {s['train_flops']:.3g} "
-        f"training FLOPs ({s['per_step_flops']:.3g} per step), {s['wall_seconds'] / 60:.0f} min; validation loss "
+        f"training FLOPs ({s['per_step_flops']:.3g} per step), {s['wall_seconds'] / 60:.0f} min on "
+        f"{s['threads'] or '?'} torch thread(s); validation loss "
         f"{s['val_losses'][0][1]:.3f} at its start, {s['val_losses'][-1][1]:.3f} at its end (nats per token)."
         for i, s in enumerate(r["stages"]))
     return f"""# lv-tiny
@@ -199,7 +203,8 @@ machine-readable).
   float32 weights.
 {stages}
 - In all: {r['train_flops']:.3g} training FLOPs (counted by `qwen_mini.flops`), {r['wall_seconds'] / 60:.0f} min of
-  training wall time on a shared 2-core CPU machine (one torch thread, other jobs running; torch {r['torch_version']}).
+  training wall time on a 2-core CPU machine (other jobs ran beside the one-thread stages; torch
+  {r['torch_version']}).
 - First {len(r['first_losses'])} training losses of stage 1: {first} (tests/test_lv_tiny.py reruns these steps and
   compares).
 - sha256 of `model.safetensors`: `{r['sha256']}`
@@ -233,6 +238,8 @@ def main(argv=None) -> int:
             simulate_data(work / name)
     wall_file = work / "wall_seconds.json"  # each stage's wall time, summed over interrupted and resumed invocations
     wall = json.loads(wall_file.read_text()) if wall_file.is_file() else {}
+    threads_file = work / "threads.json"  # each stage's torch threads, for the record
+    threads = json.loads(threads_file.read_text()) if threads_file.is_file() else {}
     for stage, command in zip(STAGES, cmds[1 + len(DATASETS):]):
         run = work / stage["out"]
         if (run / "model" / WEIGHTS).is_file():
@@ -243,12 +250,14 @@ def main(argv=None) -> int:
         code = train.main(train_argv(work, stage) + resume)
         wall[stage["out"]] = wall.get(stage["out"], 0.0) + time.perf_counter() - began
         wall_file.write_text(json.dumps(wall) + "\n")
+        threads[stage["out"]] = torch.get_num_threads()
+        threads_file.write_text(json.dumps(threads) + "\n")
         if code != 0:
             print(f"[recipe] training stopped (exit status {code}); run the recipe again to continue", file=sys.stderr)
             return code
     if args.no_export:
         return 0
-    out = export(work, Path(args.out), wall, args.threads)
+    out = export(work, Path(args.out), wall, threads)
     print(f"[recipe] export: {out}/ (sha256 of {WEIGHTS}: {json.loads((out / 'recipe.json').read_text())['sha256']})")
     return 0
 

@@ -17,7 +17,7 @@ def test_demo_on_a_users_file_is_complete_and_deterministic(tmp_path, capsys):
     first, second = (json.loads((runs / name / "forecast" / "metrics.json").read_text()) for name in ("demo", "demo-2"))
     assert first["trajectories"] == [17, 18, 19] and first["data"] == str(data)
     assert set(first["metrics"]) == {"model", "persistence", "seasonal_naive", "lv_fit"}
-    assert first["protocol_settings"]["num_samples"] == 10  # the median of 10 samples is the point forecast
+    assert first["protocol_settings"]["num_samples"] == 20  # the median of 20 samples is the point forecast
     assert first["metrics"] == second["metrics"]  # deterministic with --seed
     config = json.loads((runs / "demo" / "config.json").read_text())
     assert (config["rank"], config["ctx"], config["full"]) == (8, 768, False)
