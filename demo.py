@@ -21,7 +21,7 @@ import forecast
 import report
 import train
 from models.recipe import MODEL_DIR
-from qwen_mini.cli import positive_int
+from common.args import positive_int
 
 LV_TINY = MODEL_DIR  # the shipped pretrained base
 # What the small model needs beyond the real command's flags (--rank 8 --ctx 768): a learning rate for its size and

@@ -11,12 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.exit_codes import EXIT_OK, EXIT_USAGE
 from ledger import LedgerError
-from qwen_mini.cli import flop_count
+from ledger.flags import add_budget_arguments
 from study.report import REPORT_NAME, ReportError, write_report
 
 __all__ = ["REPORT_NAME", "build_parser", "main"]
-EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(or with an unreadable FLOP record).")
     p.add_argument("runs_dir", metavar="RUNS_DIR", type=Path, help="the runs directory (train.py --runs-dir)")
     p.add_argument("--out", type=Path, help="where report.md and report_figures/ go (default: RUNS_DIR)")
-    p.add_argument("--max-flops", type=flop_count, default=None, metavar="FLOPS",
-                   help="the budget the ledger is drawn against (default: the study plans', else 1e17)")
+    add_budget_arguments(p, max_flops="the budget the ledger is drawn against (default: the study plans', else 1e17)",
+                         max_flops_default=None)
     p.add_argument("--seed", type=int, default=None,
                    help="accepted like the other tools' --seed; the report is deterministic and ignores it")
     return p
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         print(f"report.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"report: {path} (figures in {path.parent / 'report_figures'}/)")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 import torch
 
-from qwen_mini.fileio import atomic_write
+from common.fileio import atomic_write
 
 PARAM_NAMES = ("alpha", "beta", "gamma", "delta", "x0", "y0")
 # Parameters beyond classic LV, written by the simulator and read when present (0 for every one: classic LV).

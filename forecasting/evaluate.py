@@ -12,30 +12,38 @@ import numpy as np
 
 from data.dataset import EvalExample, make_eval_example
 from data.lotka_volterra import LVData, Split
-from qwen_mini.fileio import atomic_write, write_json_atomic
+from common.fileio import atomic_write, write_json_atomic
 
 from .baselines import LVFit, estimate_period, lotka_volterra_forecast, persistence, seasonal_naive
+from .config import BASELINES, DEFAULT_DECIMALS, ForecastConfig
 from .forecast import Forecast, GenerationStats, forecast_examples
 from .metrics import forecast_metrics, per_trajectory_errors
 from .plots import plot_error_distribution, plot_error_vs_horizon, plot_trajectory
 
 MODEL = "model"
-BASELINES = ("persistence", "seasonal_naive", "untrained", "lv_fit")
 PLOTTED_FROM_A_SPLIT = 3  # trajectories plotted one by one when a whole split is forecast
 
 
 @dataclass(frozen=True)
 class Protocol:
-    context: int = 50  # steps in the prompt
-    horizon: int = 50  # steps forecast and scored
-    decimals: int = 2  # LLMTIME decimals: those the model was trained with
-    constrained: bool = True  # the number grammar (else only a per-row step counter, and failures are counted)
-    num_samples: int = 1
-    temperature: float = 0.0  # 0: greedy
-    top_p: float | None = None
-    seed: int = 0
-    int_digits: int = 3  # integer digits the grammar allows per number (scaled values below 1000)
-    allow_negative: bool = False  # populations are non-negative
+    """How forecasts are made and scored (metrics.json records it): a ForecastConfig's protocol settings, with the
+    decimals of what is forecast. The defaults are ForecastConfig's."""
+    context: int = ForecastConfig.context  # steps in the prompt
+    horizon: int = ForecastConfig.horizon  # steps forecast and scored
+    decimals: int = DEFAULT_DECIMALS  # LLMTIME decimals: those the model was trained with
+    constrained: bool = ForecastConfig.constrained
+    num_samples: int = ForecastConfig.num_samples
+    temperature: float = ForecastConfig.temperature
+    top_p: float | None = ForecastConfig.top_p
+    seed: int = ForecastConfig.seed
+    int_digits: int = ForecastConfig.int_digits
+    allow_negative: bool = ForecastConfig.allow_negative
+
+    @classmethod
+    def of(cls, config: ForecastConfig, decimals: int) -> Protocol:
+        """The protocol `config` asks for, at `decimals` (the run's, or the plain model's)."""
+        return cls(config.context, config.horizon, decimals, config.constrained, config.num_samples,
+                   config.temperature, config.top_p, config.seed, config.int_digits, config.allow_negative)
 
     def describe(self) -> str:
         how = "greedy decoding" if self.temperature <= 0 else (
@@ -57,7 +65,7 @@ class Selection:
     plot_indices: list[int]  # trajectories that get their own plot
 
 
-def select_trajectories(split: Split, split_name: str = "test", samples: list[int] | None = None,
+def select_trajectories(split: Split, split_name: str = ForecastConfig.split, samples: list[int] | None = None,
                         limit: int | None = None) -> Selection:
     """The trajectories of `split_name` (the first `limit` of them), or the `samples` (indices in the data file,
     whatever their split; each one's split is reported, and a training-split one is warned about)."""

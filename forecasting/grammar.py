@@ -49,11 +49,27 @@ def grammar_chars(allow_negative: bool = False) -> str:
     return DIGITS + POINT + VAR_SEP + STEP_SEP + (MINUS if allow_negative else "")
 
 
-class NumberGrammar:
+class LockstepCalls:
+    """`constraint(step, generated)`: the lockstep form of a constraint that `read`s one token per row at a time and
+    says what is `allowed` next (HF's logits processors call it so), every row one token further each call."""
+    fresh = "a new one"  # what the error tells the caller to use instead of a constraint already used
+
+    def __call__(self, step: int, generated: torch.Tensor) -> torch.Tensor:
+        # The caller passes the `step` tokens written so far; this constraint has read all but the newest one.
+        if self.tokens_read != max(step - 1, 0):
+            raise RuntimeError(f"{type(self).__name__} was asked about step {step} after reading {self.tokens_read} "
+                               f"tokens: use {self.fresh} for every generate call")
+        if step > 0:
+            self.read(generated[:, -1])
+        return self.allowed()
+
+
+class NumberGrammar(LockstepCalls):
     """The `allowed_tokens` constraint of `qwen_mini.generate` for `batch` rows forecasting `horizon` steps of
     `n_vars` numbers each (`read` each row's new token, ask what is `allowed` next; rows may advance unevenly, as in
     jump-forward decoding). Stateful: use one instance per generate call. Calling it as `grammar(step, generated)`
     is the lockstep form (HF's logits processors)."""
+    fresh = "a new grammar"
 
     def __init__(self, tokenizer, vocab_size: int, batch: int, n_vars: int, horizon: int, decimals: int = 2,
                  int_digits: int = 3, allow_negative: bool = False, stop_id: int | None = None,
@@ -141,17 +157,8 @@ class NumberGrammar:
         mask[:, self.column_ids] = columns
         return mask
 
-    def __call__(self, step: int, generated: torch.Tensor) -> torch.Tensor:
-        # generate passes the `step` tokens written so far; this grammar has read all but the newest one.
-        if self.tokens_read != max(step - 1, 0):
-            raise RuntimeError(f"NumberGrammar was asked about step {step} after reading {self.tokens_read} tokens: "
-                               f"use a new grammar for every generate call")
-        if step > 0:
-            self.read(generated[:, -1])
-        return self.allowed()
 
-
-class StepCounter:
+class StepCounter(LockstepCalls):
     """The `allowed_tokens` constraint for unconstrained forecasts: any token may follow, but a row that has written
     `horizon` step separators may only stop, so no row generates past its horizon while others finish. The model can
     still write malformed text; decoding counts it. A token that merges the separator with other characters (";\\n"
@@ -184,11 +191,3 @@ class StepCounter:
         mask = (~done)[:, None].expand(self.batch, self.vocab_size).clone()
         mask[:, self.stop_id] = True
         return mask
-
-    def __call__(self, step: int, generated: torch.Tensor) -> torch.Tensor:
-        if self.tokens_read != max(step - 1, 0):
-            raise RuntimeError(f"StepCounter was asked about step {step} after reading {self.tokens_read} tokens: "
-                               f"use a new one for every generate call")
-        if step > 0:
-            self.read(generated[:, -1])
-        return self.allowed()

@@ -12,12 +12,11 @@ import torch
 
 from data.lotka_volterra import LVData, Split, load_or_simulate, split_indices
 from qwen_mini import load_model_and_tokenizer
-from qwen_mini.fileio import sha256_file
+from qwen_mini.config import TINY_MODEL_SEED
+from common.fileio import sha256_file
 
-# The tiny preset's random weights use this seed whatever --seed is, as training does (training.config), so
-# `--model tiny` is the very model every tiny run starts from.
-TINY_MODEL_SEED = 0
-DEFAULT_DECIMALS = 2
+from .config import DEFAULT_DECIMALS
+
 DEFAULT_SPLIT_SEED = 0  # train.py's --split-seed default (used only by a random split)
 
 

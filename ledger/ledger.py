@@ -25,8 +25,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_mini.fileio import FileLock, LockHeld
-from qwen_mini.flops import GQA_MODES, format_flops
+from common.fileio import FileLock, LockHeld
+from qwen_mini.flop_report import format_flops
+from qwen_mini.flops import GQA_MODES
 
 from .records import (DEFAULT_BUDGET, KINDS, RECORD_NAME, LedgerError, Record, count, log10_text, new_record, now,
                       read_record, read_records)

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_mini.fileio import write_json_atomic
+from common.fileio import write_json_atomic
+from qwen_mini.flop_report import log10
 
 RECORD_NAME = "flops.json"
 RECORD_VERSION = 2
@@ -35,11 +36,6 @@ DEFAULT_BUDGET = 10**17
 
 class LedgerError(ValueError):
     """A run record that cannot be read: the ledger refuses to guess what that run spent."""
-
-
-def log10(flops: int) -> float:
-    """log10 of a FLOP count, as the users report them (-inf for zero)."""
-    return math.log10(flops) if flops > 0 else float("-inf")
 
 
 def log10_text(flops: int) -> str:

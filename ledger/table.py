@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_mini.flops import format_flops
+from qwen_mini.flop_report import format_flops, log10
 
 from .ledger import totals
-from .records import KINDS, Record, log10, log10_text
+from .records import KINDS, Record, log10_text
 
 
 def summary(records: list[Record], max_flops: int, runs_dir=None) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_mini.fileio import sha256_file
+from common.fileio import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "lv-tiny"

@@ -1,10 +1,13 @@
-"""Model configuration: one dataclass, read from / written to Hugging Face `config.json`."""
+"""Model configuration: one dataclass, read from / written to Hugging Face `config.json`, and the config behind a
+`--model` spec (`config_for_model`)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .hub import resolve_dir
 
 
 class ConfigError(ValueError):
@@ -165,3 +168,23 @@ PRESETS: dict[str, dict] = {
                     rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=2048,
                     bos_token_id=None, eos_token_id=1, pad_token_id=0, torch_dtype="float32"),
 }
+
+# The tiny preset's random weights are drawn with this seed whatever a run's --seed is: runs with different seeds
+# adapt the same base model, a run can rebuild it, and `forecast.py --model tiny` is the model every tiny run starts
+# from.
+TINY_MODEL_SEED = 0
+
+# Hub ids whose config.json is exactly a preset's: their architecture is known offline, without fetching anything.
+HUB_PRESETS = {"Qwen/Qwen2.5-0.5B": "qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct": "qwen2.5-0.5b"}
+
+
+def config_for_model(spec: str | Path) -> QwenConfig:
+    """The architecture behind a model spec (`--model`), read without loading any weights: a preset name; a hub id
+    of HUB_PRESETS (offline, unless a local directory has that name); a local directory's config.json; any other hub
+    id's config.json (fetched alone, see `hub.resolve_dir`)."""
+    spec = str(spec)
+    if spec in PRESETS:
+        return QwenConfig.from_name(spec)
+    if spec in HUB_PRESETS and not Path(spec).is_dir():
+        return QwenConfig.from_name(HUB_PRESETS[spec])
+    return QwenConfig.from_hf(resolve_dir(spec, ["config.json"]) / "config.json")

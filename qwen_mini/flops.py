@@ -3,16 +3,17 @@
 Every module type has a counting function (`register_counter`) that reads its own shapes — weight matrices,
 head counts, norm widths — and reports the floating-point operations of one forward pass over `batch` sequences of
 `seq` tokens. `count_forward` walks the model's actual module tree (`model.model.layers[i].self_attn.q_proj`, ...)
-from the top, so a changed model gives a changed count, and it refuses to finish if some module was not counted.
-Nothing here allocates: it works on a model built under `torch.device("meta")`.
+from the top, so a changed model gives a changed count, and it refuses to finish if some module was not counted; the
+count comes back as a `qwen_mini.flop_report.FlopReport`. Nothing here allocates: it works on a model built under
+`torch.device("meta")` (`qwen_mini.model.meta_model`).
 
 Conventions (the users' spreadsheet rules, now in one place):
 
 * Primitive costs: `COSTS` (override any entry with `costs={"exp": 1}`).
 * A matrix product (m x n) . (n x p) costs m*p*(n multiplications + (n-1) additions) = m*p*(2n-1); a bias add m*p
   more. (`torch.utils.flop_counter` counts 2*m*n*p, i.e. m*p more per product; with a bias the two agree.)
-* Backward = 2 x forward for every row (`BACKWARD_FACTOR`), a training step = forward + backward. This holds by
-  convention for LoRA too, although a frozen base weight needs no weight gradient.
+* Backward = 2 x forward for every row (`flop_report.BACKWARD_FACTOR`), a training step = forward + backward. This
+  holds by convention for LoRA too, although a frozen base weight needs no weight gradient.
 * Embedding lookup: free. RMSNorm per row of width d: d squares, mean (d-1 additions + 1 division), + eps, sqrt,
   inverse, d scales, d weight multiplies = 4d + 12 with the default costs.
 * Rotary embedding: the cos/sin tables ARE counted, once per forward (the model computes them every forward: angle
@@ -51,22 +52,18 @@ Conventions (the users' spreadsheet rules, now in one place):
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
-import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from .config import QwenConfig
+from .flop_report import FlopCountError, FlopReport, FlopRow
 from .model import MLP, Attention, Block, Qwen, RMSNorm, RotaryEmbedding
 
-__all__ = ["BACKWARD_FACTOR", "COSTS", "GQA_MODES", "CountContext", "FlopCountError", "FlopReport", "FlopRow",
-           "GenerationFlops", "count_forward", "counter_for", "cross_entropy_flops", "eval_flops", "format_flops",
-           "generation_flops", "is_lora_linear", "linear_features", "matmul_flops", "meta_model", "register_counter",
-           "resolve_costs", "static_decode_flops", "training_step_flops", "unregister_counter"]
+__all__ = ["COSTS", "GQA_MODES", "CountContext", "GenerationFlops", "count_forward", "counter_for",
+           "cross_entropy_flops", "eval_flops", "generation_flops", "is_lora_linear", "linear_features", "matmul_flops",
+           "register_counter", "resolve_costs", "static_decode_flops", "training_step_flops", "unregister_counter"]
 
 # FLOPs per primitive operation (the users' table). Read-only: pass `costs=` to override entries.
 COSTS: Mapping[str, int] = MappingProxyType({
@@ -76,12 +73,7 @@ COSTS: Mapping[str, int] = MappingProxyType({
     "exp": 10, "log": 10,                  # exponential, logarithm
     "sin": 10, "cos": 10, "sqrt": 10,      # sine, cosine, square root
 })
-BACKWARD_FACTOR = 2  # backward pass = 2 x forward pass, for every counted operation
 GQA_MODES = ("real", "mha")
-
-
-class FlopCountError(ValueError):
-    """A model, setting or cost table that cannot be counted."""
 
 
 def resolve_costs(costs: Mapping[str, int] | None = None) -> dict[str, int]:
@@ -110,150 +102,6 @@ def cross_entropy_flops(positions: int, vocab: int, costs: Mapping[str, int] = C
         "minus_target": positions * costs["sub"],
         "mean": (positions - 1) * costs["add"] + costs["div"],
     }
-
-
-# ---- rows and the report -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FlopRow:
-    """Forward FLOPs of one operation. `layer` groups rows for the per-layer table ("layers.3", "lm_head", "loss"),
-    `component` names the operation inside it ("self_attn.q_proj.matmul"), `module` is the path of the module that
-    reported it in `model.named_modules()` ("model.layers.3.self_attn.q_proj")."""
-    layer: str
-    component: str
-    forward: int
-    module: str = ""
-
-    @property
-    def backward(self) -> int:
-        return BACKWARD_FACTOR * self.forward
-
-    @property
-    def total(self) -> int:
-        """Forward + backward: this row's share of a training step."""
-        return self.forward + self.backward
-
-
-def format_flops(value: int | float, digits: int = 3) -> str:
-    """Compact scientific notation as the users write it: 3.1e16, 1.11e17, 8.0e16; small values in full."""
-    if abs(value) < 10_000:
-        return f"{value:,}" if isinstance(value, int) else f"{value:g}"
-    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
-    mantissa = mantissa.rstrip("0")
-    if mantissa.endswith("."):
-        mantissa += "0"
-    return f"{mantissa}e{int(exponent)}"
-
-
-def _log10(value: int) -> float:
-    return math.log10(value) if value > 0 else float("-inf")
-
-
-@dataclass
-class FlopReport:
-    """FLOPs of one training step of `batch` sequences of `seq` tokens, row by row."""
-    rows: list[FlopRow]
-    batch: int
-    seq: int
-    gqa: str
-    costs: dict[str, int]
-    include_loss: bool
-    model_name: str = ""
-
-    @property
-    def forward(self) -> int:
-        return sum(row.forward for row in self.rows)
-
-    @property
-    def backward(self) -> int:
-        return BACKWARD_FACTOR * self.forward
-
-    @property
-    def step(self) -> int:
-        """One training step: forward + backward."""
-        return self.forward + self.backward
-
-    def by_layer(self) -> dict[str, int]:
-        """Forward FLOPs per layer group, in model order."""
-        return self._group(lambda row: row.layer)
-
-    def by_component(self) -> dict[str, int]:
-        """Forward FLOPs per component summed over the decoder layers ("self_attn.scores" over all layers)."""
-        return self._group(lambda row: row.component if row.layer.startswith("layers.")
-                           else f"{row.layer}.{row.component}")
-
-    def _group(self, key: Callable[[FlopRow], str]) -> dict[str, int]:
-        groups: dict[str, int] = {}
-        for row in self.rows:
-            groups[key(row)] = groups.get(key(row), 0) + row.forward
-        return groups
-
-    def select(self, predicate: Callable[[FlopRow], bool]) -> int:
-        """Forward FLOPs of the rows that match, e.g. `report.select(lambda r: r.component.endswith("bias"))`."""
-        return sum(row.forward for row in self.rows if predicate(row))
-
-    def gqa_description(self) -> str:
-        return ("real grouped-query attention (k/v projections to the model's key/value heads)" if self.gqa == "real"
-                else "counted as multi-head attention (k/v projections as wide as the query heads)")
-
-    def to_dict(self) -> dict:
-        def entry(forward: int) -> dict:
-            return {"forward": forward, "backward": BACKWARD_FACTOR * forward,
-                    "total": (1 + BACKWARD_FACTOR) * forward}
-        return {
-            "model": self.model_name,
-            "batch": self.batch,
-            "seq": self.seq,
-            "tokens": self.batch * self.seq,
-            "gqa": self.gqa,
-            "include_loss": self.include_loss,
-            "costs": dict(self.costs),
-            "backward_factor": BACKWARD_FACTOR,
-            "forward": self.forward,
-            "backward": self.backward,
-            "step": self.step,
-            "log10_step": _log10(self.step),
-            "layers": [{"layer": name, **entry(forward)} for name, forward in self.by_layer().items()],
-            "rows": [{"layer": r.layer, "component": r.component, "module": r.module, **entry(r.forward)}
-                     for r in self.rows],
-        }
-
-    def table(self, by: str = "layer") -> str:
-        """Text table with forward, backward, per-step and share-of-step columns, then the totals.
-
-        by="layer": one row per decoder layer (plus embedding, rotary tables, final norm, LM head, loss);
-        by="component": one row per operation, summed over the decoder layers."""
-        if by == "layer":
-            groups, label = self.by_layer(), "layer"
-        elif by == "component":
-            groups, label = self.by_component(), "component (all layers)"
-        else:
-            raise FlopCountError(f"table(by={by!r}): choose 'layer' or 'component'")
-        step = self.step or 1
-        width = max(len(label), *(len(name) for name in groups), len("total"))
-        header = f"{label:<{width}}  {'forward':>11}  {'backward':>11}  {'per step':>11}  {'share':>7}"
-        lines = [
-            f"FLOPs of one training step{f' of {self.model_name}' if self.model_name else ''}: batch {self.batch} x "
-            f"ctx {self.seq} = {self.batch * self.seq:,} tokens",
-            f"attention: gqa={self.gqa}, {self.gqa_description()}; backward = {BACKWARD_FACTOR} x forward"
-            + ("" if self.include_loss else "; no loss (plain forward)"),
-            "",
-            header,
-            "-" * len(header),
-        ]
-        for name, forward in groups.items():
-            total = (1 + BACKWARD_FACTOR) * forward
-            lines.append(f"{name:<{width}}  {format_flops(forward, 4):>11}  "
-                         f"{format_flops(BACKWARD_FACTOR * forward, 4):>11}  {format_flops(total, 4):>11}  "
-                         f"{100 * total / step:>6.2f}%")
-        lines.append("-" * len(header))
-        lines.append(f"{'total':<{width}}  {format_flops(self.forward, 4):>11}  {format_flops(self.backward, 4):>11}"
-                     f"  {format_flops(self.step, 4):>11}  {100.0:>6.2f}%")
-        lines.append("")
-        lines.append(f"forward  {self.forward:,} FLOPs")
-        lines.append(f"backward {self.backward:,} FLOPs")
-        lines.append(f"per step {self.step:,} FLOPs (log10 {_log10(self.step):.3f})")
-        return "\n".join(lines)
 
 
 # ---- the counting context and the registry -------------------------------------------------------------------------
@@ -608,27 +456,3 @@ def static_decode_flops(model: nn.Module, rows: int, forwards: int, tokens_per_r
                                     costs=costs, include_loss=False, logits="last", head_rows=head_rows,
                                     training=False).forward
 
-
-# ---- a model to count without weights ------------------------------------------------------------------------------
-
-class _SkipRandomInitOnMeta(TorchFunctionMode):
-    """Makes random initialisation of meta tensors a no-op (a meta tensor holds no values to initialise).
-
-    Needed for speed only: torch routes `normal_` on meta tensors through a Python reference implementation whose
-    first call imports torch._dynamo, about a second — longer than the whole count."""
-    _RANDOM_INITS = {nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_,
-                     nn.init.kaiming_normal_, torch.Tensor.normal_, torch.Tensor.uniform_}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self._RANDOM_INITS:
-            tensor = args[0] if args else kwargs.get("tensor")
-            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
-                return tensor
-        return func(*args, **kwargs)
-
-
-def meta_model(config: QwenConfig) -> Qwen:
-    """The model of `config` on the meta device: every shape, no weights allocated (the 0.5B model in ~50 ms)."""
-    with torch.device("meta"), _SkipRandomInitOnMeta():
-        return Qwen(config)

@@ -13,6 +13,10 @@ keeps its own length in the cache, so rows may advance by different numbers of t
   all its slots, state in tensors only, a fixed number of tokens per row), so it compiles once per model and batch
   shape and never again (`compiled_graphs()` counts the compilations); the path CUDA graphs need.
 
+The steps, gpt-fast style: `prefill` runs the prompts into the cache; `decode_n_tokens` repeats `decode_one_token`
+(`write_next_tokens` picks what every row writes, `decode_step` feeds it to the model) until every row has stopped;
+a `DecodeState` carries the cache, the written tokens and each row's progress from one step to the next.
+
 Sampling: the token a row writes at position t is drawn by inverse transform from one uniform number, the (row, t)
 entry of a table drawn from `generator` before decoding. So a token that needs no draw (greedy, or the one token a
 constraint allows) consumes nothing that other tokens depend on, and jump-forward decoding writes the very tokens of
@@ -20,7 +24,7 @@ plain decoding, sampled as well as greedy, given the same seed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
@@ -152,6 +156,24 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         constraint = _LockstepHook(allowed_tokens, out)
     width = 1 + JUMP_TOKENS if jump_forward else 1  # tokens per row per decode step, at most
     cache_len = P + max_new_tokens + width - 1  # the last step's padding is written past the last real token
+    cache, logits = prefill(model, input_ids, attention_mask, head, num_samples, cache_len, compile)
+    # Drawn after the prefill, all at once: the (row, t) number is the draw of the token row writes at t.
+    uniforms = (torch.rand(rows, max_new_tokens, generator=generator, device=device)
+                if temperature > 0 else None)
+    stats = stats if stats is not None else DecodeStats()
+    stats.cache_slots = cache_len if compile else 0
+    state = DecodeState(cache, head, out, stop_ids, pad_token_id, candidate_ids, constraint, uniforms, stats,
+                        Sampling(temperature, top_k, top_p), jump_forward, compile)
+    decode_n_tokens(model, state, logits)
+    return out[:, :int(state.length.max())]
+
+
+def prefill(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, head: torch.Tensor,
+            num_samples: int, cache_len: int, compile: bool) -> tuple[KVCache, torch.Tensor]:
+    """One forward over the prompts (B, P) into a new cache; returns the cache decoding goes on in (room for
+    `cache_len` slots, `num_samples` rows per prompt, static when compiled) and the float32 logits (B * num_samples,
+    head rows) after each prompt."""
+    B, P = input_ids.shape
     # The prompts' cache needs room to grow only when it is the one decoding goes on in.
     in_place = num_samples == 1 and not compile
     cache = model.new_cache(B, cache_len if in_place else P)
@@ -159,75 +181,124 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     if not in_place:
         cache = cache.repeat_interleave(num_samples, max_len=cache_len, static=compile)
         logits = logits.repeat_interleave(num_samples, dim=0)
-    uniforms = (torch.rand(rows, max_new_tokens, generator=generator, device=device)
-                if temperature > 0 else None)
-    step_fn = compiled_decode_step if compile else decode_step
-    stats = stats if stats is not None else DecodeStats()
-    stats.cache_slots = cache_len if compile else 0
-    row_index = torch.arange(rows, device=device)
-    length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens written per row
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    asked = {}  # the constraint's answer for the rows' current state, asked once
+    return cache, logits
 
-    def allowed_now() -> torch.Tensor | None:
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a row's next token is chosen from its logits (see `sample_next`)."""
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+@dataclass
+class DecodeState:
+    """What decoding carries from one step to the next: the cache and the LM head rows scored, the tokens each row
+    has written (`out`, `length`) and whether it stopped, the constraint and its answer for the rows' current state."""
+    cache: KVCache
+    head: torch.Tensor  # the LM head rows scored: the candidates' when given, else the whole vocabulary's
+    out: torch.Tensor  # (rows, max_new_tokens): the tokens written, pad_token_id elsewhere
+    stop_ids: torch.Tensor
+    pad_token_id: int
+    candidate_ids: torch.Tensor | None
+    constraint: TokenConstraint | None
+    uniforms: torch.Tensor | None  # (rows, max_new_tokens): the draw of the token each row writes at t; None: greedy
+    stats: DecodeStats
+    sampling: Sampling
+    jump_forward: bool
+    compile: bool
+    length: torch.Tensor = field(init=False)  # (rows,) tokens written
+    finished: torch.Tensor = field(init=False)  # (rows,) stopped: wrote a stop token or max_new_tokens tokens
+    asked: dict = field(default_factory=dict)  # the constraint's answer for the rows' current state, asked once
+
+    def __post_init__(self):
+        rows, self.max_new_tokens = self.out.shape
+        self.row_index = torch.arange(rows, device=self.out.device)
+        self.length = torch.zeros(rows, dtype=torch.long, device=self.out.device)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=self.out.device)
+
+    def allowed(self) -> torch.Tensor | None:
         """(rows, candidates or vocab) bool: what the constraint allows each row next; None: anything."""
-        if constraint is None:
+        if self.constraint is None:
             return None
-        if "mask" not in asked:
-            mask = constraint.allowed()
+        if "mask" not in self.asked:
+            mask = self.constraint.allowed()
             if mask is not None:
-                mask = mask.to(device)
-                mask = mask[:, candidate_ids] if candidate_ids is not None else mask
-            asked["mask"] = mask
-        return asked["mask"]
+                mask = mask.to(self.out.device)
+                mask = mask[:, self.candidate_ids] if self.candidate_ids is not None else mask
+            self.asked["mask"] = mask
+        return self.asked["mask"]
 
-    def append(token: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
+    def append(self, token: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
         """Row b writes token[b] where writes[b]; the constraint reads it; a stop token or a full row finishes.
         Returns the rows whose token is to be fed (those that wrote one and go on)."""
-        nonlocal finished
-        at = length.clamp(max=max_new_tokens - 1)
-        out[row_index, at] = torch.where(writes, token, out[row_index, at])
-        length.add_(writes.long())
-        if constraint is not None:
-            constraint.read(torch.where(writes, token, NO_TOKEN))
-            asked.clear()
-        finished = finished | (writes & torch.isin(token, stop_ids)) | (length >= max_new_tokens)
-        return writes & ~finished
+        at = self.length.clamp(max=self.max_new_tokens - 1)
+        self.out[self.row_index, at] = torch.where(writes, token, self.out[self.row_index, at])
+        self.length.add_(writes.long())
+        if self.constraint is not None:
+            self.constraint.read(torch.where(writes, token, NO_TOKEN))
+            self.asked.clear()
+        self.finished = (self.finished | (writes & torch.isin(token, self.stop_ids))
+                         | (self.length >= self.max_new_tokens))
+        return writes & ~self.finished
 
-    for step in range(max_new_tokens):
+
+def decode_n_tokens(model: Qwen, state: DecodeState, logits: torch.Tensor) -> None:
+    """Decode steps from the prefill's `logits` until every row has stopped or written max_new_tokens tokens."""
+    for step in range(state.max_new_tokens):
         if not bool(torch.isfinite(logits).all()):  # one reduction a step, beside the step's own work
             raise NonFiniteLogits(f"non-finite logits at generated token {step}: the model's weights or activations "
                                   "hold NaN or infinity, so whatever it wrote would be meaningless")
-        allowed = allowed_now()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        uniform = uniforms[row_index, length.clamp(max=max_new_tokens - 1)] if uniforms is not None else None
-        token = sample_next(logits, temperature, top_k, top_p, uniform=uniform)
-        if candidate_ids is not None:
-            token = candidate_ids[token]
-        fed = append(token, ~finished)
-        chunk, real = [torch.where(fed, token, pad_token_id)], [fed]
-        for _ in range(JUMP_TOKENS if jump_forward else 0):
-            choices = allowed_now()
-            if choices is None:
-                break
-            forced = ~finished & (choices.sum(-1) == 1)
-            if not compile and not bool(forced.any()):
-                break
-            only = choices.long().argmax(-1)
-            forced_token = candidate_ids[only] if candidate_ids is not None else only
-            fed = append(forced_token, forced)
-            chunk.append(torch.where(fed, forced_token, pad_token_id))
-            real.append(fed)
-            stats.forced_tokens += int(forced.sum())
-        if bool(finished.all()):
+        logits = decode_one_token(model, state, logits)
+        if logits is None:
             break
-        tokens, real = torch.stack(chunk, dim=1), torch.stack(real, dim=1)
-        stats.forwards += 1
-        stats.fed_tokens += int(real.sum())
-        stats.fed_slots += real.numel()
-        logits = step_fn(model, cache, tokens, real, head)
-    return out[:, :int(length.max())]
+
+
+def decode_one_token(model: Qwen, state: DecodeState, logits: torch.Tensor) -> torch.Tensor | None:
+    """One decode step: every row that goes on writes its next token (drawn from `logits` within what the constraint
+    allows) and, jumping forward, the one token the constraint then allows; the written tokens are fed to the model.
+    Returns the logits after each row's last fed token, or None when every row has stopped (nothing is fed)."""
+    tokens, real = write_next_tokens(state, logits)
+    if bool(state.finished.all()):
+        return None
+    tokens, real = torch.stack(tokens, dim=1), torch.stack(real, dim=1)
+    state.stats.forwards += 1
+    state.stats.fed_tokens += int(real.sum())
+    state.stats.fed_slots += real.numel()
+    step_fn = compiled_decode_step if state.compile else decode_step
+    return step_fn(model, state.cache, tokens, real, state.head)
+
+
+def write_next_tokens(state: DecodeState, logits: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each unfinished row writes the token sampled from its `logits`, then (jump-forward) up to JUMP_TOKENS tokens the
+    constraint forces. Returns the tokens to feed, one (rows,) tensor per token slot (pad_token_id where a row feeds
+    nothing), and the masks of the rows that feed one."""
+    allowed = state.allowed()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    at = state.length.clamp(max=state.max_new_tokens - 1)
+    uniform = state.uniforms[state.row_index, at] if state.uniforms is not None else None
+    s = state.sampling
+    token = sample_next(logits, s.temperature, s.top_k, s.top_p, uniform=uniform)
+    if state.candidate_ids is not None:
+        token = state.candidate_ids[token]
+    fed = state.append(token, ~state.finished)
+    chunk, real = [torch.where(fed, token, state.pad_token_id)], [fed]
+    for _ in range(JUMP_TOKENS if state.jump_forward else 0):
+        choices = state.allowed()
+        if choices is None:
+            break
+        forced = ~state.finished & (choices.sum(-1) == 1)
+        if not state.compile and not bool(forced.any()):
+            break
+        only = choices.long().argmax(-1)
+        forced_token = state.candidate_ids[only] if state.candidate_ids is not None else only
+        fed = state.append(forced_token, forced)
+        chunk.append(torch.where(fed, forced_token, state.pad_token_id))
+        real.append(fed)
+        state.stats.forced_tokens += int(forced.sum())
+    return chunk, real
 
 
 def decode_step(model: Qwen, cache: KVCache, tokens: torch.Tensor, real: torch.Tensor,

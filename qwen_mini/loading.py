@@ -10,7 +10,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import QwenConfig
-from .fileio import atomic_write
 from .hub import resolve_dir
 from .model import Qwen
 
@@ -123,7 +122,13 @@ def save_pretrained(model: Qwen, directory: str | os.PathLike, dtype: torch.dtyp
         state.pop("lm_head.weight")
     config = model.config.to_hf()
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    # Written beside the target and renamed over it: a reader never sees half a weights file.
+    weights, tmp = directory / "model.safetensors", directory / ".model.safetensors.tmp"
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, weights)
+    finally:
+        tmp.unlink(missing_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 

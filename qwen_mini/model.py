@@ -4,13 +4,16 @@ Module and parameter names follow Hugging Face's `Qwen2ForCausalLM` (model.layer
 official checkpoint's state dict loads into this model without renaming. LoRA wraps these linears and the FLOP
 counter reads their shapes: this file is the one description of the architecture.
 
-Sequences may be left padded: `attention_mask` marks real tokens, and rotary positions count real tokens only.
+Sequences may be left padded: `attention_mask` marks real tokens, and rotary positions count real tokens only
+(`positions_and_mask`, one rule with a KV cache and without). `meta_model` builds the model on the meta device, all
+shapes and no weights, for the FLOP counter.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .config import QwenConfig
@@ -204,13 +207,13 @@ class KVCache:
         real = attention_mask.bool()
         slots = self.lengths[:, None] + torch.arange(T, device=real.device)
         self.slot_mask[torch.arange(B, device=real.device)[:, None], slots] = real
-        position_ids = (self.positions[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
         key_slots = torch.arange(self.slot_mask.shape[1] if self.static else self.used + T, device=real.device)
-        seen = (key_slots <= slots[..., None]) & self.slot_mask[:, None, :len(key_slots)]
+        position_ids, mask = positions_and_mask(real, slots, key_slots, self.slot_mask[:, :len(key_slots)],
+                                                start=self.positions[:, None])
         self._slots = slots
         if not self.static and T <= PACK_TOKENS and not bool(real.all()):
             self.packed = real.flatten().nonzero().squeeze(1)
-        return position_ids, (seen | (key_slots == slots[..., None]))[:, None]
+        return position_ids, mask
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Write one layer's keys/values (B, heads, T, head_dim) at the claimed slots; all keys/values to attend to."""
@@ -292,11 +295,11 @@ class Qwen(nn.Module):
             mask = None  # causal, no padding: the fast fused path used in training
             if position_ids is None:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        else:
-            key_mask = attention_mask.bool()
-            if position_ids is None:  # a token's position = real tokens before it
-                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-            mask = attention_mask_4d(key_mask)
+        else:  # padding, no cache: token t sits in slot t
+            real = attention_mask.bool()
+            slots = torch.arange(T, device=real.device)
+            real_positions, mask = positions_and_mask(real, slots, slots, real)
+            position_ids = real_positions if position_ids is None else position_ids
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         packed = kv_cache.packed if kv_cache is not None else None
         if packed is not None:  # a padded decode chunk: the layers compute its real tokens only
@@ -321,10 +324,37 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         nn.init.zeros_(module.bias)
 
 
-def attention_mask_4d(key_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, 1, T, T) mask without a cache: token t sees tokens s <= t that are real, and itself (so padding
-    rows never softmax over nothing; their outputs are ignored)."""
-    T = key_mask.shape[1]
-    slots = torch.arange(T, device=key_mask.device)
-    causal = slots[None, :] <= slots[:, None]
-    return ((causal & key_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=key_mask.device))[:, None]
+def positions_and_mask(real: torch.Tensor, slots: torch.Tensor, key_slots: torch.Tensor, key_real: torch.Tensor,
+                       start: torch.Tensor | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule of every attention call, with a cache or without: a token's rotary position counts the real tokens of
+    its row before it (plus `start`, those already cached); the token in slot `slots[b, t]` sees the real keys of its
+    row (`key_real` (B, S) over `key_slots` (S,)) up to its own slot, and its own slot, so a padding token never
+    softmaxes over nothing (its output is ignored). `real` (B, T): the call's real tokens. Returns the position ids
+    (B, T) and the boolean mask (B, 1, T, S)."""
+    position_ids = (start + real.long().cumsum(-1) - 1).clamp(min=0)
+    seen = (key_slots <= slots[..., None]) & key_real[:, None, :]
+    return position_ids, (seen | (key_slots == slots[..., None]))[:, None]
+
+
+class _SkipRandomInitOnMeta(TorchFunctionMode):
+    """Makes random initialisation of meta tensors a no-op (a meta tensor holds no values to initialise).
+
+    Needed for speed only: torch routes `normal_` on meta tensors through a Python reference implementation whose
+    first call imports torch._dynamo, about a second — longer than building the model."""
+    _RANDOM_INITS = {nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_,
+                     nn.init.kaiming_normal_, torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._RANDOM_INITS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def meta_model(config: QwenConfig) -> Qwen:
+    """The model of `config` on the meta device: every shape, no weights allocated (the 0.5B model in ~50 ms), what
+    the FLOP counter reads."""
+    with torch.device("meta"), _SkipRandomInitOnMeta():
+        return Qwen(config)

@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .plan import PlanError, load_plan, run_plan
+from common.exit_codes import EXIT_OK, EXIT_USAGE
+
+from .plan import PlanError, load_plan
+from .run import run_plan
 
 # With --plan, every other setting comes from the plan file.
 PLAN_FLAGS = ("plan", "runs_dir", "max_flops", "gqa", "device", "dtype", "seed")
@@ -29,7 +32,7 @@ def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist
         study = run_plan(plan, device=given("device"), dtype=given("dtype"), seed=given("seed"))
     except PlanError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f"\n[plan] study {plan.name} done: {plan.study_dir}/")
     for stage in study["stages"]:
         if stage["kind"] == "train":
@@ -38,4 +41,4 @@ def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist
         else:
             print(f"[plan]   {stage['name']}: forecasts in {', '.join(stage['forecasts'])}")
     print(f"[plan] next: python report.py {plan.runs_dir} ; python flops.py --runs {plan.runs_dir}")
-    return 0
+    return EXIT_OK

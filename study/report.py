@@ -26,16 +26,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ledger import KINDS, DEFAULT_BUDGET, Record, read_records, record_label, totals  # noqa: E402
-from qwen_mini.fileio import atomic_write  # noqa: E402
-from qwen_mini.flops import format_flops  # noqa: E402
+from common.fileio import atomic_write  # noqa: E402
+from qwen_mini.flop_report import format_flops  # noqa: E402
+from forecasting.metrics import SPECIES  # noqa: E402
 from training.config import TRAJECTORY_KEYS  # noqa: E402
 from training.plot import moving_average  # noqa: E402
 from training.run import CONFIG_NAME, METRICS_NAME, read_metrics, read_run_config  # noqa: E402
 
-from .plan import STUDY_FILE  # noqa: E402
+from .run import STUDY_FILE  # noqa: E402
 
 REPORT_NAME = "report.md"
-SPECIES = ("prey", "predator")
 METHOD_ORDER = ("model", "untrained", "persistence", "lv_fit")
 KIND_COLORS = {"train": "tab:blue", "eval": "tab:orange", "forecast": "tab:green", "reserved": "lightgray"}
 

@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora
-from bench.bench import GrammarProcessor, executed_step_flops
+from bench.tasks import GrammarProcessor, executed_step_flops
 from bench.hf_twin import hf_twin
 from conftest import random_model
 from forecasting.grammar import NumberGrammar, max_forecast_tokens

@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from qwen_mini.cli import bounded, non_negative_float, non_negative_int, positive_float, positive_int
+from common.args import bounded, non_negative_float, non_negative_int, positive_float, positive_int
 
 
 @pytest.mark.parametrize("parse, text, value", [(positive_int, "3", 3), (non_negative_int, "0", 0),

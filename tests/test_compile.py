@@ -9,7 +9,7 @@ import lora
 from conftest import random_model
 from qwen_mini import PRESETS, QwenConfig
 from qwen_mini.loss import causal_lm_loss
-from training.loop import compile_blocks
+from training.setup import compile_blocks
 
 TINY = QwenConfig(**{**PRESETS["tiny"], "num_hidden_layers": 1}, name="tiny-1-layer")
 

@@ -28,15 +28,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import forecast
+import forecasting.cli
 import lora
-import training.loop
+import training.setup
 from data.lotka_volterra import DataError, load, save, simulate
 from forecasting.source import from_run
 from qwen_mini import Qwen, QwenConfig, char_tokenizer, from_pretrained, generate, save_pretrained
 from qwen_mini.generate import NonFiniteLogits
 from qwen_mini.loading import CheckpointError
 from training import RunDirError, TrainConfig, read_metrics, read_run_config, train_run
-from training.cli import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE, main
+from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE
+from training.cli import main
 from training.grid import resumed_runs
 from training.stopping import Interrupted, StopSignals, TrainingDiverged
 
@@ -116,7 +118,7 @@ def fail_if_loaded(monkeypatch) -> None:
     """Any model load is a test failure: refusals must come before it."""
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
-    monkeypatch.setattr(training.loop, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(training.setup, "load_model_and_tokenizer", refuse)
 
 
 def start_train(run: Path, data: str, *more, driver: str = "") -> subprocess.Popen:
@@ -228,7 +230,7 @@ def test_a_run_whose_adapter_holds_nan_is_refused_by_forecast(tmp_path, finished
     tensors[name][0, 0] = float("nan")
     save_file(tensors, weights)
     status = forecast.main(["--run", str(run), "--limit", "1", "--no-baselines", "--quiet"])
-    assert status == forecast.EXIT_USAGE
+    assert status == EXIT_USAGE
     assert lines_of(capsys.readouterr().err) == [
         f"error: {weights}: tensor {name!r} holds 1 non-finite value(s) (e.g. nan at [0, 0]); the file is damaged or "
         "was saved from a run that diverged"]
@@ -267,7 +269,7 @@ def test_generation_and_forecast_stop_on_non_finite_logits(tmp_path, data, capsy
     status = forecast.main(["--model", str(model), "--data", data, "--limit", "1", "--no-baselines", "--quiet",
                             "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
     lines = lines_of(capsys.readouterr().err)
-    assert status == forecast.EXIT_FAILED
+    assert status == EXIT_FAILED
     assert lines[-1] == (f"error: {model}: non-finite logits at generated token 0: the model's weights or activations "
                          "hold NaN or infinity, so whatever it wrote would be meaningless")
     assert not (out / "metrics.json").exists()
@@ -489,7 +491,8 @@ def test_a_full_disk_stops_the_run_with_one_line_keeping_checkpoint_and_metrics(
 # ---- 6. SIGTERM (the first test sends it to a real process) --------------------------------------------------------
 
 def test_sigterm_stops_a_forecast_with_one_line(tmp_path, data, monkeypatch, capsys):
-    monkeypatch.setattr(forecast, "budgeted_evaluate", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(forecasting.cli, "budgeted_evaluate",
+                        lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
     out = tmp_path / "runs" / "forecasts" / "tiny"
     status = forecast.main(["--model", "tiny", "--data", data, "--limit", "1", "--quiet", "--runs-dir",
                             str(tmp_path / "runs"), "--out", str(out)])
@@ -570,7 +573,7 @@ def test_forecast_refuses_an_out_it_cannot_write_before_forecasting(tmp_path, fi
     target = tmp_path / "result.txt"
     target.write_text("keep\n")
     status = forecast.main(["--run", str(finished), "--limit", "1", "--no-baselines", "--quiet", "--out", str(target)])
-    assert status == forecast.EXIT_USAGE and target.read_text() == "keep\n"
+    assert status == EXIT_USAGE and target.read_text() == "keep\n"
     assert lines_of(capsys.readouterr().err)[-1] == (f"error: cannot write the output: {target}: exists and is not a "
                                                      "directory")
 

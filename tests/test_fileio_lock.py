@@ -1,4 +1,4 @@
-"""The one file lock (qwen_mini.fileio.FileLock) that guards run directories and the FLOP ledger."""
+"""The one file lock (common.fileio.FileLock) that guards run directories and the FLOP ledger."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from qwen_mini.fileio import FileLock, LockHeld
+from common.fileio import FileLock, LockHeld
 
 
 def test_second_holder_is_refused_naming_the_first(tmp_path):
@@ -16,7 +16,7 @@ def test_second_holder_is_refused_naming_the_first(tmp_path):
         with pytest.raises(LockHeld) as refused:
             FileLock(path)
         assert "train.py runs/a" in str(refused.value) and "pid" in str(refused.value)
-        script = f"from qwen_mini.fileio import FileLock\nFileLock({str(path)!r})"
+        script = f"from common.fileio import FileLock\nFileLock({str(path)!r})"
         other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert other.returncode != 0 and "LockHeld" in other.stderr
     with FileLock(path) as again:  # released: free again, and nobody is named as a dead holder
@@ -27,7 +27,7 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     path = tmp_path / "run.lock"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from qwen_mini.fileio import FileLock
+        from common.fileio import FileLock
         lock = FileLock({str(path)!r}, what="doomed")
         print("held", flush=True)
         time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
@@ -51,7 +51,7 @@ def test_a_lock_file_removed_while_waiting_for_it_is_not_taken_as_the_lock(tmp_p
     # The race a cleaned-up lock file opens: B has the old file open and waits; A releases and removes it, C creates
     # and locks a new one. B's flock on the old, unlinked file succeeds, but it guards nothing: B must see that and
     # queue behind C instead of holding "the lock" beside it.
-    import qwen_mini.fileio as fileio
+    import common.fileio as fileio
 
     path = tmp_path / "run.lock"
     first, others = FileLock(path, what="A"), {}

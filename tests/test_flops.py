@@ -13,9 +13,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from qwen_mini import Qwen, QwenConfig
-from qwen_mini.flops import (COSTS, FlopCountError, count_forward, eval_flops, generation_flops, matmul_flops,
-                             meta_model, register_counter, training_step_flops, unregister_counter)
-from qwen_mini.model import MLP
+from qwen_mini.flop_report import FlopCountError
+from qwen_mini.flops import (COSTS, count_forward, eval_flops, generation_flops, matmul_flops, register_counter,
+                             training_step_flops, unregister_counter)
+from qwen_mini.model import MLP, meta_model
 
 # Hidden 8, 4 query heads and 2 key/value heads of width 4 (heads * head_dim = 16 != hidden: a wrong width shows),
 # MLP 12, vocabulary 11, 2 layers. Counted at batch 2 x seq 3 = 6 tokens.

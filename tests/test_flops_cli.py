@@ -9,7 +9,8 @@ import pytest
 import flops as flops_cli
 from qwen_mini import QwenConfig
 from ledger import Ledger
-from qwen_mini.flops import count_forward, meta_model
+from qwen_mini.flops import count_forward
+from qwen_mini.model import meta_model
 from test_flops import HAND, HAND_STEP, inject_stand_in
 
 

@@ -202,7 +202,7 @@ def test_load_model_and_tokenizer_tiny_is_seeded_and_checkpoints_round_trip(tmp_
 def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     import os
 
-    from qwen_mini.fileio import write_json_atomic
+    from common.fileio import write_json_atomic
 
     old = os.umask(0o022)
     try:

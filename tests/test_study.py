@@ -17,10 +17,11 @@ import forecast as forecast_cli
 import report as report_cli
 import train as train_cli
 from ledger import Ledger, read_record, read_records
-from study.plan import PlanError, estimate_plan, load_plan
+from study.estimate import estimate_plan
+from study.plan import PlanError, load_plan
 from test_train import write_small_data
 from training import TrainConfig, read_metrics
-from training.loop import plan_run
+from training.budget import plan_run_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch", "2", "--ctx", "32", "--val-batches", "1", "--rank", "2", "--lr", "1e-3"]
@@ -129,8 +130,8 @@ def test_resume_counts_the_runs_own_earlier_flops(tmp_path, capsys, small_data):
     assert run_main(train_cli.main, capsys, *flags, "--steps", "2", "--runs-dir", runs, "--out", runs / "r")[0] == 0
     earlier = read_record(runs / "r" / "flops.json").flops_used
     config = TrainConfig(model="tiny", batch=2, ctx=32, val_batches=1, rank=2, lr=1e-3, steps=4, eval_every=2)
-    rest = plan_run(config, start_step=2).total  # steps 3 and 4, validation after step 4
-    assert rest == 2 * plan_run(config).per_step + plan_run(config).eval_pass
+    rest = plan_run_flops(config, start_step=2).total  # steps 3 and 4, validation after step 4
+    assert rest == 2 * plan_run_flops(config).per_step + plan_run_flops(config).eval_pass
     status, _, err = run_main(train_cli.main, capsys, *flags, "--steps", "4", "--runs-dir", runs, "--out", runs / "r",
                               "--resume", "--max-flops", earlier + rest - 1)
     assert status == 3 and f"already spent or reserved in {runs}" in err  # its own 2 steps count
@@ -143,7 +144,7 @@ def test_resume_counts_the_runs_own_earlier_flops(tmp_path, capsys, small_data):
 def test_two_runs_started_together_under_a_one_run_cap(tmp_path, small_data):
     runs = tmp_path / "runs"
     config = TrainConfig(model="tiny", batch=2, ctx=32, val_batches=1, rank=2, lr=1e-3, steps=40)
-    cap = plan_run(config).total * 3 // 2
+    cap = plan_run_flops(config).total * 3 // 2
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QWEN_MINI_CACHE": str(tmp_path / "cache")}
     processes = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--data", small_data, "--steps", "40",
                                    "--runs-dir", str(runs), "--out", str(runs / name), "--max-flops", str(cap)],
@@ -156,7 +157,7 @@ def test_two_runs_started_together_under_a_one_run_cap(tmp_path, small_data):
     assert not (runs / refused / "config.json").exists()  # refused before it loaded anything
     assert "refused by the FLOP budget" in results["ab".index(refused)][1]
     totals = Ledger(runs).totals()
-    assert totals.outstanding == 0 and totals.spent == plan_run(config).total <= cap
+    assert totals.outstanding == 0 and totals.spent == plan_run_flops(config).total <= cap
 
 
 # ---- plans ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from data.lotka_volterra import save, simulate
 from ledger import RECORD_NAME, read_record
 from qwen_mini.loss import causal_lm_loss
 from training import RunDirError, TrainConfig, load_run, read_metrics, train_run
-from training.loop import enable_activation_checkpointing, eval_pass_flops, lr_factor, per_step_flops
+from training.budget import eval_pass_flops, per_step_flops
+from training.setup import enable_activation_checkpointing, lr_factor
 from training.windows import batch_rows, validation_rows
 
 

@@ -6,11 +6,12 @@ import json
 import pytest
 
 from ledger import Ledger, read_records
-from qwen_mini.flops import format_flops
+from qwen_mini.flop_report import format_flops
 from test_train import write_small_data
 from training import TrainConfig, read_metrics, read_run_config
-from training.cli import EXIT_OVER_BUDGET, main
-from training.loop import per_step_flops, plan_run
+from common.exit_codes import EXIT_OVER_BUDGET
+from training.cli import main
+from training.budget import per_step_flops, plan_run_flops
 
 TINY = ["--model", "tiny", "--ctx", "64", "--batch", "2", "--val-batches", "1"]
 
@@ -57,7 +58,7 @@ def test_grid_makes_one_run_per_combination_and_a_summary(capsys, tmp_path, smal
     ledger = {record.run_name: record.flops_used for record in read_records(runs)}
     for row in summary["runs"]:
         config = TrainConfig(model="tiny", ctx=64, batch=2, val_batches=1, steps=2, rank=row["rank"], lr=row["lr"])
-        assert row["flops_used"] == ledger[row["run"]] == plan_run(config).total > 2 * row["per_step_flops"] > 0
+        assert row["flops_used"] == ledger[row["run"]] == plan_run_flops(config).total > 2 * row["per_step_flops"] > 0
         assert row["final_val_loss"] is not None and row["initial_val_loss"] is not None
         assert row["run"] in out  # the printed table
     assert summary["flops_used"] == sum(ledger.values())
@@ -67,7 +68,7 @@ def test_grid_makes_one_run_per_combination_and_a_summary(capsys, tmp_path, smal
 def test_over_budget_run_is_refused_before_data_or_weights_are_loaded(capsys, tmp_path, private_data_cache):
     runs = tmp_path / "runs"
     status, out, err = run(capsys, *TINY, "--full", "--steps", "10", "--runs-dir", runs, "--max-flops", "1e9")
-    plan = plan_run(TrainConfig(model="tiny", full=True, ctx=64, batch=2, val_batches=1, steps=10))
+    plan = plan_run_flops(TrainConfig(model="tiny", full=True, ctx=64, batch=2, val_batches=1, steps=10))
     per_step = plan.per_step
     assert plan.total == 10 * per_step + 11 * plan.eval_pass  # validation at step 0 and after every step
     assert status == EXIT_OVER_BUDGET and out == ""
@@ -82,7 +83,7 @@ def test_over_budget_run_is_refused_before_data_or_weights_are_loaded(capsys, tm
 def test_spending_in_the_runs_directory_counts_against_the_budget(capsys, tmp_path, small_data):
     runs = tmp_path / "runs"
     per_step = per_step_flops(TrainConfig(model="tiny", rank=4, ctx=64, batch=2))
-    two_steps = plan_run(TrainConfig(model="tiny", rank=4, ctx=64, batch=2, val_batches=1, steps=2)).total
+    two_steps = plan_run_flops(TrainConfig(model="tiny", rank=4, ctx=64, batch=2, val_batches=1, steps=2)).total
     budget = 8 * per_step + two_steps
     Ledger(runs).recorder(runs / "earlier", run_name="earlier").add("train", 8 * per_step, steps=8, step=8)
     status, _, err = run(capsys, *TINY, "--data", small_data, "--steps", "3", "--runs-dir", runs,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwen_mini.fileio import atomic_write
+from common.fileio import atomic_write
 from qwen_mini.loading import check_finite
 
 from .run import CHECKPOINT_NAME, RunDirError

@@ -7,11 +7,12 @@ import sys
 
 from data.lotka_volterra import SPLIT_MODES, DataError
 from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError as ModelConfigError
-from ledger import DEFAULT_BUDGET, BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
-from lora import VALID_TARGETS
-from qwen_mini.cli import flop_count, non_negative_float, non_negative_int, positive_float, positive_int
-from qwen_mini.fileio import os_error_text
-from qwen_mini.flops import GQA_MODES
+from ledger import BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
+from ledger.flags import MAX_FLOPS_HELP, add_budget_arguments
+from lora import check_targets
+from common.args import non_negative_float, non_negative_int, positive_float, positive_int
+from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
+from common.fileio import os_error_text
 
 from .config import DEFAULT_MODEL, DTYPES, SCHEDULES, ConfigError, TrainConfig
 from .distributed import from_environment, shutdown
@@ -47,8 +48,6 @@ Exit status: 0 done, 1 the run failed (data, model, checkpoint, a run directory 
 write such as a full disk), 2 bad arguments (settings the model or the data cannot serve, a run outside --runs-dir
 included), 3 refused by the FLOP budget or by the ledger's gqa convention, 4 training diverged (non-finite
 numbers), 130 stopped by Ctrl-C, 143 stopped by SIGTERM."""
-
-EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,21 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", default=None, metavar="DIR",
                             help="the run directory (default: RUNS_DIR/<model>_<r RANK|full>_lr<LR>_ctx<CTX>); for a "
                                  "grid, the directory holding its runs and summary.json (default: RUNS_DIR/grid_...)")
-    evaluation.add_argument("--runs-dir", default=d.runs_dir, metavar="DIR",
-                            help="where runs live: the FLOP ledger sums every flops.json under it "
-                                 "(default: %(default)s)")
+    add_budget_arguments(evaluation, runs_dir="where runs live: the FLOP ledger sums every flops.json under it "
+                                               "(default: %(default)s)", runs_dir_default=d.runs_dir)
     evaluation.add_argument("--resume", action="store_true",
                             help="continue the run(s) in their directories from the last checkpoint, with the same "
                                  "settings (--steps may grow)")
-    evaluation.add_argument("--max-flops", type=flop_count, default=DEFAULT_BUDGET, metavar="FLOPS",
-                            help="FLOP budget of everything under --runs-dir together (default: 1e17)")
-    evaluation.add_argument("--gqa", choices=GQA_MODES, default=None,
-                            help="how the ledger counts attention: real grouped-query k/v, or mha (the coursework's "
-                                 "multi-head simplification); one convention per runs directory (default: the runs "
-                                 "directory's, real for a new one)")
-    evaluation.add_argument("--no-budget", action="store_true",
-                            help="no reservation and no budget check; needed for a --out outside --runs-dir, which "
-                                 "then is counted in no ledger")
+    add_budget_arguments(
+        evaluation, max_flops=MAX_FLOPS_HELP, max_flops_default=d.max_flops,
+        gqa="how the ledger counts attention: real grouped-query k/v, or mha (the coursework's multi-head "
+            "simplification); one convention per runs directory (default: the runs directory's, real for a new one)",
+        no_budget="no reservation and no budget check; needed for a --out outside --runs-dir, which then is counted "
+                  "in no ledger")
     evaluation.add_argument("--plan", metavar="TOML",
                             help="run a study plan stage by stage (grid, best-of sweep, final run, forecasts); "
                                  "continues a stopped study. Settings come from the plan; --runs-dir, --max-flops, "
@@ -153,12 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def target_list(text: str) -> tuple[str, ...]:
     """argparse type: 'q_proj,v_proj' -> ('q_proj', 'v_proj'), each a projection LoRA can wrap."""
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in targets if t not in VALID_TARGETS]
-    if not targets or unknown:
-        raise argparse.ArgumentTypeError(f"unknown LoRA target(s) {', '.join(unknown) or repr(text)}; choose from "
-                                         f"{','.join(VALID_TARGETS)}")
-    return tuple(dict.fromkeys(targets))
+    return check_targets([t.strip() for t in text.split(",") if t.strip()], error=argparse.ArgumentTypeError)
 
 
 def configs_from_args(args: argparse.Namespace) -> list:
@@ -230,4 +220,4 @@ def main(argv: list[str] | None = None, run_plan=None) -> int:
                       f"{result.config.runs_dir}); its FLOPs are in its own flops.json")
         if len(configs) > 1:
             print(f"summary: {grid_dir(configs) / SUMMARY_NAME}")
-    return 0
+    return EXIT_OK

@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.dataset import DEFAULT_CONTEXT
 from data.lotka_volterra import SPLIT_MODES
-from lora import VALID_TARGETS
+from lora import check_targets
 from ledger import DEFAULT_BUDGET
 from qwen_mini.flops import GQA_MODES
 
@@ -16,10 +17,7 @@ SCHEDULES = ("constant", "cosine")
 DTYPES = ("auto", "float32", "bfloat16")
 # Steps of each trajectory the LLMTIME scaler is fitted on: data.dataset's evaluation context, so training text and
 # forecast prompts are scaled by the same rule.
-FIT_STEPS = 50
-# The tiny preset's random weights are drawn with this seed whatever --seed is, so runs with different seeds adapt
-# the same base model and `load_run` can rebuild it.
-TINY_MODEL_SEED = 0
+FIT_STEPS = DEFAULT_CONTEXT
 
 # Settings that change what a run computes: a resumed run must have the same values as the run it continues.
 # (--steps may grow; --eval-every, --checkpoint-every, --val-batches, --device and the output paths may change.)
@@ -108,9 +106,7 @@ class TrainConfig:
             positive("rank")
             if not math.isfinite(self.alpha):
                 raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}")
-            unknown = [t for t in self.targets if t not in VALID_TARGETS]
-            if unknown or not self.targets:
-                raise ConfigError(f"LoRA targets must be among {', '.join(VALID_TARGETS)}, got {list(self.targets)}")
+            check_targets(self.targets, error=ConfigError)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.split_mode not in SPLIT_MODES:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from ledger import BudgetExceeded, Ledger, log10
-from qwen_mini.fileio import write_json_atomic
-from qwen_mini.flops import format_flops
+from ledger import BudgetExceeded, Ledger
+from common.fileio import write_json_atomic
+from qwen_mini.flop_report import format_flops, log10
 
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed
-from .loop import (FINAL_TRAIN_STEPS, RunResult, check_inside_runs_dir, check_settings, holds_run, plan_run,
-                   start_point, train_run)
+from .budget import check_inside_runs_dir, plan_run_flops
+from .loop import FINAL_TRAIN_STEPS, RunResult, train_run
 from .run import RunDirError
+from .rundir import holds_run, resume_point
+from .setup import check_settings
 
 SUMMARY_NAME = "summary.json"
 
@@ -61,7 +63,7 @@ def check_grid_budget(configs: list[TrainConfig], world_size: int = 1) -> int:
         return 0
     ledger = Ledger(configs[0].runs_dir, configs[0].max_flops)
     gqa = ledger.convention(configs[0].gqa)
-    remaining = sum(plan_run(config, start_point(config).step, gqa, world_size).total for config in configs)
+    remaining = sum(plan_run_flops(config, resume_point(config).step, gqa, world_size).total for config in configs)
     try:
         ledger.check(remaining)
     except BudgetExceeded as e:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_mini.fileio import atomic_write
+from common.fileio import atomic_write
 
 
 def moving_average(values: list[float], window: int) -> np.ndarray:

@@ -6,7 +6,7 @@
                           grad_norm (before clipping), flops (training FLOPs so far), tokens_per_s (window
                           positions, padding included); step 0 holds the untrained model's val loss
     <run>/loss_curve.png  train and validation loss against steps
-    <run>/flops.json      the run's record in the FLOP budget ledger (qwen_mini.budget)
+    <run>/flops.json      the run's record in the FLOP budget ledger (the `ledger` package)
     <run>/checkpoint.pt   the latest resumable state: trainable weights, optimizer, scheduler, data position, RNG
     <run>/adapter/        LoRA runs: the adapter in Hugging Face PEFT format (adapter_config.json + safetensors)
     <run>/model/          --full runs: every weight (config.json + model.safetensors) and the tokenizer

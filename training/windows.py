@@ -92,6 +92,7 @@ def gather(windows: TrainWindows, rows: np.ndarray, device) -> tuple[torch.Tenso
     return windows.input_ids[index].to(device), windows.labels[index].to(device)
 
 
-def target_tokens(labels: torch.Tensor) -> int:
-    """Tokens the loss is computed on: every labelled position except the first of each window."""
+def count_loss_tokens(labels: torch.Tensor) -> int:
+    """The target tokens of a batch of windows, those the loss is computed on: every labelled position except the
+    first of each window."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,236 @@
+"""The forecast.py command line: flags -> ForecastConfig -> a forecast source and its trajectories ->
+`budgeted_evaluate` under the FLOP ledger -> metrics.json, per_trajectory.csv, plots and the printed table."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.args import bounded
+from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
+from common.fileio import ensure_writable_dir, os_error_text
+from ledger import (BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir, RECORD_NAME, is_inside,
+                    read_record)
+from ledger.flags import MAX_FLOPS_HELP, add_budget_arguments
+from qwen_mini.generate import NonFiniteLogits
+from training.stopping import Interrupted, StopSignals
+
+from .budget import Booking, budgeted_evaluate
+from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, ForecastConfig
+from .evaluate import Protocol, format_table, select_trajectories, write_outputs
+from .source import from_model, from_run, parse_dtype, pick_device
+
+DESCRIPTION = """\
+Forecast Lotka-Volterra trajectories with a trained run (or a plain model) and compare with baselines.
+
+    python forecast.py --run runs/demo                              # the run's test split, all baselines
+    python forecast.py --run runs/demo --sample 972                 # one trajectory (its index in the h5), plotted
+    python forecast.py --model Qwen/Qwen2.5-0.5B-Instruct --limit 50   # the untrained model, 50 test trajectories
+    python forecast.py --run runs/demo --num-samples 10 --temperature 0.8 --top-p 0.9   # median + 10-90 % band
+
+Protocol (printed with the results and written to metrics.json): the first --context steps (default 50) of each
+trajectory are the prompt and the next --horizon steps (default 50) the target; each trajectory's LLMTIME scaler
+is fitted on its context only; the decimals are the run's (2 for a plain model). Generation is batched over
+trajectories with a KV cache, greedy unless sampling is asked for, and constrained to the number grammar, so every
+forecast parses to exactly --horizon steps. Metrics (MSE, MAE, R2, error per horizon step) are on original units,
+per species, over all forecast trajectories. Baselines on the same contexts: persistence (the last context
+value), seasonal_naive (the context's last period repeated; the period from its autocorrelation), untrained (the
+run's base model, before training), lv_fit (classic and logistic Lotka-Volterra least-squares fits of the context,
+the better one integrated over the horizon on the data's time grid; a runaway forecast falls back to persistence,
+and how often is reported).
+
+Writes metrics.json, per_trajectory.csv, trajectory_<index>.png, error_vs_horizon.png and error_distribution.png
+to --out. FLOPs (prefill once per prompt, every KV-cache decode step; the untrained baseline's too) are reserved
+before the first forecast and booked into the FLOP ledger of --runs-dir: into the run's flops.json, or for a plain
+--model into flops.json in --out, which then must lie inside --runs-dir (default RUNS_DIR/forecasts/<model>).
+Exit status: 0 done, 1 the forecast failed (non-finite logits: NaN or infinity from the model; the output could not
+be written, e.g. a full disk), 2 bad arguments, run directory, model, data or an output location that cannot be
+written (or a record outside --runs-dir), 3 refused by the FLOP budget or by the ledger's gqa convention, 130 / 143
+stopped by Ctrl-C / SIGTERM (nothing written).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ForecastConfig()
+    p = argparse.ArgumentParser(prog="forecast.py", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_DIR", help="training run directory (train.py --out): its weights or "
+                        "adapter, data, split and decimals")
+    source.add_argument("--model", help="hub id, local directory or 'tiny': forecast with this model as it is")
+
+    which = p.add_argument_group("which trajectories")
+    which.add_argument("--data", metavar="H5", help="h5 file (default: the run's data, else the built-in simulated "
+                       "set)")
+    which.add_argument("--split", default=d.split, choices=["train", "val", "test"],
+                       help="the split to forecast (default: %(default)s)")
+    which.add_argument("--limit", type=bounded(int, 1), help="only the first N trajectories of the split")
+    which.add_argument("--sample", type=bounded(int, 0), nargs="+", metavar="INDEX",
+                       help="trajectory index(es) in the h5 file, whatever their split (the split is reported; "
+                            "a training-split one is warned about)")
+    which.add_argument("--samples-idx", metavar="I,J,...", help="comma list of indices: the same as --sample")
+
+    protocol = p.add_argument_group("protocol")
+    protocol.add_argument("--context", type=bounded(int, 1), default=d.context,
+                          help="prompt steps (default: %(default)s)")
+    protocol.add_argument("--horizon", type=bounded(int, 1), default=d.horizon,
+                          help="forecast steps (default: %(default)s)")
+    protocol.add_argument("--decimals", type=bounded(int, 0),
+                          help=f"LLMTIME decimals (default: the run's, else {DEFAULT_DECIMALS})")
+    protocol.add_argument("--unconstrained", action="store_true",
+                          help="no number grammar (a step counter still ends each row): unparseable forecasts are "
+                               "counted and left unscored")
+    protocol.add_argument("--int-digits", type=bounded(int, 1), default=d.int_digits,
+                          help="integer digits the grammar allows per scaled number (default: %(default)s)")
+    protocol.add_argument("--allow-negative", action="store_true",
+                          help="let the grammar write negative numbers (off: populations are non-negative)")
+    protocol.add_argument("--num-samples", type=bounded(int, 1), default=d.num_samples,
+                          help="samples per trajectory; > 1 reports their median and 10-90 %% band "
+                               "(default: %(default)s)")
+    protocol.add_argument("--temperature", type=bounded(float, 0.0), default=d.temperature,
+                          help="0 = greedy (default: %(default)s)")
+    protocol.add_argument("--top-p", type=bounded(float, 0.0, 1.0, low_open=True),
+                          help="nucleus sampling mass (default: off)")
+    protocol.add_argument("--baselines", default=",".join(d.baselines),
+                          help="comma list of %(default)s (default: all)")
+    protocol.add_argument("--no-baselines", action="store_true", help="the model only")
+
+    how = p.add_argument_group("how")
+    how.add_argument("--batch", type=bounded(int, 1), default=d.batch,
+                     help="rows (trajectories x samples) generated together; a trajectory's samples share one "
+                          "prefill, so a call holds all of them, at least one trajectory's (default: %(default)s)")
+    how.add_argument("--out", help="output directory (default: RUN_DIR/forecast, or forecasts/<model>; "
+                                   "'_<index>' appended for --sample)")
+    how.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
+    how.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
+                     help="model weights (default: %(default)s, as stored)")
+    how.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default: %(default)s)")
+    how.add_argument("--jump-forward", action="store_true",
+                     help="append the tokens the grammar forces (separator after the last decimal, ...) without "
+                          "sampling and feed them with the next step: fewer forward passes, the same tokens")
+    how.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step over a static KV cache (compiles once, tens of seconds on "
+                          "CPU; the same tokens)")
+
+    add_budget_arguments(
+        p.add_argument_group("FLOP ledger"),
+        runs_dir=f"the runs directory whose ledger counts this forecast (default: the one the run was trained under, "
+                 f"else {DEFAULT_RUNS_DIR})",
+        max_flops=MAX_FLOPS_HELP,
+        gqa="how attention is counted: real grouped-query k/v or mha (default: the ledger's)",
+        no_budget="no reservation or budget check (allows a record outside --runs-dir, counted nowhere)")
+    how.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def requested_samples(args) -> list[int]:
+    """--sample and --samples-idx together: trajectory indices in the data file."""
+    samples = list(args.sample or [])
+    if args.samples_idx:
+        try:
+            samples += [int(s) for s in args.samples_idx.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--samples-idx must be a comma list of integers, got {args.samples_idx!r}") from None
+    return samples
+
+
+def requested_baselines(args) -> list[str]:
+    """--baselines, checked (none with --no-baselines)."""
+    if args.no_baselines:
+        return []
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+    return baselines
+
+
+def forecast_config(args) -> ForecastConfig:
+    """The settings the flags ask for (the baselines checked)."""
+    return ForecastConfig(split=args.split, limit=args.limit, context=args.context, horizon=args.horizon,
+                          decimals=args.decimals, constrained=not args.unconstrained, int_digits=args.int_digits,
+                          allow_negative=args.allow_negative, num_samples=args.num_samples,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          baselines=requested_baselines(args), batch=args.batch, device=args.device,
+                          dtype=args.dtype, jump_forward=args.jump_forward, compile=args.compile)
+
+
+def runs_dir_of(args) -> Path:
+    """--runs-dir, else the runs directory the run's ledger record names, else the default."""
+    if args.runs_dir is not None:
+        return Path(args.runs_dir)
+    record = Path(args.run) / RECORD_NAME if args.run else None
+    if record is not None and record.is_file():
+        recorded = read_record(record).data.get("runs_dir")
+        if recorded:
+            return Path(recorded)
+    return Path(DEFAULT_RUNS_DIR)
+
+
+def main(argv=None) -> int:
+    """forecast.py: check everything the user can get wrong, forecast under the ledger, write and print the results."""
+    args = build_parser().parse_args(argv)
+    try:  # everything the user can get wrong is checked before the first forecast
+        samples, config = requested_samples(args), forecast_config(args)
+        if config.num_samples > 1 and config.temperature <= 0:
+            raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+        device, dtype = pick_device(config.device), parse_dtype(config.dtype)
+        if args.run:
+            source = from_run(args.run, data_path=args.data, decimals=config.decimals, context=config.context,
+                              device=device, dtype=dtype)
+        else:
+            source = from_model(args.model, data_path=args.data, decimals=config.decimals, device=device,
+                                dtype=dtype)
+        steps = source.data.trajectories.shape[1]
+        if config.context + config.horizon > steps:
+            raise ValueError(f"--context {config.context} + --horizon {config.horizon} steps exceed the {steps} "
+                             f"steps of each trajectory in {source.data.path}")
+        selection = select_trajectories(source.split, config.split, samples or None, config.limit)
+        runs_dir = runs_dir_of(args)
+    except (ValueError, OSError) as e:  # RunDirError, DataError, CheckpointError, LedgerError ... are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    protocol = Protocol.of(config, source.decimals)
+    # A plain model's forecasts live in the runs directory by default: their flops.json is its ledger's record.
+    default_out = source.default_out if args.run else runs_dir / "forecasts" / source.default_out.name
+    out = Path(args.out) if args.out else default_out.with_name(
+        default_out.name + "".join(f"_{i}" for i in samples[:5]))
+    try:  # before the forecasts, which may take long: not after them
+        ensure_writable_dir(out)
+    except OSError as e:
+        print(f"error: cannot write the output: {os_error_text(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"forecasting {selection.label} of {source.data.path} with {source.label} on {device}", file=sys.stderr)
+    booking = Booking(runs_dir, args.max_flops, args.gqa, args.no_budget)
+    try:
+        with StopSignals():  # SIGTERM (schedulers, `timeout`) ends a forecast as Ctrl-C does: with a line
+            evaluation, record_dir = budgeted_evaluate(source, selection, protocol, out=out, run_dir=args.run,
+                                                       baselines=config.baselines, batch=config.batch,
+                                                       booking=booking, progress=not args.quiet,
+                                                       jump_forward=config.jump_forward, compile=config.compile)
+    except Interrupted as e:
+        print(f"error: stopped by {e.name}; nothing was written", file=sys.stderr)
+        return e.exit_status
+    except (BudgetExceeded, MixedConventions) as e:
+        print(f"forecast.py: refused by the FLOP ledger: {e}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    except (OutsideRunsDir, LedgerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLogits as e:
+        print(f"error: {source.label}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
+    try:
+        written = write_outputs(evaluation, out)
+    except OSError as e:
+        print(f"error: {os_error_text(e)}: the forecasts were not written", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_table(evaluation.summary()))
+    print(f"\nwrote {', '.join(p.name for p in written)} to {out}/")
+    spent = sum(s.flops for s in evaluation.generation.values())
+    counted = f"booked in {record_dir / RECORD_NAME}" + ("" if is_inside(record_dir, runs_dir) else
+                                                        " (outside --runs-dir: counted in no ledger)")
+    print(f"FLOPs: {spent:.3e} ({', '.join(f'{m} {s.flops:.3e}' for m, s in evaluation.generation.items())}), "
+          f"{counted}")
+    return EXIT_OK

@@ -1,0 +1,122 @@
+"""Running a study plan (`run_plan`, `train.py --plan`): stage by stage, each training run trained or resumed
+(`train_study_run`) and each forecast made (`run_forecast`) under the FLOP ledger, after checking that the rest of
+the plan fits the budget. A stopped study continues where it stopped; `study.json` records what each stage did."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from forecasting.budget import Booking, budgeted_evaluate
+from forecasting.evaluate import Protocol, select_trajectories, write_outputs
+from forecasting.source import from_model, from_run, parse_dtype, pick_device
+from ledger import BudgetExceeded
+from common.fileio import write_json_atomic
+from qwen_mini.flop_report import format_flops
+from training.config import TrainConfig
+from training.loop import train_run
+from training.rundir import holds_run
+
+from .estimate import estimate_plan, format_estimate
+from .plan import (FORECAST_METRICS, Plan, PlanError, Stage, StudyRun, best_run, best_val_loss, forecast_config,
+                   forecast_out, is_complete, stage_runs)
+
+STUDY_FILE = "study.json"
+
+
+def check_study_dir(plan: Plan) -> None:
+    """A study directory belongs to one plan: refuse to continue it with another."""
+    path = plan.study_dir / STUDY_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text()).get("plan_sha256")
+        if recorded and recorded != plan.digest:
+            raise PlanError(f"{plan.study_dir} holds a study started from another version of a plan (sha256 "
+                            f"{recorded}, {plan.path} is {plan.digest}): restore that plan, or give this one "
+                            "another [study] name")
+
+
+def write_study(plan: Plan, done: dict) -> None:
+    write_json_atomic(plan.study_dir / STUDY_FILE, {
+        "name": plan.name, "plan": str(plan.path.resolve()), "plan_sha256": plan.digest, "plan_text": plan.text,
+        "runs_dir": str(plan.runs_dir.resolve()), "max_flops": plan.max_flops, "gqa": plan.gqa,
+        "stages": [done[s.name] for s in plan.stages if s.name in done]})
+
+
+def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None, seed: int | None = None,
+             progress: bool = True, log=print) -> dict:
+    """Run the plan stage by stage; a stage's finished runs and forecasts are kept, an unfinished run is resumed.
+    Refuses (BudgetExceeded) before anything runs if the rest of the plan does not fit. `device`, `dtype`, `seed`
+    (when not None) override the plan's. Returns study.json's dict."""
+    check_study_dir(plan)
+    estimate = estimate_plan(plan)
+    log(format_estimate(plan, estimate))
+    if not estimate.fits:
+        left = estimate.budget - estimate.committed
+        raise BudgetExceeded(f"the rest of plan {plan.path} needs up to {format_flops(estimate.needed)} FLOPs, "
+                             f"{format_flops(left)} are left in {plan.runs_dir} (budget {format_flops(plan.max_flops)})")
+    overrides = {k: v for k, v in (("device", device), ("dtype", dtype), ("seed", seed)) if v is not None}
+    done: dict[str, dict] = {}
+    bests: dict[str, tuple[list[StudyRun], StudyRun]] = {}
+    for stage in plan.stages:
+        if stage.kind == "train":
+            best_before = bests[stage.source][1] if stage.source is not None else None
+            runs = stage_runs(stage, {**plan.train, **(best_before.settings if best_before else {})}, best_before)
+            for run in runs:
+                train_study_run(plan, run, overrides, progress, log)
+            best = best_run(runs, plan)
+            bests[stage.name] = (runs, best)
+            done[stage.name] = {"name": stage.name, "kind": "train", "from": stage.source,
+                                "varied": sorted(stage.grid), "runs": [str(r.run_dir(plan)) for r in runs],
+                                "best": str(best.run_dir(plan)), "best_val_loss": best_val_loss(best.run_dir(plan))}
+        else:
+            if stage.source == "base":
+                targets = [None]
+            else:
+                runs, best = bests[stage.source]
+                targets = runs if stage.which == "all" else [best]
+            outs = [run_forecast(plan, stage, run, overrides, progress, log) for run in targets]
+            done[stage.name] = {"name": stage.name, "kind": "forecast", "of": stage.source, "which": stage.which,
+                                "forecasts": [str(out) for out in outs],
+                                "runs": [str(r.run_dir(plan)) for r in targets if r is not None]}
+        write_study(plan, done)
+    return json.loads((plan.study_dir / STUDY_FILE).read_text())
+
+
+def train_study_run(plan: Plan, run: StudyRun, overrides: dict, progress: bool, log) -> None:
+    """Train `run` in its directory, or resume it there; a finished run is left as it is."""
+    run_dir = run.run_dir(plan)
+    config = run.config(plan, **overrides)
+    if is_complete(run_dir, config.steps):
+        log(f"[plan] {run.stage}/{run.name}: done already")
+        return
+    resume = holds_run(run_dir)
+    log(f"[plan] {run.stage}/{run.name}: {'resuming' if resume else 'training'} ({config.steps} steps)")
+    train_run(dataclasses.replace(config, resume=resume), progress=progress)
+
+
+def run_forecast(plan: Plan, stage: Stage, run: StudyRun | None, overrides: dict, progress: bool, log) -> Path:
+    """Forecast with `run` (None: the base model) as `stage` asks, into its output directory, unless done already."""
+    out = forecast_out(plan, stage, run)
+    if (out / FORECAST_METRICS).is_file():
+        log(f"[plan] {stage.name}: {out} done already")
+        return out
+    config = forecast_config(plan, stage)
+    if "seed" in overrides:
+        config = dataclasses.replace(config, seed=overrides["seed"])
+    train = TrainConfig(**{**(run.settings if run is not None else plan.train), **overrides})
+    device, dtype = pick_device(train.device), parse_dtype(overrides.get("dtype", config.dtype))
+    if run is not None:
+        source = from_run(run.run_dir(plan), context=config.context, device=device, dtype=dtype)
+    else:
+        source = from_model(train.model, data_path=train.data, decimals=train.decimals, device=device,
+                            dtype=dtype)
+    selection = select_trajectories(source.split, config.split, None, config.limit)
+    log(f"[plan] {stage.name}: forecasting {selection.label} with {source.label} -> {out}")
+    booking = Booking(plan.runs_dir, plan.max_flops, plan.gqa)
+    evaluation, _ = budgeted_evaluate(source, selection, Protocol.of(config, source.decimals), out=out,
+                                      run_dir=run.run_dir(plan) if run is not None else None,
+                                      baselines=config.baselines, batch=config.batch, booking=booking,
+                                      progress=progress)
+    evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
+    write_outputs(evaluation, out)
+    return out
