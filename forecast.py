@@ -6,7 +6,11 @@ evaluation `forecasting.evaluate`, under the FLOP ledger `forecasting.budget`.
 """
 import sys
 
-import forecasting.cli
+try:  # importing torch takes seconds: a Ctrl-C then gets the line a Ctrl-C gets later, not a traceback
+    import forecasting.cli
+except KeyboardInterrupt:
+    print("error: stopped by SIGINT while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,15 +73,17 @@ def task_machine(model, impl, config, args, device):
             "bandwidth_gbs": 2 * source.numel() * source.element_size() / best / 1e9}
 
 
-def decode_bytes_per_flop(config: QwenConfig, args, rows: int, head_rows: int | None, cached: int | None = None
-                          ) -> float:
+def decode_bytes_per_flop(config: QwenConfig, args, rows: int, head_rows: int | None, cached: int | None = None,
+                          kv_read: int | None = None) -> float:
     """Bytes a decode step of `rows` rows reads per FLOP it does: every layer weight and the scored LM-head rows
-    once, plus the keys/values of `cached` positions per row (default: the generate task's average)."""
+    once, plus the keys/values of `cached` positions per row (default: the generate task's average), or of
+    `kv_read` positions in all when rows share their prompt's (each query still attends to `cached` keys)."""
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
     cached = args.gen_prompt_len + args.gen_new // 2 if cached is None else cached
     layer_weights = sum(p.numel() for name, p in meta_model(config).named_parameters() if ".layers." in name)
     head = (config.vocab_size if head_rows is None else head_rows) * config.hidden_size
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * cached * rows
+    kv_read = cached * rows if kv_read is None else kv_read
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * kv_read
     flops = count_forward(meta_model(config), rows, 1, include_loss=False, past=cached, logits="last",
                           head_rows=head_rows, training=False).forward
     return (layer_weights + head + kv) * element / flops

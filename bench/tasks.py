@@ -4,10 +4,13 @@ sampled workload under the number grammar. Each returns its timings, the tokens 
 executed (counted by qwen_mini.flops from what it ran)."""
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 from bench.hf_twin import hf_twin
-from bench.measure import decode_bytes_per_flop, timed, timed_generation
+from bench.measure import decode_bytes_per_flop, synchronize, timed, timed_generation
 from qwen_mini import Qwen, QwenConfig
 from qwen_mini.flops import count_forward, generation_flops, static_decode_flops
 from qwen_mini.generate import DecodeStats
@@ -206,6 +209,58 @@ def task_forecast(model, impl, config, args, device):
             **extra}
 
 
+def task_decode_shared(model, impl, config, args, device):
+    """The decode phase (prefill excluded) of `fc_samples` sampled continuations of `gen_new` tokens for each of
+    `gen_prompts` prompts of `gen_prompt_len` tokens: the samples sharing their prompt's keys/values
+    (`KVCache.share`, what generate does), alternated in this one process with a copy of the prompt per sample
+    (`KVCache.repeat_interleave`, generate before issue 25): the same rows, draws and tokens (checked). Ours only:
+    HF has no shared-prefix cache to switch. `seconds` are the shared runs', `copies_seconds` the copies'."""
+    from qwen_mini.generate import DecodeState, Sampling, decode_n_tokens, prefill
+
+    if impl != "ours":
+        raise SystemExit("decode_shared compares two of our caches: run it with --impls ours")
+    prompts, samples, new = args.gen_prompts, args.fc_samples, args.gen_new
+    ids = inputs(config, prompts, args.gen_prompt_len, device, args.seed)
+    mask, head, rows = torch.ones_like(ids), model.lm_head.weight, prompts * samples
+    cache_len = args.gen_prompt_len + new
+
+    def decode_phase(shared: bool, new_tokens: int = new):
+        if shared:
+            cache, logits = prefill(model, ids, mask, head, samples, cache_len, compile=False)
+        else:
+            prompt_cache = model.new_cache(prompts, args.gen_prompt_len)
+            logits = (model.hidden_states(ids, mask, kv_cache=prompt_cache)[:, -1] @ head.T).float()
+            cache, logits = prompt_cache.repeat_interleave(samples, max_len=cache_len), logits.repeat_interleave(
+                samples, dim=0)
+        out = torch.zeros(rows, new_tokens, dtype=torch.long, device=device)
+        uniforms = torch.rand(rows, new_tokens, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        state = DecodeState(cache, head, out, torch.zeros(0, dtype=torch.long, device=device), 0, None, None,
+                            uniforms, DecodeStats(), Sampling(args.fc_temperature), False, False)
+        synchronize(device)
+        start = time.perf_counter()
+        decode_n_tokens(model, state, logits)
+        synchronize(device)
+        return time.perf_counter() - start, out
+
+    times = {True: [], False: []}
+    with torch.inference_mode():
+        decode_phase(True, 2), decode_phase(False, 2)  # warm-up
+        for _ in range(args.reps):
+            written = {}
+            for shared in (True, False):  # alternated, so both see the same machine load
+                seconds, written[shared] = decode_phase(shared)
+                times[shared].append(seconds)
+            if not torch.equal(written[True], written[False]):
+                raise AssertionError("the shared cache wrote other tokens than the copies")
+    counter = meta_model(config)
+    flops = generation_flops(counter, prompts, args.gen_prompt_len, rows, new).decode
+    kv_read = prompts * args.gen_prompt_len + rows * new // 2  # positions of keys/values a step reads, on average
+    return {"seconds": times[True], "copies_seconds": times[False], "tokens": rows * (new - 1), "rows": rows,
+            "speedup": statistics.median(times[False]) / statistics.median(times[True]), "flops": flops,
+            "decode_bytes_per_flop": decode_bytes_per_flop(config, args, rows, None, kv_read=kv_read),
+            "copies_decode_bytes_per_flop": decode_bytes_per_flop(config, args, rows, None)}
+
+
 class GrammarProcessor:
     """HF logits processor around one of our `allowed_tokens` hooks (e.g. NumberGrammar): the same constraint for
     both implementations, at the same per-step cost."""
@@ -256,5 +311,7 @@ def executed_step_flops(report) -> int:
 
 # task name -> its function (model, impl, config, args, device) -> result dict; the order of the printed table
 TASK_RUNNERS = {"forward": task_forward, "train_step": task_train_step, "generate": task_generate,
-                "generate_llmtime": task_generate_llmtime, "forecast": task_forecast}
+                "generate_llmtime": task_generate_llmtime, "forecast": task_forecast,
+                "decode_shared": task_decode_shared}
+OURS_ONLY = ("decode_shared",)  # tasks that compare two of our variants: never run for HF
 TASKS = tuple(TASK_RUNNERS)

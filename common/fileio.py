@@ -8,11 +8,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -109,9 +110,58 @@ def _umask() -> int:
     return mask
 
 
+class UnreadableFile(ValueError):
+    """A file that is there but cannot be read as what it should be (torn, hand-edited, binary)."""
+
+
+def read_json(path: str | os.PathLike):
+    """The value of a JSON file. One that is not UTF-8 JSON raises UnreadableFile naming it and the place of the
+    fault; a missing or unreadable file raises OSError as usual."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UnreadableFile(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise UnreadableFile(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     text = json.dumps(obj, indent=2, default=str) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+class StagedFiles:
+    """A set of files published into `out_dir` together: they are written into a hidden staging directory inside it
+    (`self.dir`, same file system, so moving is a rename) and `publish` moves them in, the file `last` (what marks the
+    set complete, such as a metrics.json) after all the others. Leaving the block without publishing (an error, a
+    full disk, a signal) removes the staging directory, so `out_dir` keeps what it had and no temporary file stays."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.out_dir = Path(out_dir)
+        self.dir: Path | None = None
+
+    def __enter__(self) -> "StagedFiles":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(dir=self.out_dir, prefix=".staging-", suffix=".tmp"))
+        return self
+
+    def publish(self, last: str, stale: Iterable[str] = ()) -> list[Path]:
+        """Move every staged file into `out_dir`, `last` at the end; first remove `last` there (the set it marked is
+        being replaced) and the `stale` names of an earlier set that this one does not have. Returns the paths."""
+        names = sorted(os.listdir(self.dir))
+        if last not in names:
+            raise FileNotFoundError(errno.ENOENT, "was not staged", str(self.dir / last))
+        (self.out_dir / last).unlink(missing_ok=True)
+        for name in set(stale) - set(names):
+            if "/" not in name and not name.startswith("."):  # names of files in out_dir, nothing else
+                (self.out_dir / name).unlink(missing_ok=True)
+        ordered = [n for n in names if n != last] + [last]
+        for name in ordered:
+            os.replace(self.dir / name, self.out_dir / name)
+        return [self.out_dir / name for name in ordered]
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---- locks ---------------------------------------------------------------------------------------------------------
@@ -184,7 +234,9 @@ class FileLock:
         os.write(self._fd, (json.dumps(self.holder) + "\n").encode())
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+        # O_NOFOLLOW: a lock file that is a symlink is refused (ELOOP), never followed to the file it names, which
+        # taking the lock would empty.
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666 & ~_umask())
 
     def _is_at_path(self) -> bool:
         try:

@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,11 +137,17 @@ def trajectories_shape(path: str | os.PathLike) -> tuple[int, ...]:
     return shape
 
 
+_KINDS = {"FIFO": "a named pipe (FIFO)", "CHR": "a character device", "BLK": "a block device", "SOCK": "a socket"}
+
+
 def _open(path: Path) -> h5py.File:
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not an h5 file")
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_file():  # a FIFO, a device (/dev/null), a socket: h5py would block or fail obscurely
+        kind = next((k for k in _KINDS if getattr(stat, f"S_IS{k}")(path.stat().st_mode)), "")
+        raise DataError(f"{path}: is {_KINDS.get(kind, 'no regular file')}, not an h5 file")
     try:
         return h5py.File(path, "r")
     except OSError as e:

@@ -15,9 +15,11 @@ from pathlib import Path
 from data.dataset import make_eval_example
 from ledger import Ledger, OutsideRunsDir, Recorder
 
+from .config import DEFAULT_MEMORY_GB
 from .evaluate import MODEL, Evaluation, Protocol, Selection, evaluate
 from .forecast import generation_plan
 from .grammar import max_forecast_tokens
+from .metering import FlopsSoFar
 from .source import ForecastSource
 
 
@@ -40,15 +42,16 @@ def generated_methods(source: ForecastSource, baselines) -> list[str]:
     return [MODEL] + (["untrained"] if "untrained" in baselines and source.load_untrained is not None else [])
 
 
-def forecast_bound(source: ForecastSource, selection: Selection, protocol: Protocol, *, baselines, batch: int,
-                   gqa: str, jump_forward: bool = False, compile: bool = False) -> int:
+def forecast_bound(source: ForecastSource, selection: Selection, protocol: Protocol, *, baselines,
+                   batch: int | None, gqa: str, jump_forward: bool = False, compile: bool = False,
+                   memory_gb: float = DEFAULT_MEMORY_GB) -> int:
     """The most FLOPs `evaluate` can spend on these trajectories: exact prefills, the longest forecasts."""
     examples = [make_eval_example(source.data.trajectories[i], i, protocol.context, protocol.horizon,
                                   protocol.decimals) for i in selection.indices]
     prompts = [len(source.tokenizer.encode(ex.prompt)) for ex in examples]
     longest = max_forecast_tokens(protocol.horizon, source.data.trajectories.shape[2], protocol.decimals,
                                   protocol.int_digits, protocol.allow_negative)
-    one = generation_plan(source.model, prompts, [longest] * len(prompts), batch=batch,
+    one = generation_plan(source.model, prompts, [longest] * len(prompts), batch=batch, memory_gb=memory_gb,
                           num_samples=protocol.num_samples, constrained=protocol.constrained,
                           allow_negative=protocol.allow_negative, gqa=gqa, jump_forward=jump_forward,
                           compile=compile)
@@ -56,8 +59,8 @@ def forecast_bound(source: ForecastSource, selection: Selection, protocol: Proto
 
 
 def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Protocol, *, out, run_dir, baselines,
-                      batch: int, booking: Booking, progress: bool = True, jump_forward: bool = False,
-                      compile: bool = False) -> tuple[Evaluation, Path]:
+                      batch: int | None, booking: Booking, progress: bool = True, jump_forward: bool = False,
+                      compile: bool = False, memory_gb: float = DEFAULT_MEMORY_GB) -> tuple[Evaluation, Path]:
     """`evaluate`, with its FLOPs reserved (BudgetExceeded, MixedConventions, OutsideRunsDir before any forecast),
     booked call by call and settled. Returns (evaluation, the record it was booked into)."""
     record_dir = record_dir_of(run_dir, out)
@@ -70,30 +73,39 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
                              + ("" if run_dir is not None else ", or an --out inside it")
                              + ", or --no-budget to forecast without counting it")
     gqa = ledger.convention(booking.gqa) if inside else (booking.gqa or "real")
-    name = record_dir.name
+    name = record_dir.resolve().name  # `--out .` names the directory it is
     what = f"forecast.py {source.label} -> {out}"
     if booking.no_budget:
         recorder = ledger.recorder(record_dir, run_name=name, gqa=gqa)
     else:
         bound = forecast_bound(source, selection, protocol, baselines=baselines, batch=batch, gqa=gqa,
-                               jump_forward=jump_forward, compile=compile)
+                               jump_forward=jump_forward, compile=compile, memory_gb=memory_gb)
         recorder = ledger.reserve(record_dir, bound, kind="forecast", run_name=name, gqa=gqa, what=what)
     with recorder:
         evaluation = evaluate(source.model, source.tokenizer, source.data, source.split, selection, protocol,
                               baselines=baselines, load_untrained=source.load_untrained, batch=batch,
+                              memory_gb=memory_gb,
                               progress=progress, gqa=gqa, on_flops=booker(recorder, source, selection, out),
                               jump_forward=jump_forward, compile=compile)
     return evaluation, record_dir
 
 
 def booker(recorder: Recorder, source: ForecastSource, selection: Selection, out):
-    """on_flops for `evaluate`: books each generate call into one ledger entry per method of this forecast."""
+    """on_flops for `evaluate`: books each generate call into one ledger entry per method of this forecast, as it
+    runs: a call's FlopsSoFar (forecasting.metering) books what it computed since the last report, and its final
+    GenerationFlops the rest (the larger of the two counts, so a call is never booked below what it reported)."""
     entries = {}
+    in_call = {}  # method -> the running call's counts booked so far
 
     def book(method: str, flops) -> None:
         entry = entries.setdefault(method, uuid.uuid4().hex[:12])
-        recorder.add("forecast", flops.total, entry=entry, label=method, source=source.label,
-                     out=str(Path(out).resolve()), trajectories=len(selection.indices), selection=selection.label,
-                     calls=1, prefill_tokens=flops.prefill_tokens, decode_tokens=flops.decode_tokens,
-                     prefill_flops=flops.prefill, decode_flops=flops.decode)
+        counts = {"prefill_flops": flops.prefill, "decode_flops": flops.decode,
+                  "prefill_tokens": flops.prefill_tokens, "decode_tokens": flops.decode_tokens}
+        booked = in_call.pop(method, dict.fromkeys(counts, 0))
+        more = {key: max(value - booked[key], 0) for key, value in counts.items()}
+        if isinstance(flops, FlopsSoFar):
+            in_call[method] = {key: booked[key] + more[key] for key in counts}
+        recorder.add("forecast", more["prefill_flops"] + more["decode_flops"], entry=entry, label=method,
+                     source=source.label, out=str(Path(out).resolve()), trajectories=len(selection.indices),
+                     selection=selection.label, calls=0 if isinstance(flops, FlopsSoFar) else 1, **more)
     return book

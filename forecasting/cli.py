@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -10,14 +11,14 @@ from common.args import bounded
 from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
 from common.fileio import ensure_writable_dir, os_error_text
 from ledger import (BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir, RECORD_NAME, is_inside,
-                    read_record)
+                    read_record, record_present, recorded_runs_dir)
 from ledger.flags import MAX_FLOPS_HELP, add_budget_arguments
 from qwen_mini.generate import NonFiniteLogits
 from training.stopping import Interrupted, StopSignals
 
 from .budget import Booking, budgeted_evaluate
-from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, ForecastConfig
-from .evaluate import Protocol, format_table, select_trajectories, write_outputs
+from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, SPLITS, ForecastConfig
+from .evaluate import OutputBusy, Protocol, format_table, lock_output, select_trajectories, write_outputs
 from .source import from_model, from_run, parse_dtype, pick_device
 
 DESCRIPTION = """\
@@ -39,14 +40,16 @@ run's base model, before training), lv_fit (classic and logistic Lotka-Volterra 
 the better one integrated over the horizon on the data's time grid; a runaway forecast falls back to persistence,
 and how often is reported).
 
-Writes metrics.json, per_trajectory.csv, trajectory_<index>.png, error_vs_horizon.png and error_distribution.png
-to --out. FLOPs (prefill once per prompt, every KV-cache decode step; the untrained baseline's too) are reserved
+Writes metrics.json (point and probabilistic scores: CRPS, WQL, coverage_80, MASE, relative to seasonal naive),
+per_trajectory.csv, samples.npz (every method's forecasts: any score can be recomputed, forecasting.scores),
+trajectory_<index>.png, error_vs_horizon.png and error_distribution.png to --out. FLOPs (prefill once per prompt, every KV-cache decode step; the untrained baseline's too) are reserved
 before the first forecast and booked into the FLOP ledger of --runs-dir: into the run's flops.json, or for a plain
 --model into flops.json in --out, which then must lie inside --runs-dir (default RUNS_DIR/forecasts/<model>).
 Exit status: 0 done, 1 the forecast failed (non-finite logits: NaN or infinity from the model; the output could not
 be written, e.g. a full disk), 2 bad arguments, run directory, model, data or an output location that cannot be
 written (or a record outside --runs-dir), 3 refused by the FLOP budget or by the ledger's gqa convention, 130 / 143
-stopped by Ctrl-C / SIGTERM (nothing written).
+stopped by Ctrl-C / SIGTERM (nothing written: the files appear together at the end, metrics.json last).
+One forecast at a time writes into an --out: a second one is refused (2), naming the first.
 """
 
 
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_argument_group("which trajectories")
     which.add_argument("--data", metavar="H5", help="h5 file (default: the run's data, else the built-in simulated "
                        "set)")
-    which.add_argument("--split", default=d.split, choices=["train", "val", "test"],
+    which.add_argument("--split", default=d.split, choices=SPLITS,
                        help="the split to forecast (default: %(default)s)")
     which.add_argument("--limit", type=bounded(int, 1), help="only the first N trajectories of the split")
     which.add_argument("--sample", type=bounded(int, 0), nargs="+", metavar="INDEX",
@@ -98,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_argument_group("how")
     how.add_argument("--batch", type=bounded(int, 1), default=d.batch,
                      help="rows (trajectories x samples) generated together; a trajectory's samples share one "
-                          "prefill, so a call holds all of them, at least one trajectory's (default: %(default)s)")
+                          "prefill and one copy of its prompt's keys/values (default: as many as --memory-budget "
+                          "holds)")
+    how.add_argument("--memory-budget", type=bounded(float, 0.0, low_open=True), default=d.memory_gb,
+                     metavar="GB", help="what one generate call may hold (KV cache, logits, activations) when "
+                                        "--batch is not given (default: %(default)s)")
     how.add_argument("--out", help="output directory (default: RUN_DIR/forecast, or forecasts/<model>; "
                                    "'_<index>' appended for --sample)")
     how.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
@@ -151,27 +158,39 @@ def forecast_config(args) -> ForecastConfig:
                           decimals=args.decimals, constrained=not args.unconstrained, int_digits=args.int_digits,
                           allow_negative=args.allow_negative, num_samples=args.num_samples,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                          baselines=requested_baselines(args), batch=args.batch, device=args.device,
+                          baselines=requested_baselines(args), batch=args.batch, memory_gb=args.memory_budget,
+                          device=args.device,
                           dtype=args.dtype, jump_forward=args.jump_forward, compile=args.compile)
 
 
 def runs_dir_of(args) -> Path:
     """--runs-dir, else the runs directory the run's ledger record names, else the default."""
+    path = Path(args.run) / RECORD_NAME if args.run else None
+    record = read_record(path) if path is not None and record_present(path) else None  # one that lies: refused now
     if args.runs_dir is not None:
         return Path(args.runs_dir)
-    record = Path(args.run) / RECORD_NAME if args.run else None
-    if record is not None and record.is_file():
-        recorded = read_record(record).data.get("runs_dir")
-        if recorded:
-            return Path(recorded)
-    return Path(DEFAULT_RUNS_DIR)
+    recorded = recorded_runs_dir(record) if record is not None else None
+    return recorded if recorded is not None else Path(DEFAULT_RUNS_DIR)
 
 
 def main(argv=None) -> int:
     """forecast.py: check everything the user can get wrong, forecast under the ledger, write and print the results."""
-    args = build_parser().parse_args(argv)
+    try:  # Ctrl-C or SIGTERM at any point (loading, simulating the default set, forecasting, writing): one line
+        args = build_parser().parse_args(argv)
+        with StopSignals() as signals:
+            return forecast(args, signals)
+    except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C before the handlers were installed
+        stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+        print(f"error: stopped by {stop.name}; nothing was written", file=sys.stderr)
+        return stop.exit_status
+
+
+def forecast(args, signals: StopSignals) -> int:
+    """What main does, with `signals` (SIGINT, SIGTERM) handled."""
     try:  # everything the user can get wrong is checked before the first forecast
         samples, config = requested_samples(args), forecast_config(args)
+        if args.out is not None and not args.out.strip():
+            raise ValueError(f"--out must name a directory, got {args.out!r}")
         if config.num_samples > 1 and config.temperature <= 0:
             raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
         device, dtype = pick_device(config.device), parse_dtype(config.dtype)
@@ -193,7 +212,7 @@ def main(argv=None) -> int:
     protocol = Protocol.of(config, source.decimals)
     # A plain model's forecasts live in the runs directory by default: their flops.json is its ledger's record.
     default_out = source.default_out if args.run else runs_dir / "forecasts" / source.default_out.name
-    out = Path(args.out) if args.out else default_out.with_name(
+    out = Path(args.out) if args.out is not None else default_out.with_name(
         default_out.name + "".join(f"_{i}" for i in samples[:5]))
     try:  # before the forecasts, which may take long: not after them
         ensure_writable_dir(out)
@@ -203,14 +222,20 @@ def main(argv=None) -> int:
     print(f"forecasting {selection.label} of {source.data.path} with {source.label} on {device}", file=sys.stderr)
     booking = Booking(runs_dir, args.max_flops, args.gqa, args.no_budget)
     try:
-        with StopSignals():  # SIGTERM (schedulers, `timeout`) ends a forecast as Ctrl-C does: with a line
+        with lock_output(out, f"forecast.py {source.label} -> {out}"):
             evaluation, record_dir = budgeted_evaluate(source, selection, protocol, out=out, run_dir=args.run,
                                                        baselines=config.baselines, batch=config.batch,
+                                                       memory_gb=config.memory_gb,
                                                        booking=booking, progress=not args.quiet,
                                                        jump_forward=config.jump_forward, compile=config.compile)
-    except Interrupted as e:
-        print(f"error: stopped by {e.name}; nothing was written", file=sys.stderr)
-        return e.exit_status
+            evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
+            written = write_outputs(evaluation, out, signals)
+    except OutputBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # the lock or the outputs (a full disk): the directory keeps what it had
+        print(f"error: {os_error_text(e)}: the forecasts were not written", file=sys.stderr)
+        return EXIT_FAILED
     except (BudgetExceeded, MixedConventions) as e:
         print(f"forecast.py: refused by the FLOP ledger: {e}", file=sys.stderr)
         return EXIT_OVER_BUDGET
@@ -220,17 +245,16 @@ def main(argv=None) -> int:
     except NonFiniteLogits as e:
         print(f"error: {source.label}: {e}", file=sys.stderr)
         return EXIT_FAILED
-    evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
-    try:
-        written = write_outputs(evaluation, out)
-    except OSError as e:
-        print(f"error: {os_error_text(e)}: the forecasts were not written", file=sys.stderr)
-        return EXIT_FAILED
+    if signals.signum is not None:  # it came while the files were moved into place: they are complete
+        stop = Interrupted(signals.signum)
+        print(f"error: stopped by {stop.name} as the forecast was written: {out} holds it in full", file=sys.stderr)
+        return stop.exit_status
     print(format_table(evaluation.summary()))
     print(f"\nwrote {', '.join(p.name for p in written)} to {out}/")
     spent = sum(s.flops for s in evaluation.generation.values())
     counted = f"booked in {record_dir / RECORD_NAME}" + ("" if is_inside(record_dir, runs_dir) else
                                                         " (outside --runs-dir: counted in no ledger)")
-    print(f"FLOPs: {spent:.3e} ({', '.join(f'{m} {s.flops:.3e}' for m, s in evaluation.generation.items())}), "
-          f"{counted}")
+    gqa = read_record(record_dir / RECORD_NAME).gqa if (record_dir / RECORD_NAME).is_file() else args.gqa or "real"
+    print(f"FLOPs (attention counted as gqa={gqa}): {spent:.3e} "
+          f"({', '.join(f'{m} {s.flops:.3e}' for m, s in evaluation.generation.items())}), {counted}")
     return EXIT_OK

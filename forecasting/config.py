@@ -2,13 +2,24 @@
 evaluation protocol (`forecasting.evaluate.Protocol`) and a study plan's [forecast] table all read them."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT, DEFAULT_HORIZON
 
 BASELINES = ("persistence", "seasonal_naive", "untrained", "lv_fit")
+# Context steps a baseline needs (others: 1). lv_fit fits a trajectory through its context: one point is no fit.
+BASELINE_MIN_CONTEXT = {"lv_fit": 2}
+SPLITS = ("train", "val", "test")
+DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_DECIMALS = 2  # LLMTIME decimals of a plain model (a run forecasts with the decimals it trained with)
+DEFAULT_MEMORY_GB = 4.0  # what a forecast's generate calls may hold (KV cache, logits): safe on a 24 GiB CPU box
 DEFAULT_RUNS_DIR = "runs"  # the ledger a forecast books into when neither --runs-dir nor the run's record names one
+
+
+class ForecastConfigError(SettingsError):
+    """Settings that cannot make a forecast."""
 
 
 @dataclass(frozen=True)
@@ -29,11 +40,46 @@ class ForecastConfig:
     seed: int = 0
     baselines: tuple[str, ...] = BASELINES
     # how
-    batch: int = 32  # rows (trajectories x samples) generated together
+    batch: int | None = None  # rows (trajectories x samples) generated together; None: as many as memory_gb holds
+    memory_gb: float = DEFAULT_MEMORY_GB  # what one generate call may hold when batch is None
     device: str = "auto"
     dtype: str = "auto"
     jump_forward: bool = False
     compile: bool = False
 
     def __post_init__(self):
+        check_field_types(self, ForecastConfigError)
         object.__setattr__(self, "baselines", tuple(self.baselines))  # a plan's TOML list, kept hashable
+        self.validate()
+
+    def validate(self) -> None:
+        """The values' rules (their types are checked first): what forecast.py's flags and a plan's [forecast] obey."""
+        def at_least(name, low):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ForecastConfigError(f"{name} must be >= {low}, got {value!r}", key=name)
+
+        for name in ("limit", "context", "horizon", "int_digits", "num_samples", "batch"):
+            at_least(name, 1)
+        at_least("decimals", 0)
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ForecastConfigError(f"temperature must be a finite number >= 0, got {self.temperature!r}",
+                                      key="temperature")
+        if not (math.isfinite(self.memory_gb) and self.memory_gb > 0):
+            raise ForecastConfigError(f"memory_gb must be a finite number > 0, got {self.memory_gb!r}", key="memory_gb")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ForecastConfigError(f"top_p must be in (0, 1], got {self.top_p!r}", key="top_p")
+        for name, allowed in (("split", SPLITS), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ForecastConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}",
+                                          key=name)
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ForecastConfigError(f"baselines: unknown {', '.join(map(repr, unknown))}; choose from "
+                                      f"{', '.join(BASELINES)}", key="baselines")
+        too_short = [b for b in self.baselines if self.context < BASELINE_MIN_CONTEXT.get(b, 1)]
+        if too_short:  # checked before any FLOPs are reserved, not found after the model's forecasts
+            needs = max(BASELINE_MIN_CONTEXT[b] for b in too_short)
+            raise ForecastConfigError(f"context {self.context} is too short for the baseline {', '.join(too_short)}, "
+                                      f"which needs at least {needs} steps: give a longer context or leave "
+                                      f"{', '.join(too_short)} out of the baselines", key="context")

@@ -1,8 +1,11 @@
 """The evaluation protocol: pick trajectories, forecast them with the model, run the baselines on the same
-contexts, score everything on the same trajectories, and write metrics.json, per_trajectory.csv and the plots."""
+contexts, score everything on the same trajectories, and write metrics.json, per_trajectory.csv, samples.npz and the
+plots."""
 from __future__ import annotations
 
 import csv
+import fnmatch
+import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -12,16 +15,31 @@ import numpy as np
 
 from data.dataset import EvalExample, make_eval_example
 from data.lotka_volterra import LVData, Split
-from common.fileio import atomic_write, write_json_atomic
+from common.fileio import FileLock, LockHeld, StagedFiles, atomic_write, describe_holder, write_json_atomic
 
 from .baselines import LVFit, estimate_period, lotka_volterra_forecast, persistence, seasonal_naive
-from .config import BASELINES, DEFAULT_DECIMALS, ForecastConfig
+from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_MEMORY_GB, ForecastConfig
 from .forecast import Forecast, GenerationStats, forecast_examples
-from .metrics import forecast_metrics, per_trajectory_errors
+from .metrics import per_trajectory_errors
 from .plots import plot_error_distribution, plot_error_vs_horizon, plot_trajectory
+from .scores import (REFERENCE, SAMPLES_FILE, MethodForecast, SavedForecasts, score_methods, trajectory_scores,
+                     write_samples)
 
 MODEL = "model"
+FORECAST_METRICS = "metrics.json"  # written last: a directory with it holds a finished forecast
+FILES_KEY = "files"  # metrics.json's list of the forecast's files
+OUTPUT_LOCK = ".forecast.lock"  # held by the forecast writing into a directory
+# The names of the files a forecast writes (write_outputs): those of an earlier forecast that a new one does not
+# write again are removed.
+OUTPUT_PATTERNS = ("per_trajectory.csv", SAMPLES_FILE, "trajectory_*.png", "error_vs_horizon.png",
+                   "error_distribution.png")
+
+
+class OutputBusy(ValueError):
+    """Another live forecast is writing into the output directory."""
 PLOTTED_FROM_A_SPLIT = 3  # trajectories plotted one by one when a whole split is forecast
+MIN_HISTOGRAM = 5  # scored trajectories below which error_distribution.png is not drawn
+NAMED_SAMPLES = (972,)  # the trajectory the coursework reports discuss: plotted whenever it is forecast
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,11 @@ class Evaluation:
     generation: dict[str, GenerationStats] = field(default_factory=dict)  # per generated method, FLOPs included
     periods: list[int | None] | None = None  # seasonal_naive's period per trajectory (None: none found)
 
+    def saved_forecasts(self) -> SavedForecasts:
+        """Every method's forecasts with what they are scored on: samples.npz's content."""
+        return SavedForecasts(np.array([ex.index for ex in self.examples]), contexts_of(self.examples), self.targets,
+                              self.scored, method_forecasts(self.forecasts, self.predictions))
+
     def summary(self) -> dict:
         """Everything metrics.json records."""
         model_forecasts = self.forecasts[MODEL]
@@ -154,22 +177,24 @@ class Evaluation:
 
 
 def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection, protocol: Protocol | None = None, *,
-             baselines=BASELINES, load_untrained=None, batch: int = 16, progress: bool = True, gqa: str = "real",
-             on_flops=None, jump_forward: bool = False, compile: bool = False) -> Evaluation:
+             baselines=BASELINES, load_untrained=None, batch: int | None = None,
+             memory_gb: float = DEFAULT_MEMORY_GB, progress: bool = True, gqa: str = "real", on_flops=None,
+             jump_forward: bool = False, compile: bool = False) -> Evaluation:
     """Forecast the selected trajectories with `model` and the chosen baselines under `protocol`.
 
     `load_untrained`: a callable returning the base model before training (the "untrained" baseline); None when
     `model` is itself untrained, and then that baseline is skipped with a note. `on_flops(method, flops)` is called
     after every generate call of a generated method ("model", "untrained") with its GenerationFlops (gqa: how
     attention is counted); `Evaluation.generation` holds each method's totals. `jump_forward`, `compile`: how the
-    generated methods decode (`qwen_mini.generate`), the same tokens either way."""
+    generated methods decode (`qwen_mini.generate`), the same tokens either way; `batch` (None: as many as
+    `memory_gb` holds) their rows per generate call."""
     protocol = protocol or Protocol()
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
     examples = [make_eval_example(data.trajectories[i], i, protocol.context, protocol.horizon, protocol.decimals)
                 for i in selection.indices]
-    generation = dict(decimals=protocol.decimals, batch=batch, constrained=protocol.constrained,
+    generation = dict(decimals=protocol.decimals, batch=batch, memory_gb=memory_gb, constrained=protocol.constrained,
                       num_samples=protocol.num_samples, temperature=protocol.temperature, top_p=protocol.top_p,
                       seed=protocol.seed, int_digits=protocol.int_digits, allow_negative=protocol.allow_negative,
                       progress=progress, gqa=gqa, jump_forward=jump_forward, compile=compile)
@@ -213,21 +238,73 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
     # The generated methods may fail to parse (without the grammar); all methods are scored on the trajectories
     # that every generated method forecast in full, so each row of the table covers the same trajectories.
     scored = np.all([~np.isnan(predictions[name]).any(axis=(1, 2)) for name in forecasts], axis=0)
-    metrics = {name: forecast_metrics(p[scored], targets[scored]) if scored.any() else None
-               for name, p in predictions.items()}
+    metrics = score_methods(method_forecasts(forecasts, predictions), targets, contexts_of(examples), scored)
+    if REFERENCE not in predictions:
+        notes.append(f"no *_gmean_relative scores: they are relative to {REFERENCE}, which was not run")
     return Evaluation(protocol, selection, data, split, examples, forecasts, predictions, targets, scored, metrics,
                       stats, lv_fit, notes, generated, periods)
 
 
-def write_outputs(evaluation: Evaluation, out_dir: Path) -> list[Path]:
-    """metrics.json, per_trajectory.csv and the PNG plots in `out_dir`; returns the files written."""
+def contexts_of(examples: list[EvalExample]) -> np.ndarray:
+    """(N, context, V): the examples' contexts in original units (MASE's scale)."""
+    return np.stack([ex.context for ex in examples])
+
+
+def method_forecasts(forecasts: dict[str, list[Forecast]], predictions: dict[str, np.ndarray]
+                     ) -> dict[str, MethodForecast]:
+    """Every method's point forecast (table order), with the samples of the generated ones."""
+    return {name: MethodForecast(p, np.stack([f.samples for f in forecasts[name]]) if name in forecasts else None)
+            for name, p in predictions.items()}
+
+
+def write_outputs(evaluation: Evaluation, out_dir: Path, signals=None) -> list[Path]:
+    """metrics.json, per_trajectory.csv, samples.npz and the PNG plots in `out_dir`; returns the files written.
+
+    metrics.json marks a forecast done (a study plan skips a stage that has it), so the files are written into a
+    staging directory and moved in together, metrics.json last: a stop or a failed write (a full disk) leaves the
+    directory as it was, never a metrics.json without its siblings. metrics.json lists the files (`files`); those
+    of an earlier forecast in `out_dir` that this one does not write (another trajectory's plot) are removed.
+    `signals` (a StopSignals): a signal during the moves (milliseconds) waits in `signals.signum` until they end."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = evaluation.summary()
-    summary["non_finite"] = "NaN and infinite values are written as null"
-    written = [write_json_atomic(out_dir / "metrics.json", json_safe(summary)),
-               write_per_trajectory_csv(out_dir / "per_trajectory.csv", evaluation)]
-    return written + write_plots(out_dir, evaluation)
+    with StagedFiles(out_dir) as staged:
+        siblings = [write_per_trajectory_csv(staged.dir / "per_trajectory.csv", evaluation),
+                    write_samples(staged.dir / SAMPLES_FILE, evaluation.saved_forecasts()),
+                    *write_plots(staged.dir, evaluation)]
+        summary = evaluation.summary()
+        summary["non_finite"] = "NaN and infinite values are written as null"
+        summary[FILES_KEY] = sorted([p.name for p in siblings] + [FORECAST_METRICS])
+        write_json_atomic(staged.dir / FORECAST_METRICS, json_safe(summary))
+        waiting = signals is not None and not signals.deferring
+        if waiting:
+            signals.deferring = True
+        try:
+            return staged.publish(FORECAST_METRICS, stale=earlier_outputs(out_dir))
+        finally:
+            if waiting:
+                signals.deferring = False
+
+
+def lock_output(out_dir: Path, what: str) -> FileLock:
+    """The lock of a forecast's output directory, held until its files are written: a second forecast into the same
+    directory is refused (OutputBusy, naming the first) instead of mixing its files with the first one's."""
+    try:
+        return FileLock(Path(out_dir) / OUTPUT_LOCK, what=what)
+    except LockHeld as e:
+        raise OutputBusy(f"{out_dir} is being written by another forecast ({describe_holder(e.holder)}): wait for "
+                         "it, or pass another --out") from None
+
+
+def earlier_outputs(out_dir: Path) -> set[str]:
+    """The files an earlier forecast wrote into `out_dir`: those its metrics.json lists, and its trajectory plots
+    (the names that change from one forecast to the next). The list is data, not trusted: only names of the kinds
+    a forecast writes (OUTPUT_PATTERNS) count, so a hand-edited list never removes a run's files or the user's."""
+    names = {p.name for p in out_dir.glob("trajectory_*.png")}
+    try:
+        listed = json.loads((out_dir / FORECAST_METRICS).read_text()).get(FILES_KEY, [])
+    except (OSError, ValueError, AttributeError):  # none, unreadable, or not a dict: only the plots are known
+        listed = []
+    names |= {n for n in listed if isinstance(n, str)} if isinstance(listed, list) else set()
+    return {n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in OUTPUT_PATTERNS)}
 
 
 def json_safe(value):
@@ -243,8 +320,11 @@ def json_safe(value):
 
 def write_per_trajectory_csv(path: Path, evaluation: Evaluation) -> Path:
     """One row per forecast trajectory: its index and split, whether the model's samples parsed, whether it was
-    scored, each method's MSE and MAE per species, and the LV fit's parameters."""
-    errors = {name: per_trajectory_errors(p, evaluation.targets) for name, p in evaluation.predictions.items()}
+    scored, each method's MSE, MAE, CRPS, WQL and MASE per species, and the LV fit's parameters."""
+    contexts = contexts_of(evaluation.examples)
+    errors = {name: {**per_trajectory_errors(f.point, evaluation.targets),
+                     **trajectory_scores(f, evaluation.targets, contexts)}
+              for name, f in method_forecasts(evaluation.forecasts, evaluation.predictions).items()}
     columns = [f"{name}_{metric}" for name, e in errors.items() for metric in e]
     lv = evaluation.lv_fit
     lv_columns = ["lv_alpha", "lv_beta", "lv_gamma", "lv_delta", "lv_inv_capacity", "lv_x0", "lv_y0",
@@ -271,11 +351,27 @@ def write_per_trajectory_csv(path: Path, evaluation: Evaluation) -> Path:
     return atomic_write(path, write)
 
 
+def ranked_trajectories(indices: list[int], errors: dict[str, np.ndarray], scored) -> dict[str, int]:
+    """{"best", "median", "worst"}: the scored trajectories of lowest, median and highest model MSE (the mean of the
+    species' MSE over the horizon; a non-finite one is the worst); {} when none was scored. `errors` are
+    per_trajectory_errors' columns ({"prey_mse": array, ...}). The forecast plots these and the report shows them."""
+    mse = np.mean([np.asarray(v, float) for k, v in errors.items() if k.endswith("_mse")], axis=0)
+    rows = [r for r in range(len(indices)) if scored[r]]
+    if not rows:
+        return {}
+    order = sorted(rows, key=lambda r: (not np.isfinite(mse[r]), mse[r] if np.isfinite(mse[r]) else 0.0, r))
+    return {"best": indices[order[0]], "median": indices[order[(len(order) - 1) // 2]], "worst": indices[order[-1]]}
+
+
 def write_plots(out_dir: Path, evaluation: Evaluation) -> list[Path]:
     written = []
     row_of = {ex.index: row for row, ex in enumerate(evaluation.examples)}
     banded = evaluation.protocol.num_samples > 1
-    for index in evaluation.selection.plot_indices:
+    ranked = ranked_trajectories([ex.index for ex in evaluation.examples],
+                                 per_trajectory_errors(evaluation.predictions[MODEL], evaluation.targets),
+                                 evaluation.scored)
+    named = [i for i in NAMED_SAMPLES if i in row_of]
+    for index in dict.fromkeys([*evaluation.selection.plot_indices, *named, *ranked.values()]):
         row = row_of[index]
         ex = evaluation.examples[row]
         others = {name: p[row] for name, p in evaluation.predictions.items() if name != MODEL}
@@ -288,9 +384,10 @@ def write_plots(out_dir: Path, evaluation: Evaluation) -> list[Path]:
     if scored:
         written.append(plot_error_vs_horizon(out_dir / "error_vs_horizon.png", scored))
         mask = evaluation.scored
-        errors = {name: per_trajectory_errors(p[mask], evaluation.targets[mask])
-                  for name, p in evaluation.predictions.items()}
-        written.append(plot_error_distribution(out_dir / "error_distribution.png", errors))
+        if mask.sum() >= MIN_HISTOGRAM:  # a histogram of one or two trajectories shows nothing
+            errors = {name: per_trajectory_errors(p[mask], evaluation.targets[mask])
+                      for name, p in evaluation.predictions.items()}
+            written.append(plot_error_distribution(out_dir / "error_distribution.png", errors))
     return written
 
 
@@ -313,5 +410,35 @@ def format_table(summary: dict) -> str:
                         f"{m[s]['median_trajectory_mse']:>12.4g}" for s in ("prey", "predator"))
         lines.append(f"{name:<12}{cells}")
     lines.append("medMSE: median over trajectories of each one's MSE; R2 over all scored values of the species")
+    lines += probabilistic_table(summary["metrics"])
     lines += [f"note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)
+
+
+PROBABILISTIC_COLUMNS = (("CRPS", "crps"), ("WQL", "wql"), ("cov80", "coverage_80"), ("MASE", "mase"),
+                         ("WQL/SN", "wql_gmean_relative"), ("MASE/SN", "mase_gmean_relative"))
+
+
+def probabilistic_table(metrics: dict[str, dict | None]) -> list[str]:
+    """format_table's second block, a row per method and species: CRPS, WQL, the 80 % interval's coverage, MASE
+    and the geometric means relative to seasonal naive ("-" where a score does not apply, as metrics.json's
+    "probabilistic" line of that method says); nothing when no trajectory was scored."""
+    if all(m is None for m in metrics.values()):
+        return []
+    header = f"{'method':<15}{'species':<9}" + "".join(f"{label:>10}" for label, _ in PROBABILISTIC_COLUMNS)
+    lines = ["", header, "-" * len(header)]
+    for name, m in metrics.items():
+        if m is None:
+            lines.append(f"{name:<15}(no trajectory to score)")
+            continue
+        for species in ("prey", "predator"):
+            cells = "".join(f"{m[species][key]:>10.4g}" if m[species].get(key) is not None else f"{'-':>10}"
+                            for _, key in PROBABILISTIC_COLUMNS)
+            lines.append(f"{name if species == 'prey' else '':<15}{species:<9}{cells}")
+    lines += ["CRPS from the samples (of a point forecast or one sample: its MAE); WQL over the quantiles 0.1..0.9 "
+              "(a point: every quantile);",
+              "cov80: share of targets inside the samples' 10-90 % quantiles; MASE: MAE / the context's one-step "
+              "naive MAE;",
+              f"/SN: geometric mean over trajectories of the score / {REFERENCE}'s (point forecasts: both are their "
+              f"MAE ratio)"]
+    return lines

@@ -11,15 +11,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from common.progress import progress_bar
 from data.dataset import EvalExample
 from data.llmtime import ParseReport, decode, encode
 from qwen_mini import generate
-from qwen_mini.flops import GenerationFlops, generation_flops, static_decode_flops
+from qwen_mini.flops import GenerationFlops, generation_counter, generation_flops, static_decode_flops
 from qwen_mini.generate import JUMP_TOKENS, DecodeStats
 
+from .config import DEFAULT_MEMORY_GB
 from .grammar import NumberGrammar, StepCounter, grammar_chars, max_forecast_tokens
+from .metering import ReportingConstraint
 
 
 @dataclass
@@ -81,7 +83,8 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
-def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals: int = 2, batch: int = 16,
+def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals: int = 2, batch: int | None = None,
+                      memory_gb: float = DEFAULT_MEMORY_GB,
                       constrained: bool = True, num_samples: int = 1, temperature: float = 0.0,
                       top_p: float | None = None, seed: int = 0, int_digits: int = 3, allow_negative: bool = False,
                       progress: bool = True, label: str = "forecast", stats: GenerationStats | None = None,
@@ -89,14 +92,16 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
                       jump_forward: bool = False, compile: bool = False) -> list[Forecast]:
     """Forecast each example's horizon (the length of its target) from its prompt; one Forecast per example.
 
-    `batch` counts generated rows (trajectories x samples) per generate call; a call holds all samples of its
-    trajectories (so at least one trajectory's), and prefills each prompt once for them. Greedy when temperature is 0;
+    `batch` counts generated rows (trajectories x samples) per generate call (None: as many as `memory_gb` holds,
+    `rows_per_call`); a call holds all samples of its trajectories and prefills each prompt once for them, or, when
+    one trajectory's samples exceed the rows, some of its samples (`call_plan`). Greedy when temperature is 0;
     otherwise `num_samples` draws per trajectory from one torch.Generator seeded with `seed`. With `constrained`
     every sample parses to exactly the horizon; without, whatever the model writes is decoded and the failures are
     reported in each Forecast's `reports`. `label` names the progress bar (one step per batch). Each call's FLOPs
-    (counted with `gqa`) are added to `stats` and handed to `on_flops` (e.g. to book them in the ledger).
+    (counted with `gqa`) are added to `stats` and handed to `on_flops` (e.g. to book them in the ledger); while the
+    call runs, on_flops also gets its `FlopsSoFar` (forecasting.metering), so a killed forecast has booked them.
     `jump_forward` and `compile` choose how `qwen_mini.generate` decodes; neither changes the tokens."""
-    if num_samples < 1 or batch < 1:
+    if num_samples < 1 or (batch is not None and batch < 1):
         raise ValueError(f"num_samples and batch must be >= 1, got num_samples={num_samples}, batch={batch}")
     if num_samples > 1 and temperature <= 0:
         raise ValueError("several samples per trajectory need a temperature > 0 (greedy samples are all the same)")
@@ -109,11 +114,16 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
     stats = stats if stats is not None else GenerationStats()
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    per_call = trajectories_per_call(batch, num_samples)
+    max_new_tokens = max_forecast_tokens(horizon, n_vars, decimals, int_digits, allow_negative)
+    longest_prompt = max(len(tokenizer.encode(ex.prompt)) for ex in examples)
+    head_rows = grammar_candidates(allow_negative) if constrained else None
+    rows_each = rows_per_call(model, longest_prompt, max_new_tokens, num_samples, batch=batch, memory_gb=memory_gb,
+                              head_rows=head_rows)
     texts: list[list[str]] = [[] for _ in examples]  # by position: the same trajectory may be asked for twice
-    for start in tqdm(range(0, len(examples), per_call), desc=label, unit="batch", disable=not progress):
-        chunk = examples[start:start + per_call]
-        rows = len(chunk) * num_samples
+    for start, stop, samples in progress_bar(call_plan(len(examples), num_samples, rows_each), desc=label,
+                                             unit="batch", disable=not progress):
+        chunk = examples[start:stop]
+        rows = len(chunk) * samples
         input_ids, attention_mask = tokenizer.encode_batch([ex.prompt for ex in chunk])
         if constrained:
             hook = NumberGrammar(tokenizer, model.config.vocab_size, rows, n_vars, horizon, decimals,
@@ -124,17 +134,19 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
             candidate_ids = None
         began = time.perf_counter()
         decode = DecodeStats()
-        tokens = generate(model, input_ids.to(device), attention_mask.to(device), num_samples=num_samples,
-                          max_new_tokens=max_forecast_tokens(horizon, n_vars, decimals, int_digits, allow_negative),
+        head_rows = len(candidate_ids) if candidate_ids is not None else None
+        counter = generation_counter(model, len(chunk), input_ids.shape[1], rows, gqa=gqa, head_rows=head_rows)
+        constraint = hook if on_flops is None else ReportingConstraint(  # FLOPs so far reach on_flops as it runs
+            hook, decode, lambda forwards: counter.at(forwards + 1), on_flops)
+        tokens = generate(model, input_ids.to(device), attention_mask.to(device), num_samples=samples,
+                          max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, generator=generator, stop_token_ids=[hook.stop_id],
-                          allowed_tokens=hook, candidate_ids=candidate_ids, jump_forward=jump_forward,
+                          allowed_tokens=constraint, candidate_ids=candidate_ids, jump_forward=jump_forward,
                           compile=compile, stats=decode)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.seconds += time.perf_counter() - began
-        head_rows = len(candidate_ids) if candidate_ids is not None else None
-        flops = generation_flops(model, len(chunk), input_ids.shape[1], rows, tokens.shape[1], gqa=gqa,
-                                 head_rows=head_rows)
+        flops = counter.at(tokens.shape[1])
         if decode.cache_slots:  # compiled: what the fixed-shape steps computed, padding and all
             flops = replace(flops, decode=static_decode_flops(
                 model, rows, decode.forwards, decode.fed_slots // max(rows * decode.forwards, 1), decode.cache_slots,
@@ -147,13 +159,60 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
                 row = row[:row.index(hook.stop_id)]
                 stats.new_tokens += 1  # the stop token was generated too
             stats.new_tokens += len(row)
-            texts[start + row_index // num_samples].append(tokenizer.decode(row, skip_special_tokens=True))
+            texts[start + row_index // samples].append(tokenizer.decode(row, skip_special_tokens=True))
     return [to_forecast(ex, ex_texts, decimals) for ex, ex_texts in zip(examples, texts)]
 
 
-def trajectories_per_call(batch: int, num_samples: int) -> int:
-    """Trajectories per generate call: `batch` rows hold all samples of their trajectories, at least one's."""
-    return max(1, batch // num_samples)
+def call_plan(trajectories: int, num_samples: int, rows: int) -> list[tuple[int, int, int]]:
+    """The generate calls of a forecast, each (first trajectory, one past the last, samples of each): `rows` rows
+    per call hold all samples of as many trajectories as fit; when one trajectory's samples do not fit, its samples
+    are split over several calls (not all held at once)."""
+    if rows >= num_samples:
+        per_call = rows // num_samples
+        return [(start, min(start + per_call, trajectories), num_samples)
+                for start in range(0, trajectories, per_call)]
+    return [(index, index + 1, min(rows, num_samples - done))
+            for index in range(trajectories) for done in range(0, num_samples, rows)]
+
+
+@dataclass(frozen=True)
+class CallMemory:
+    """Bytes a generate call holds at its peak, affine in its prompts and rows: `per_prompt` (the prompt's shared
+    keys/values, the prefill's activations and attention mask) and `per_row` (the row's own keys/values for the new
+    tokens, its logits, its attention scores over prompt + new tokens, its draws and tokens). An estimate with room
+    to spare: activations are counted for all layers' widths at once, every transient as held together."""
+    per_prompt: int
+    per_row: int
+
+    def of(self, prompts: int, rows: int) -> int:
+        return prompts * self.per_prompt + rows * self.per_row
+
+
+def call_memory(model, prompt_len: int, new_tokens: int, head_rows: int | None = None) -> CallMemory:
+    """`CallMemory` of generating `new_tokens` after prompts of `prompt_len` tokens with `model` (shapes only)."""
+    c = model.config
+    element = model.lm_head.weight.element_size()
+    kv_position = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element  # keys + values
+    width = 1 + JUMP_TOKENS  # tokens a row feeds per step, at most
+    prefill_token = (4 * c.hidden_size + 3 * c.intermediate_size + c.num_attention_heads * c.head_dim) * element
+    per_prompt = prompt_len * (kv_position + prefill_token) + 5 * prompt_len * prompt_len  # mask: bool + float
+    head = c.vocab_size if head_rows is None else head_rows
+    scores = 3 * c.num_attention_heads * width * (prompt_len + new_tokens + width) * 4  # float32, 3 live copies
+    per_row = (new_tokens + width) * kv_position + 3 * head * 4 + scores + new_tokens * (4 + 8)
+    return CallMemory(per_prompt, per_row)
+
+
+def rows_per_call(model, prompt_len: int, new_tokens: int, num_samples: int, *, batch: int | None = None,
+                  memory_gb: float = DEFAULT_MEMORY_GB, head_rows: int | None = None) -> int:
+    """Rows of each generate call: `batch` when given, else as many as `memory_gb` holds (`call_memory`): all
+    samples of as many trajectories as fit, else as many samples of one trajectory as fit (at least one)."""
+    if batch is not None:
+        return batch
+    memory, budget = call_memory(model, prompt_len, new_tokens, head_rows), memory_gb * 2 ** 30
+    trajectories = int(budget // memory.of(1, num_samples))
+    if trajectories >= 1:
+        return trajectories * num_samples
+    return max(1, int((budget - memory.per_prompt) // memory.per_row))
 
 
 def grammar_candidates(allow_negative: bool = False) -> int:
@@ -162,8 +221,8 @@ def grammar_candidates(allow_negative: bool = False) -> int:
     return len(grammar_chars(allow_negative)) + 1
 
 
-def generation_plan(model, prompt_tokens: list[int], new_tokens: list[int], *, batch: int = 16,
-                    num_samples: int = 1, constrained: bool = True, allow_negative: bool = False,
+def generation_plan(model, prompt_tokens: list[int], new_tokens: list[int], *, batch: int | None = None,
+                    memory_gb: float = DEFAULT_MEMORY_GB, num_samples: int = 1, constrained: bool = True, allow_negative: bool = False,
                     gqa: str = "real", jump_forward: bool = False, compile: bool = False) -> int:
     """FLOPs of `forecast_examples` on examples whose prompts are `prompt_tokens` long, if each batch generates the
     largest of its examples' `new_tokens` (the rows of a batch decode until the last one stops): pass every
@@ -173,11 +232,15 @@ def generation_plan(model, prompt_tokens: list[int], new_tokens: list[int], *, b
     if len(prompt_tokens) != len(new_tokens):
         raise ValueError(f"one prompt length and one token count per example, got {len(prompt_tokens)} and "
                          f"{len(new_tokens)}")
-    per_call, total = trajectories_per_call(batch, num_samples), 0
+    if not prompt_tokens:
+        return 0
     head_rows = grammar_candidates(allow_negative) if constrained else None
-    for start in range(0, len(prompt_tokens), per_call):
-        prompts = prompt_tokens[start:start + per_call]
-        rows, longest = len(prompts) * num_samples, max(new_tokens[start:start + per_call])
+    rows_each = rows_per_call(model, max(prompt_tokens), max(new_tokens), num_samples, batch=batch,
+                              memory_gb=memory_gb, head_rows=head_rows)
+    total = 0
+    for start, stop, samples in call_plan(len(prompt_tokens), num_samples, rows_each):
+        prompts = prompt_tokens[start:stop]
+        rows, longest = len(prompts) * samples, max(new_tokens[start:stop])
         flops = generation_flops(model, len(prompts), max(prompts), rows, longest, gqa=gqa, head_rows=head_rows)
         if compile:
             width = 1 + JUMP_TOKENS if jump_forward else 1  # generate's static cache: prompt + new + width - 1

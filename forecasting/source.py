@@ -13,6 +13,7 @@ import torch
 from data.lotka_volterra import LVData, Split, load_or_simulate, split_indices
 from qwen_mini import load_model_and_tokenizer
 from qwen_mini.config import TINY_MODEL_SEED
+from common.devices import device_from_flag
 from common.fileio import sha256_file
 
 from .config import DEFAULT_DECIMALS
@@ -116,10 +117,5 @@ def from_model(spec: str, *, data_path: str | None = None, decimals: int | None 
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto': CUDA when available, else CPU; anything else as torch.device reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: {e}") from None
+    """'auto': CUDA when available, else CPU; a device this machine does not have: ValueError (`device_from_flag`)."""
+    return device_from_flag(name)

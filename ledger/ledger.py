@@ -12,7 +12,12 @@ the end it settles the reservation, and only what it spent keeps counting.
 
 A reservation names the lock its process holds for its whole life (a training run: its run directory's lock; a
 forecast: a lock the ledger takes for it). A free lock means a dead process: `settle_dead` (flops.py --runs DIR
---settle) releases such reservations, and a run resumed with --resume takes its own over.
+--settle) releases such reservations, and a run resumed with --resume takes its own over. A record's paths are data:
+a lock is only ever a `*.lock` file beside its record (`records.reservation_lock`), never a symlink, and a record
+naming anything else is refused, so a corrupted record cannot make the ledger empty another file by "locking" it.
+
+A runs directory inside another one's ledger (a parent holding `.ledger.lock`) is refused for reservations: the
+outer ledger counts its records, and only a reservation made there can keep the outer cap.
 
 Every record of a ledger counts attention the same way (`gqa`: real grouped-query attention, or "mha", the
 coursework's multi-head simplification); a job that would mix them is refused with `MixedConventions`.
@@ -25,12 +30,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.fileio import FileLock, LockHeld
+from common.fileio import FileLock, LockHeld, os_error_text
 from qwen_mini.flop_report import format_flops
 from qwen_mini.flops import GQA_MODES
 
 from .records import (DEFAULT_BUDGET, KINDS, RECORD_NAME, LedgerError, Record, count, log10_text, new_record, now,
-                      read_record, read_records)
+                      read_record, read_records, record_present, reservation_lock)
 
 LOCK_NAME = ".ledger.lock"
 LOCK_WAIT = 60.0  # seconds a job waits for the ledger lock (others hold it for milliseconds)
@@ -50,6 +55,43 @@ class OutsideRunsDir(ValueError):
 
 def is_inside(path, runs_dir) -> bool:
     return Path(path).resolve().is_relative_to(Path(runs_dir).resolve())
+
+
+def enclosing_runs_dir(runs_dir) -> Path | None:
+    """The nearest directory above `runs_dir` that holds a ledger of its own (its `.ledger.lock`), or None. Every
+    record under that one counts in its ledger, so a job that reserves in `runs_dir` alone could overrun its cap."""
+    for parent in Path(runs_dir).resolve().parents:
+        if (parent / LOCK_NAME).exists() or (parent / LOCK_NAME).is_symlink():
+            return parent
+    return None
+
+
+def recorded_runs_dir(record: Record) -> Path | None:
+    """The runs directory a record says it was booked under (None: it names none). That path is data: it is used
+    only if it holds the record and has a ledger (its `.ledger.lock`); otherwise LedgerError, so a corrupted
+    record (`"runs_dir": "/"`) can neither move the job to another ledger nor make it walk the whole file system."""
+    named = record.data.get("runs_dir")
+    if not named:
+        return None
+    runs_dir = Path(named)
+    if not (runs_dir.is_absolute() and record.run_dir.resolve().is_relative_to(runs_dir.resolve())
+            and (runs_dir / LOCK_NAME).is_file()):
+        raise LedgerError(f"{record.path}: runs_dir {named!r} is not the runs directory of this record (one that holds "
+                          f"it and has a ledger, {LOCK_NAME}); pass --runs-dir")
+    return runs_dir
+
+
+def take_lock(path: Path, what: str, wait: float) -> FileLock:
+    """FileLock on `path`, its failures as LedgerError naming the file: held too long, or not a lock file that can be
+    opened (a directory, a symlink, no permission)."""
+    try:
+        return FileLock(path, what=what, wait=wait)
+    except LockHeld as e:
+        raise LedgerError(f"the {what} stayed locked for {wait:g} s: {e}") from None
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise LedgerError(f"cannot take the {what}'s lock: {os_error_text(e)} (a lock must be a plain file)") from None
 
 
 @dataclass(frozen=True)
@@ -131,10 +173,16 @@ class Ledger:
 
     # ---- writing ----------------------------------------------------------------------------------------------------
     def lock(self) -> FileLock:
-        try:
-            return FileLock(self.runs_dir / LOCK_NAME, what="FLOP ledger", wait=self.lock_wait)
-        except LockHeld as e:
-            raise LedgerError(f"the FLOP ledger stayed locked for {self.lock_wait:g} s: {e}") from None
+        return take_lock(self.runs_dir / LOCK_NAME, "FLOP ledger", self.lock_wait)
+
+    def check_not_nested(self) -> None:
+        """Refuse (OutsideRunsDir) a runs directory inside another ledger's: that ledger counts every record here,
+        and only a reservation made in it can keep its cap."""
+        outer = enclosing_runs_dir(self.runs_dir)
+        if outer is not None:
+            raise OutsideRunsDir(f"--runs-dir {self.runs_dir} lies inside the runs directory {outer}, whose FLOP ledger "
+                                 f"({outer / LOCK_NAME}) counts everything under it: pass --runs-dir {outer}, or use a "
+                                 "runs directory outside it")
 
     def recorder(self, record_dir, *, run_name: str, gqa: str | None = None, config: dict | None = None
                  ) -> "Recorder":
@@ -147,7 +195,7 @@ class Ledger:
                 _load_or_create(record_dir, run_name, gqa, self.runs_dir, config).write()
             return Recorder(record_dir, self.runs_dir / LOCK_NAME, None, self.lock_wait)
         gqa = gqa or "real"
-        with FileLock(record_dir / LOCK_NAME, what="FLOP record", wait=self.lock_wait):
+        with take_lock(record_dir / LOCK_NAME, "FLOP record", self.lock_wait):
             _load_or_create(record_dir, run_name, gqa, None, config).write()
         return Recorder(record_dir, record_dir / LOCK_NAME, None, self.lock_wait)
 
@@ -165,20 +213,27 @@ class Ledger:
         if not self.contains(record_dir):
             raise OutsideRunsDir(f"{record_dir} lies outside the runs directory {self.runs_dir}, whose ledger would not "
                                  "count it")
+        if record_dir.resolve() == self.runs_dir.resolve():  # its flops.json would sit among the records it totals
+            raise OutsideRunsDir(f"{record_dir} is the runs directory itself: a run or a forecast needs a directory "
+                                 f"of its own inside it (such as {self.runs_dir / 'name'})")
         flops = count("reserved FLOPs", flops)
+        self.check_not_nested()
         reservation_id = uuid.uuid4().hex[:12]
         own_lock = None
         if holder_lock is None:
-            own_lock = FileLock(record_dir / f".reservation-{reservation_id}.lock", what=what or f"{kind} job")
+            own_lock = take_lock(record_dir / f".reservation-{reservation_id}.lock", what or f"{kind} job", 0)
             holder_lock = own_lock.path
         holder_lock = Path(holder_lock).resolve()
+        if holder_lock.parent != record_dir.resolve():
+            raise ValueError(f"the lock of a reservation lives beside its record in {record_dir}, not at {holder_lock}")
         try:
             with self.lock():
                 records = self.records()
                 gqa = self.convention(gqa, records)
                 record = _load_or_create(record_dir, run_name, gqa, self.runs_dir, config)
                 record.data["reservations"] = [r for r in record.reservations
-                                               if Path(r["lock"]) != holder_lock and not _holder_gone(r)]
+                                               if reservation_lock(record.run_dir, r) != holder_lock
+                                               and not _holder_gone(record, r)]
                 others = [r for r in records if r.path.resolve() != record.path.resolve()]
                 self.check(flops, others + [record], per_step_flops=per_step_flops)
                 record.reservations.append({"id": reservation_id, "kind": kind, "flops": flops, "spent": 0,
@@ -202,17 +257,34 @@ class Ledger:
         released = []
         with self.lock():
             for record in self.records():
-                dead = [r for r in record.reservations if _holder_gone(r)]
+                dead = [r for r in record.reservations if _holder_gone(record, r)]
                 if dead:
                     record.data["reservations"] = [r for r in record.reservations if r not in dead]
-                    record.write()
+                    _write(record)
                     released += [(record, r) for r in dead]
         return released
+
+    def rebuild(self, record_dir, *, run_name: str, gqa: str, by_kind: dict[str, int], step: int, per_step: int,
+                evaluations: int, proof: str) -> Record:
+        """Write the record of a run whose flops.json is gone, from what the run itself proves it spent (`proof`
+        says what): the ledger never forgets spending. Refuses (LedgerError) when a record is there. Outside the
+        runs directory (--no-budget) the record is rebuilt all the same, under its own lock, counted in no ledger."""
+        record_dir = Path(record_dir)
+        inside = self.contains(record_dir)
+        with self.lock() if inside else take_lock(record_dir / LOCK_NAME, "FLOP record", self.lock_wait):
+            if record_present(record_dir / RECORD_NAME):
+                raise LedgerError(f"{record_dir / RECORD_NAME} exists: it is read, not rebuilt")
+            record = new_record(record_dir, run_name, gqa, self.runs_dir if inside else None)
+            record.add("train", by_kind["train"], steps=step, step=step, per_step_flops=per_step)
+            record.add("eval", by_kind["eval"], passes=evaluations)
+            record.data["rebuilt"] = {"from": proof, "time": now()}
+            _write(record)
+        return record
 
 
 def _load_or_create(record_dir: Path, run_name: str, gqa: str, runs_dir, config) -> Record:
     path = record_dir / RECORD_NAME
-    if path.is_file():
+    if record_present(path):  # a directory or a dangling symlink there is refused by read_record, not replaced
         record = read_record(path)
         if record.gqa != gqa:
             raise MixedConventions(f"{path} was counted with --gqa {record.gqa}; this job asks for --gqa {gqa}. Pass "
@@ -221,18 +293,31 @@ def _load_or_create(record_dir: Path, run_name: str, gqa: str, runs_dir, config)
     return new_record(record_dir, run_name, gqa, runs_dir, config)
 
 
-def _holder_gone(reservation: dict) -> bool:
-    """Whether the process that made `reservation` is gone: the lock it holds for its life can be taken."""
-    path = Path(reservation["lock"])
-    if not path.exists():
+def _holder_gone(record: Record, reservation: dict) -> bool:
+    """Whether the process that made `reservation` is gone: the lock it holds for its life can be taken. Only a lock
+    file beside the record is ever opened (`reservation_lock`); one that cannot be opened is a LedgerError."""
+    path = reservation_lock(record.run_dir, reservation)
+    if not path.exists() and not path.is_symlink():
         return True
     try:
         FileLock(path, wait=0).release()
     except LockHeld:
         return False
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise LedgerError(f"{record.path}: the lock of reservation {reservation['id']}: {os_error_text(e)} (a lock "
+                          "must be a plain file)") from None
     if path.name.startswith(".reservation-"):
         path.unlink(missing_ok=True)
     return True
+
+
+def _write(record: Record) -> None:
+    try:
+        record.write()
+    except OSError as e:
+        raise LedgerError(f"cannot write the run record: {os_error_text(e)}") from None
 
 
 class Recorder:
@@ -250,10 +335,7 @@ class Recorder:
         return self.record_dir / RECORD_NAME
 
     def _locked(self) -> FileLock:
-        try:
-            return FileLock(self.lock_path, what="FLOP ledger", wait=self.lock_wait)
-        except LockHeld as e:
-            raise LedgerError(f"the FLOP ledger stayed locked for {self.lock_wait:g} s: {e}") from None
+        return take_lock(self.lock_path, "FLOP ledger", self.lock_wait)
 
     def add(self, kind: str, flops, **details) -> None:
         """Book `flops` of `kind` (see `Record.add` for the details each kind takes)."""
@@ -275,6 +357,19 @@ class Recorder:
             self._own_lock.release()
             self._own_lock.path.unlink(missing_ok=True)
             self._own_lock = None
+
+    def discard(self) -> None:
+        """End a job that failed before it did any work (its model or data would not load): its reservation goes, and
+        so does its record when it holds nothing else (no spending, no other job's reservation), so a failed start
+        leaves no trace that could block a rerun or fix the ledger's gqa convention. Otherwise: `settle`."""
+        if self.reservation_id is not None and self.spent == 0:
+            with self._locked():
+                record = read_record(self.path)
+                others = [r for r in record.reservations if r["id"] != self.reservation_id]
+                if not others and record.flops_used == 0 and not record.forecasts and not record.steps_done:
+                    self.path.unlink()
+                    self.reservation_id = None
+        self.settle()
 
     def __enter__(self) -> "Recorder":
         return self

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,19 +178,72 @@ def new_record(run_dir, run_name: str, gqa: str, runs_dir, config: dict | None =
     return Record(Path(run_dir) / RECORD_NAME, data)
 
 
+def record_present(path) -> bool:
+    """Whether something is at a record's path: a file, but also a directory or a dangling symlink, which the ledger
+    must refuse (read_record) rather than count as no spending."""
+    path = Path(path)
+    return path.exists() or path.is_symlink()
+
+
 def read_record(path: Path) -> Record:
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LedgerError(f"{path}: unreadable run record ({e}); fix or remove it, the ledger cannot skip a run's "
+        what = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise LedgerError(f"{path}: unreadable run record ({what}); fix or remove it, the ledger cannot skip a run's "
                           "spending") from None
     if not isinstance(raw, dict):
         raise LedgerError(f"{path}: a run record must be a JSON object, got {type(raw).__name__}")
     try:
-        return Record(path, _normalise(raw))
+        data = _normalise(raw)
+        for i, reservation in enumerate(data["reservations"]):
+            reservation_lock(path.parent, reservation, f"reservations[{i}]")
     except (KeyError, TypeError, ValueError) as e:
         raise LedgerError(f"{path}: {e}") from None
+    return Record(path, data)
+
+
+def reservation_lock(record_dir: Path, reservation: dict, where: str = "reservation") -> Path:
+    """The lock file of a reservation: a `*.lock` file in the record's own directory. The path a record names is data
+    (a hand-edited or corrupted record may name any file, and taking a lock empties its file), so anything else is
+    refused (ValueError) and never opened."""
+    named = reservation["lock"]
+    lock = Path(named)
+    if (not lock.is_absolute() or not lock.name.endswith(".lock") or lock.name.startswith("..")
+            or os.path.normpath(lock) != str(lock) or lock.parent.resolve() != Path(record_dir).resolve()):
+        raise ValueError(f"{where}.lock {named!r} is not a lock file of this record (a *.lock file in "
+                         f"{Path(record_dir).resolve()}); a record's paths are not trusted: remove that reservation")
+    return Path(record_dir).resolve() / lock.name
+
+
+def _mapping(name: str, value, default: dict) -> dict:
+    if value is None:
+        return dict(default)
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {type(value).__name__} {_short(value)}")
+    return dict(value)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _counts(name: str, section: dict, keys) -> dict:
+    return {**section, **{key: count(f"{name}.{key}", section[key]) for key in keys if key in section}}
+
+
+def _reservation(i: int, r) -> dict:
+    where = f"reservations[{i}]"
+    if not isinstance(r, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(r).__name__} {_short(r)}")
+    for key in ("id", "lock"):
+        if not isinstance(r.get(key), str) or not r[key]:
+            raise ValueError(f"{where}.{key} must be a non-empty string, got {_short(r.get(key))}")
+    if "flops" not in r:
+        raise ValueError(f"{where} has no flops")
+    return dict(r, flops=count(f"{where}.flops", r["flops"]), spent=count(f"{where}.spent", r.get("spent", 0)))
 
 
 def _normalise(raw: dict) -> dict:
@@ -208,17 +262,26 @@ def _normalise(raw: dict) -> dict:
                 "planned_flops": count("planned_flops", raw.get("planned_flops", 0)),
                 "config": raw.get("config") if isinstance(raw.get("config"), dict) else {}}
     data = dict(raw)
-    data["run_name"] = str(data["run_name"])
-    by_kind = data.get("by_kind") or {}
+    if not isinstance(data["run_name"], str) or not data["run_name"]:
+        raise ValueError(f"run_name must be a non-empty string, got {_short(data['run_name'])}")
+    by_kind = _mapping("by_kind", data.get("by_kind"), {})
     data["by_kind"] = {kind: count(f"by_kind.{kind}", by_kind.get(kind, 0)) for kind in KINDS}
-    data.setdefault("train", {})
-    data.setdefault("eval", {})
-    data["forecasts"] = list(data.get("forecasts") or [])
-    data["reservations"] = [dict(r, flops=count("reservation flops", r["flops"]),
-                                 spent=count("reservation spent", r.get("spent", 0)))
-                            for r in data.get("reservations") or []]
+    data["train"] = _counts("train", _mapping("train", data.get("train"), {}), ("steps", "step", "per_step_flops"))
+    data["eval"] = _counts("eval", _mapping("eval", data.get("eval"), {}), ("passes", "windows"))
+    forecasts = data.get("forecasts") or []
+    if not isinstance(forecasts, list) or not all(isinstance(f, dict) for f in forecasts):
+        raise ValueError(f"forecasts must be a list of JSON objects, got {_short(forecasts)}")
+    data["forecasts"] = list(forecasts)
+    reservations = data.get("reservations") or []
+    if not isinstance(reservations, list):
+        raise ValueError(f"reservations must be a list, got {type(reservations).__name__} {_short(reservations)}")
+    data["reservations"] = [_reservation(i, r) for i, r in enumerate(reservations)]
+    if data.get("runs_dir") is not None and not isinstance(data["runs_dir"], str):
+        raise ValueError(f"runs_dir must be a path (a string), got {_short(data['runs_dir'])}")
+    if "planned_flops" in data:
+        data["planned_flops"] = count("planned_flops", data["planned_flops"] or 0)
     if data.get("gqa", "real") not in ("real", "mha"):
-        raise ValueError(f"gqa must be real or mha, got {data['gqa']!r}")
+        raise ValueError(f"gqa must be real or mha, got {_short(data['gqa'])}")
     if not isinstance(data.get("config"), dict):
         data["config"] = {}
     return data
@@ -231,5 +294,14 @@ def read_records(runs_dir) -> list[Record]:
         return []
     if not runs_dir.is_dir():
         raise LedgerError(f"{runs_dir}: not a directory (expected the directory that holds the training runs)")
-    records = [read_record(path) for path in runs_dir.rglob(RECORD_NAME) if path.is_file()]
+    records = [read_record(path) for path in _record_paths(runs_dir)]
     return sorted(records, key=lambda record: (record.run_name, str(record.path)))
+
+
+def _record_paths(runs_dir: Path) -> list[Path]:
+    """Every entry named flops.json under `runs_dir`: files, but also directories and dangling symlinks (which
+    read_record refuses); a directory that cannot be listed is a LedgerError, not a run skipped."""
+    def unreadable(e: OSError):
+        raise LedgerError(f"{e.filename}: cannot list it ({e.strerror}); the ledger cannot skip the runs in it")
+    return [Path(top) / RECORD_NAME for top, dirs, files in os.walk(runs_dir, onerror=unreadable)
+            if RECORD_NAME in files or RECORD_NAME in dirs]

@@ -56,6 +56,12 @@ class QwenConfig:
         if not self.rms_norm_eps > 0:
             raise ConfigError(f"config {self.name!r}: rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
 
+    def check_positions(self, length: int, flag: str = "--ctx", model: str | None = None) -> None:
+        """Refuse (ConfigError) sequences of `length` tokens: more than the positions the model was made for."""
+        if length > self.max_position_embeddings:
+            raise ConfigError(f"{flag} {length} is more than the {self.max_position_embeddings} positions "
+                              f"{model or self.name} supports (max_position_embeddings in its config.json)")
+
     @property
     def n_rep(self) -> int:
         """Query heads that share one key/value head."""

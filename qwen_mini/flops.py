@@ -46,6 +46,10 @@ Conventions (the users' spreadsheet rules, now in one place):
   every row counts the batch's steps. Feeding k tokens in one call counts as feeding them one by one. The LM head
   covers only the rows of the weight that are scored (`head_rows`: the grammar's candidate tokens when generation
   is restricted to them). Sampling, the grammar's masks and argmax are not model arithmetic and are not counted.
+  Samples of one prompt share its keys/values (`KVCache.share`: stored once, read once per step for all of them),
+  which saves memory traffic, not arithmetic: every row's queries still score the prompt's keys and its own, so the
+  attention is counted per row over prompt + own keys, as without sharing. Its two partial softmaxes are merged by
+  their log-sum-exp, a rescaling that, like the max subtraction, is a numerical detail and is not counted.
   Compiled decoding over a static cache (`static_decode_flops`) computes more: every step's fixed number of slots
   per row, padding and finished rows included, each attending to every slot of the cache.
 """
@@ -61,8 +65,8 @@ from torch import nn
 from .flop_report import FlopCountError, FlopReport, FlopRow
 from .model import MLP, Attention, Block, Qwen, RMSNorm, RotaryEmbedding
 
-__all__ = ["COSTS", "GQA_MODES", "CountContext", "GenerationFlops", "count_forward", "counter_for",
-           "cross_entropy_flops", "eval_flops", "generation_flops", "is_lora_linear", "linear_features", "matmul_flops",
+__all__ = ["COSTS", "GQA_MODES", "CountContext", "GenerationCounter", "GenerationFlops", "count_forward",
+           "counter_for", "cross_entropy_flops", "eval_flops", "generation_counter", "generation_flops", "is_lora_linear", "linear_features", "matmul_flops",
            "register_counter", "resolve_costs", "static_decode_flops", "training_step_flops", "unregister_counter"]
 
 # FLOPs per primitive operation (the users' table). Read-only: pass `costs=` to override entries.
@@ -423,26 +427,43 @@ def generation_flops(model: nn.Module, prompts: int, prompt_len: int, rows: int,
                      ) -> GenerationFlops:
     """FLOPs of generating `new_tokens` tokens per row for `rows` rows (prompts x samples) from `prompts` prompts
     left-padded to `prompt_len`, with a KV cache (the module docstring's rules): the prefill once per prompt, then
-    new_tokens - 1 decode forwards of every row, the j-th attending to prompt_len + j + 1 keys.
-
-    A decode forward's count is affine in the number of cached keys, so the sum over steps is taken in closed form
-    from the counts at prompt_len and prompt_len + 1 (checked against prompt_len + 2)."""
-    prompts, prompt_len, rows = (_positive_int(name, value) for name, value in
-                                 (("prompts", prompts), ("prompt_len", prompt_len), ("rows", rows)))
+    new_tokens - 1 decode forwards of every row, the j-th attending to prompt_len + j + 1 keys."""
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
         raise FlopCountError(f"new_tokens must be a non-negative integer, got {new_tokens!r}")
+    return generation_counter(model, prompts, prompt_len, rows, gqa, head_rows, costs).at(new_tokens)
+
+
+@dataclass(frozen=True)
+class GenerationCounter:
+    """`generation_flops` of one batch of prompts, for any number of new tokens: counted once (the prefill, and a
+    decode forward's count, which is affine in the cached keys), then summed in closed form, so a generate call can
+    ask for its FLOPs so far at every step for the price of arithmetic."""
+    prefill: int
+    first_decode: int  # a decode forward of every row attending to prompt_len + 1 keys
+    slope: int  # what one more cached key adds to a decode forward
+    prefill_tokens: int
+    rows: int
+
+    def at(self, new_tokens: int) -> GenerationFlops:
+        fed = max(new_tokens - 1, 0)
+        decode = fed * self.first_decode + self.slope * fed * (fed - 1) // 2
+        return GenerationFlops(self.prefill, decode, self.prefill_tokens, self.rows * fed)
+
+
+def generation_counter(model: nn.Module, prompts: int, prompt_len: int, rows: int, gqa: str = "real",
+                       head_rows: int | None = None, costs: Mapping[str, int] = COSTS) -> GenerationCounter:
+    """The GenerationCounter of `prompts` prompts left-padded to `prompt_len` and `rows` generated rows. A decode
+    forward's count is taken at prompt_len and prompt_len + 1 cached keys (checked against prompt_len + 2)."""
+    prompts, prompt_len, rows = (_positive_int(name, value) for name, value in
+                                 (("prompts", prompts), ("prompt_len", prompt_len), ("rows", rows)))
     options = dict(gqa=gqa, costs=costs, include_loss=False, logits="last", head_rows=head_rows, training=False)
     prefill = count_forward(model, prompts, prompt_len, **options).forward
-    fed = max(new_tokens - 1, 0)
-    decode = 0
-    if fed:
-        at = [count_forward(model, rows, 1, past=prompt_len + j, **options).forward for j in range(3)]
-        slope = at[1] - at[0]
-        if at[2] - at[1] != slope:
-            raise FlopCountError("a decode step's FLOPs are not affine in the cached keys: some counter depends on "
-                                 "`past` in another way; sum the steps one by one")
-        decode = fed * at[0] + slope * fed * (fed - 1) // 2
-    return GenerationFlops(prefill, decode, prompts * prompt_len, rows * fed)
+    at = [count_forward(model, rows, 1, past=prompt_len + j, **options).forward for j in range(3)]
+    slope = at[1] - at[0]
+    if at[2] - at[1] != slope:
+        raise FlopCountError("a decode step's FLOPs are not affine in the cached keys: some counter depends on "
+                             "`past` in another way; sum the steps one by one")
+    return GenerationCounter(prefill, at[0], slope, prompts * prompt_len, rows)
 
 
 def static_decode_flops(model: nn.Module, rows: int, forwards: int, tokens_per_row: int, cache_slots: int,

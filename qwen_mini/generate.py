@@ -126,7 +126,8 @@ def generate(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     distribution, and a decode step of a 0.5B model skips a 151,936 x 896 matmul.
 
     num_samples: rows per prompt (row b * num_samples + k is prompt b's k-th sample). Each prompt is prefilled once
-    and its cache copied to its samples' rows, so K samples cost one prefill, not K.
+    and its cache shared by its samples' rows, so K samples cost one prefill, not K, and hold one copy of the
+    prompt's keys/values, which each decode step reads once for all K.
 
     jump_forward, compile: see the module docstring; neither changes the tokens written."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -172,14 +173,15 @@ def prefill(model: Qwen, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             num_samples: int, cache_len: int, compile: bool) -> tuple[KVCache, torch.Tensor]:
     """One forward over the prompts (B, P) into a new cache; returns the cache decoding goes on in (room for
     `cache_len` slots, `num_samples` rows per prompt, static when compiled) and the float32 logits (B * num_samples,
-    head rows) after each prompt."""
+    head rows) after each prompt. With several samples (or compiled) the prompts' keys/values are shared, not copied:
+    each row gets a cache of its own for the new tokens only (`KVCache.share`)."""
     B, P = input_ids.shape
     # The prompts' cache needs room to grow only when it is the one decoding goes on in.
     in_place = num_samples == 1 and not compile
     cache = model.new_cache(B, cache_len if in_place else P)
     logits = (model.hidden_states(input_ids, attention_mask, kv_cache=cache)[:, -1] @ head.T).float()
-    if not in_place:
-        cache = cache.repeat_interleave(num_samples, max_len=cache_len, static=compile)
+    if not in_place:  # the prompts' keys/values stay where they are, shared by their samples' rows
+        cache = cache.share(num_samples, suffix_len=cache_len - P, static=compile)
         logits = logits.repeat_interleave(num_samples, dim=0)
     return cache, logits
 
@@ -332,10 +334,13 @@ def _batch_and_length_vary(cache: KVCache, tokens: torch.Tensor, real: torch.Ten
     mark = torch._dynamo.maybe_mark_dynamic
     for tensor in (tokens, real, cache.slot_mask, cache.lengths, cache.positions):
         mark(tensor, 0)
-    for tensor in (*cache.k, *cache.v):
+    for tensor in (*cache.k, *cache.v, *(cache.prefix.k + cache.prefix.v if cache.prefix is not None else [])):
         mark(tensor, 0)
         mark(tensor, 2)
     mark(cache.slot_mask, 1)
+    if cache.prefix is not None:
+        mark(cache.prefix.mask, 0)
+        mark(cache.prefix.mask, 1)
 
 
 def compiled_decode_step(model: Qwen, cache: KVCache, tokens: torch.Tensor, real: torch.Tensor,

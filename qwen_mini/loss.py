@@ -91,3 +91,21 @@ class _NoGradContext:
 
     def save_for_backward(self, *tensors):
         pass
+
+
+@torch.no_grad()
+def token_losses(model: Qwen, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Next-token loss at every position, [batch, seq - 1] in float32, 0 where the target is ignored: the terms
+    `causal_lm_loss(..., reduction="sum")` adds up (the same matmuls), kept apart so that a subset of positions can be
+    scored — e.g. the last N targets of each window, the same positions at every context length."""
+    hidden = model.hidden_states(input_ids)[:, :-1]
+    targets = labels[:, 1:]
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
+    weight = model.lm_head.weight
+    for start in range(0, len(flat_targets), chunk_size):
+        t = flat_targets[start:start + chunk_size]
+        logits = (flat_hidden[start:start + chunk_size] @ weight.T).float()
+        loss = torch.logsumexp(logits, -1) - logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+        losses[start:start + chunk_size] = loss * (t != IGNORE_INDEX)
+    return losses.view(targets.shape)

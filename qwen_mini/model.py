@@ -10,6 +10,8 @@ shapes and no weights, for the FLOP counter.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,7 +104,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        if mask is not None and T * self.n_heads // self.n_kv_heads <= PACKED_QUERIES:
+        prefix = kv_cache.prefix if kv_cache is not None else None
+        if prefix is not None:  # samples of shared prompts: each prompt's keys/values once, each sample's own suffix
+            y = shared_prefix_attention(q, k, v, mask, prefix.k[self.layer_idx], prefix.v[self.layer_idx],
+                                        prefix.mask)
+        elif mask is not None and T * self.n_heads // self.n_kv_heads <= PACKED_QUERIES:
             y = packed_query_attention(q, k, v, mask)  # decode steps: few queries per key/value head
         else:  # mask None means "plain causal, no padding": the fast fused path used in training.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -135,7 +141,56 @@ def packed_query_attention(q, k, v, mask):
     group = H // kv_heads
     packed_mask = mask[:, :, None].expand(B, 1, group, T, S).reshape(B, 1, group * T, S)
     y = F.scaled_dot_product_attention(q.reshape(B, kv_heads, group * T, D), k, v, attn_mask=packed_mask)
-    return y.view(B, H, T, D)
+    return y.reshape(B, H, T, D)  # not view: SDPA's output is not contiguous on CUDA
+
+
+def shared_prefix_attention(q, k, v, mask, prefix_k, prefix_v, prefix_mask):
+    """Attention of the samples of shared prompts (cascade attention: Hydragen, FlashInfer's cascade inference):
+    row r = b * samples + s attends to prompt b's keys/values, stored once, and to its own suffix. Each part is a
+    partial attention with its log-sum-exp, merged exactly (`merge_attention`): the softmax over the concatenation.
+    The prompt's part stacks all samples' queries of one key/value head as one query sequence, so a step reads each
+    prompt's keys once for all its samples, in one larger matrix product.
+    q: (rows, heads, T, head_dim); k, v: (rows, kv_heads, S, head_dim), mask: (rows, 1, T, S) bool (the suffix);
+    prefix_k, prefix_v: (prompts, kv_heads, P, head_dim), prefix_mask: (prompts, P) bool (its real tokens)."""
+    R, H, T, D = q.shape
+    prompts, kv_heads = prefix_k.shape[:2]
+    group, samples = H // kv_heads, R // prompts
+    # (prompts, samples, kv_heads, group * T, D) -> (prompts, kv_heads, samples * group * T, D)
+    stacked = q.reshape(prompts, samples, kv_heads, group * T, D).transpose(1, 2).reshape(prompts, kv_heads, -1, D)
+    prompt_out, prompt_lse = partial_attention(stacked, prefix_k, prefix_v, prefix_mask[:, None, None, :])
+    prompt_out = prompt_out.reshape(prompts, kv_heads, samples, group * T, D).transpose(1, 2).reshape(R, H, T, D)
+    prompt_lse = prompt_lse.reshape(prompts, kv_heads, samples, group * T, 1).transpose(1, 2).reshape(R, H, T, 1)
+    grouped_mask = mask[:, :, None].expand(R, 1, group, T, mask.shape[-1]).reshape(R, 1, group * T, -1)
+    own_out, own_lse = partial_attention(q.reshape(R, kv_heads, group * T, D), k, v, grouped_mask)
+    out = merge_attention(prompt_out, prompt_lse, own_out.reshape(R, H, T, D), own_lse.reshape(R, H, T, 1))
+    return out.to(q.dtype)
+
+
+def partial_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d), masked) v over these keys only, and the log-sum-exp of its scores, both float32: what
+    `merge_attention` needs to combine it with attention over other keys. A query that sees no key here gets weight 0
+    in the merge (its log-sum-exp is about the float32 minimum), not NaN. q: (..., N, d); k, v: (..., S, d); mask
+    (bool) broadcasts to (..., N, S). Eager on CPU it is one fused kernel (the flash kernel SDPA runs, which also
+    returns the log-sum-exp): at decode sizes the step is a chain of small ops, each paying its dispatch."""
+    if q.device.type == "cpu" and q.dim() == 4 and not torch.compiler.is_compiling() \
+            and _current_dispatch_mode() is None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
+        return out.float(), lse.float()[..., None]
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    top = scores.amax(-1, keepdim=True)
+    weights = (scores - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    out = (weights.to(v.dtype) @ v).float() / total
+    return out, top + total.log()
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Two partial attentions of the same queries over disjoint sets of keys -> the attention over their union, exactly
+    the softmax over the concatenated scores (FlashInfer's merge_state). out: (..., d); lse: (..., 1)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out_a * (lse_a - lse).exp() + out_b * (lse_b - lse).exp()
 
 
 class MLP(nn.Module):
@@ -191,6 +246,7 @@ class KVCache:
         # the flat indices (into B * T) of its real tokens. The layers then compute those only, (N, hidden), and
         # attention puts them back in the (B, T) grid; eager caches only (a static one keeps its shapes).
         self.packed = None
+        self.prefix: SharedPrefix | None = None  # keys/values every row's attention also reads (see `share`)
 
     @property
     def length(self) -> int:
@@ -244,6 +300,8 @@ class KVCache:
         used = self.length
         if max_len < used:
             raise ValueError(f"a cache holding {used} positions cannot be copied into {max_len}")
+        if self.prefix is not None:
+            raise ValueError("a cache whose rows share a prefix cannot be copied row by row")
         B, H, _, D = self.k[0].shape
         copy = object.__new__(KVCache)
         filled = slice(0, used)
@@ -259,8 +317,40 @@ class KVCache:
         copy.lengths = self.lengths.repeat_interleave(repeats)
         copy.positions = self.positions.repeat_interleave(repeats)
         copy.max_len, copy.static = max_len, self.static if static is None else static
-        copy.used, copy._slots, copy.packed = used, None, None
+        copy.used, copy._slots, copy.packed, copy.prefix = used, None, None, None
         return copy
+
+    def share(self, samples: int, suffix_len: int, static: bool = False) -> "KVCache":
+        """A cache for `samples` rows per row of this one (the prompts'), row b * samples + s for prompt b's sample
+        s, that holds the prompts' keys/values once (`prefix`: this cache's filled slots, not copied) and gives each
+        row room for `suffix_len` tokens of its own: KV memory of one prompt + `samples` suffixes, where
+        `repeat_interleave` copies the prompt to every row. Attention reads the prompt once per step for all its
+        samples (`shared_prefix_attention`); the tokens and logits are those of the copies'."""
+        if self.prefix is not None:
+            raise ValueError("a cache whose rows already share a prefix cannot be shared again")
+        rows = self.lengths.shape[0] * samples
+        p = self.k[0]
+        shape = (rows, p.shape[1], suffix_len, p.shape[3])
+        suffix = KVCache.__new__(KVCache)
+        suffix.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.k]
+        suffix.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.v]
+        suffix.slot_mask = torch.zeros(rows, suffix_len, dtype=torch.bool, device=p.device)
+        suffix.lengths = torch.zeros(rows, dtype=torch.long, device=p.device)
+        suffix.positions = self.positions.repeat_interleave(samples)  # rotary positions go on after the prompt
+        suffix.max_len, suffix.static, suffix.used, suffix._slots, suffix.packed = suffix_len, static, 0, None, None
+        used = self.length
+        suffix.prefix = SharedPrefix([layer[:, :, :used] for layer in self.k], [layer[:, :, :used] for layer in self.v],
+                                     self.slot_mask[:, :used])
+        return suffix
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Keys/values of prompts shared by their samples' rows (`KVCache.share`): per layer (prompts, kv_heads, P,
+    head_dim), and `mask` (prompts, P) marking each prompt's real tokens (not its left padding)."""
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    mask: torch.Tensor
 
 
 class Qwen(nn.Module):

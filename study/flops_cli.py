@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.args import non_negative_int, positive_int
 from common.exit_codes import EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
+from common.fileio import os_error_text
 from ledger import DEFAULT_BUDGET, BudgetExceeded, Ledger, LedgerError, MixedConventions, format_ledger, summary
 from ledger.flags import add_budget_arguments
 from lora import VALID_TARGETS, lora_model_on_meta, trainable_parameters
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return show_plan(args)
     try:
         config = load_config(args)
+        config.check_positions(args.ctx)
         model, adapters = build_model(config, args)
         if args.runs is not None and not args.runs.is_dir():
             raise UsageError(f"--runs {args.runs}: no such directory")
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             return show_ledger(args, report)
     except (UsageError, ConfigError, FlopCountError, LedgerError, ValueError) as e:
         print(f"flops.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # e.g. --settle in a runs directory that cannot be written
+        print(f"flops.py: error: {os_error_text(e)}", file=sys.stderr)
         return EXIT_USAGE
     except MixedConventions as e:
         print(f"flops.py: refused by the FLOP ledger: {e}", file=sys.stderr)

@@ -39,17 +39,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from forecasting.config import ForecastConfig
+from forecasting.evaluate import FORECAST_METRICS  # noqa: F401 (study.estimate and study.run read it here)
 from ledger import DEFAULT_BUDGET
 from qwen_mini.flops import GQA_MODES
+from common.fields import SettingsError
 from training.config import ConfigError, TrainConfig
-from training.run import ADAPTER_DIR, METRICS_NAME, MODEL_DIR, read_metrics
+from training.run import ADAPTER_DIR, CONFIG_NAME, METRICS_NAME, MODEL_DIR, read_metrics
 
-FORECAST_METRICS = "metrics.json"
+from . import selection
+
 # TrainConfig fields a plan may set (the rest belong to the study or to each run's place).
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                    if f.name not in ("out", "resume", "runs_dir", "max_flops", "gqa", "no_budget"))
@@ -58,6 +62,7 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
 FORECAST_KEYS = ("split", "limit", "context", "horizon", "batch", "baselines", "num_samples", "temperature", "top_p",
                  "int_digits", "allow_negative", "constrained", "seed")
 STUDY_KEYS = ("name", "runs_dir", "max_flops", "gqa")
+STUDY_FILE = "study.json"  # in the study directory: what each stage did
 
 
 class PlanError(ValueError):
@@ -101,7 +106,8 @@ class Plan:
 
 
 def _number(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
+            or int(value) != value:
         raise PlanError(f"{name} must be a positive whole number such as 1e17, got {value!r}")
     return int(value)
 
@@ -110,12 +116,21 @@ def load_plan(path, runs_dir=None, max_flops=None, gqa=None) -> Plan:
     """Read and check a plan; `runs_dir`, `max_flops`, `gqa` (when not None) override the plan's [study]."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text)
     except OSError as e:
         raise PlanError(f"{path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); a plan is a "
+                        "TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"{path}: not valid TOML ({e})") from None
+    for table in ("study", "train", "forecast"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise PlanError(f"{path}: {table} must be a table [{table}], got {raw[table]!r}")
+    if not isinstance(raw.get("stage", []), list) or not all(isinstance(t, dict) for t in raw.get("stage", [])):
+        raise PlanError(f"{path}: stages are written [[stage]] (a list of tables, one per stage), got "
+                        f"stage = {raw['stage']!r}")
     unknown = sorted(set(raw) - {"study", "train", "forecast", "stage"})
     if unknown:
         raise PlanError(f"{path}: unknown table(s) {', '.join(unknown)}; a plan has [study], [train], [forecast] "
@@ -127,16 +142,26 @@ def load_plan(path, runs_dir=None, max_flops=None, gqa=None) -> Plan:
     name = study.get("name") or path.stem
     if not isinstance(name, str) or "/" in name or name.startswith("."):
         raise PlanError(f"{path}: [study] name must be a plain directory name, got {name!r}")
+    for value in (study.get("gqa"), gqa):  # the plan's value is checked even when the command line overrides it
+        if value is not None and value not in GQA_MODES:
+            raise PlanError(f"{path}: [study] gqa must be one of {', '.join(GQA_MODES)}, got {value!r}")
     gqa = gqa if gqa is not None else study.get("gqa")
-    if gqa is not None and gqa not in GQA_MODES:
-        raise PlanError(f"{path}: gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
     train = raw.get("train", {})
     _check_keys(path, "[train]", train, TRAIN_KEYS)
     forecast = raw.get("forecast", {})
     _check_keys(path, "[forecast]", forecast, FORECAST_KEYS)
-    plan = Plan(path, text, name, Path(runs_dir if runs_dir is not None else study.get("runs_dir", "runs")),
-                _number("max_flops", max_flops if max_flops is not None else study.get("max_flops", DEFAULT_BUDGET)),
+    _forecast_config(forecast, {}, f"{path}: [forecast]", "")
+    planned_max_flops = _number(f"{path}: [study] max_flops", study.get("max_flops", DEFAULT_BUDGET))
+    planned_runs_dir = study.get("runs_dir", "runs")  # checked even when the command line overrides it
+    if not isinstance(planned_runs_dir, str) or not planned_runs_dir:
+        raise PlanError(f"{path}: [study] runs_dir must be a directory name (a string), got {planned_runs_dir!r}")
+    runs_dir = runs_dir if runs_dir is not None else planned_runs_dir
+    plan = Plan(path, text, name, Path(runs_dir),
+                _number("--max-flops", max_flops) if max_flops is not None else planned_max_flops,
                 gqa, train, forecast, [])
+    if (plan.study_dir / CONFIG_NAME).is_file():
+        raise PlanError(f"{path}: the study's directory {plan.study_dir} holds a training run of its own "
+                        f"({CONFIG_NAME}): give the study another [study] name")
     stages = raw.get("stage", [])
     if not stages:
         raise PlanError(f"{path}: no [[stage]]: a plan needs at least one")
@@ -159,19 +184,21 @@ def _stage(path, number: int, table: dict, plan: Plan) -> Stage:
         raise PlanError(f"{where}: every stage needs a plain `name`")
     if any(s.name == name for s in plan.stages):
         raise PlanError(f"{where}: two stages are named {name!r}")
+    _check_stage_name(where, name, plan)
     earlier = {s.name: s for s in plan.stages}
     if "forecast" in table:
         source, which = table.pop("forecast"), table.pop("which", "all")
-        if source != "base" and source not in earlier:
+        if not isinstance(source, str) or source != "base" and source not in earlier:
             raise PlanError(f"{where}: forecast = {source!r} must be \"base\" or an earlier stage")
         if source != "base" and earlier[source].kind != "train":
             raise PlanError(f"{where}: forecast = {source!r} names a forecast stage; name a training stage")
         if which not in ("all", "best"):
             raise PlanError(f"{where}: which must be \"all\" or \"best\", got {which!r}")
         _check_keys(path, f"stage {name}", table, FORECAST_KEYS)
+        _forecast_config(plan.forecast, table, f"{path}: [forecast]", where)
         return Stage(name, "forecast", table, source=source, which=which)
     source = table.pop("from", None)
-    if source is not None and (source not in earlier or earlier[source].kind != "train"):
+    if source is not None and (not isinstance(source, str) or source not in earlier or earlier[source].kind != "train"):
         raise PlanError(f"{where}: from = {source!r} must name an earlier training stage")
     _check_keys(path, f"stage {name}", table, TRAIN_KEYS)
     grid = {k: v for k, v in table.items() if isinstance(v, list) and k != "targets"}
@@ -183,8 +210,41 @@ def _stage(path, number: int, table: dict, plan: Plan) -> Stage:
     fixed = {k: v for k, v in table.items() if k not in grid}
     stage = Stage(name, "train", fixed, grid, source)
     for settings in _combinations(stage, {**plan.train}):  # every run's settings must make a TrainConfig
-        _train_config(settings, where)
+        _train_config(settings, where, table, f"{path}: [train]")
     return stage
+
+
+def _check_stage_name(where: str, name: str, plan: Plan) -> None:
+    """A stage's directory (<study>/<name>) holds its runs or forecasts: refuse a name that is the study's own file
+    or a directory that holds a run itself (a run trained there by hand, or the study dir of another plan)."""
+    if name == STUDY_FILE:
+        raise PlanError(f"{where}: a stage cannot be named {name!r}: the study keeps its record under that name")
+    stage_dir = plan.study_dir / name
+    if (stage_dir / CONFIG_NAME).is_file():
+        raise PlanError(f"{where}: {stage_dir} holds a training run of its own ({CONFIG_NAME}); a stage's directory "
+                        "holds its runs: name the stage otherwise")
+
+
+def _forecast_config(base: dict, table: dict, base_where: str, where: str) -> ForecastConfig:
+    """ForecastConfig(**base, **table), its errors naming the table of the key at fault."""
+    try:
+        return ForecastConfig(**{**base, **table})
+    except (SettingsError, TypeError) as e:
+        key = getattr(e, "key", None)
+        raise PlanError(f"{where if key in table else base_where}: {e}") from None
+
+
+def with_train_settings(plan: Plan, settings: dict) -> Plan:
+    """The plan with `settings` (train.py's flags given with --plan: --data, --model, ...) over its [train]; every
+    stage's runs are checked again. A stage's own settings still apply over them."""
+    if not settings:
+        return plan
+    plan = dataclasses.replace(plan, train={**plan.train, **settings})
+    for stage in plan.stages:
+        if stage.kind == "train":
+            for combination in _combinations(stage, plan.train):
+                _train_config(combination, f"{plan.path}: stage {stage.name} with the command line's settings")
+    return plan
 
 
 # ---- runs of a stage -----------------------------------------------------------------------------------------------
@@ -204,10 +264,15 @@ class StudyRun:
                            max_flops=plan.max_flops, gqa=plan.gqa)
 
 
-def _train_config(settings: dict, where) -> TrainConfig:
+def _train_config(settings: dict, where, table: dict | None = None, base_where: str | None = None) -> TrainConfig:
+    """TrainConfig(**settings); its errors name `where` (the stage), or `base_where` (the plan's [train]) when the
+    key at fault is not in the stage's own `table`."""
     try:
         return TrainConfig(**settings)
     except (ConfigError, TypeError) as e:
+        key = getattr(e, "key", None)
+        if base_where is not None and key is not None and key not in (table or {}):
+            where = base_where
         raise PlanError(f"{where}: {e}") from None
 
 
@@ -242,18 +307,17 @@ def is_complete(run_dir: Path, steps: int) -> bool:
 
 
 def best_val_loss(run_dir: Path) -> float | None:
-    losses = [m["val_loss"] for m in read_metrics(run_dir, drop_torn_tail=True) if m.get("val_loss") is not None] \
-        if (run_dir / METRICS_NAME).is_file() else []
-    return min(losses) if losses else None
+    """The run's lowest finite validation loss (None if it has none)."""
+    return selection.best_val_loss(selection.run_metrics(run_dir))
 
 
 def best_run(runs: list[StudyRun], plan: Plan) -> StudyRun:
-    """The run with the lowest validation loss (the first of equals)."""
-    scored = [(best_val_loss(r.run_dir(plan)), i, r) for i, r in enumerate(runs)]
-    scored = [s for s in scored if s[0] is not None]
-    if not scored:
-        raise PlanError(f"stage {runs[0].stage}: no run has a validation loss to choose the best by")
-    return min(scored, key=lambda s: (s[0], s[1]))[2]
+    """The best run of a stage by `study.selection.choose_best` (lowest validation loss, on the same positions when
+    the context lengths differ; NaN never wins)."""
+    choice = selection.choose_best([r.run_dir(plan) for r in runs])
+    if choice is None:
+        raise PlanError(f"stage {runs[0].stage}: no run has a finite validation loss to choose the best by")
+    return runs[choice.index]
 
 
 def resolve(plan: Plan) -> dict[str, list[list[StudyRun]]]:

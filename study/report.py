@@ -1,43 +1,43 @@
-"""One Markdown report of everything in a runs directory (`report.py RUNS_DIR`): report.md and its PNGs.
+"""One Markdown report of everything in a runs directory (`report.py RUNS_DIR`): report.md and its PNGs, a report
+a student can hand in next to the coursework reports.
 
-    ## Budget        the ledger by kind and by group, as a bar against the budget (budget.png)
-    ## Runs          one row per training run: settings, steps, best and final validation loss, FLOPs by kind
-    ## <group>       per group of runs (a study's stage, else the runs' parent directory): overlaid loss curves
-                     (loss_<group>.png), a heat map of best validation loss over lr x rank where both vary
-                     (heatmap_<group>.png), validation loss against context length where a sweep exists
-                     (context_<group>.png)
-    ## Forecasts     per forecast: MSE / MAE / medMSE per species of the model and each baseline, its FLOPs
+    ## Findings      what the numbers say: each stage's winner and its margin, fine-tuned vs zero-shot vs baselines,
+                     what did not change beyond the noise
+    ## Budget        the ledger by kind and by group; budget.png on a log axis from 1e9 to 1e17
+    ## FLOPs         the counting rules, FLOPs per step per component for every distinct setting, per-stage and
+                     per-run FLOPs with % of the budget, the reconciliation with the seed reports (report_flops.py)
+    ## Runs          every run: settings, steps, step-0 / best / final validation loss, change, improved or not
+    ## <group>       per study stage (else parent directory): loss curves, heat map of the change from step 0 over
+                     lr x rank, validation loss against context length; the criterion that chose the stage's winner
+    ## Results       per forecast stage: fine-tuned, zero-shot and baselines in one table per species, with changes;
+                     loss curve, error vs horizon, trajectory plots (report_results.py)
+    ## Unreadable    runs and forecasts the report could not read, by name (also on stderr)
 
-Runs are the directories holding config.json and metrics.jsonl; forecasts are the entries of the ledger's records
-(their `out` directories' metrics.json); groups come from the study.json files of `train.py --plan`, else from the
-directory layout. Everything is read from disk: the report can be written again at any time.
+Everything is read from disk: the report can be written again at any time.
 """
 from __future__ import annotations
 
 import json
 import math
-import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+from common.fileio import atomic_write
+from ledger import KINDS, DEFAULT_BUDGET, Record, read_records, record_label, totals
+from qwen_mini.flop_report import format_flops
+from training.config import TRAJECTORY_KEYS
+from training.run import CONFIG_NAME, METRICS_NAME, PLOT_NAME, read_metrics, read_run_config
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ledger import KINDS, DEFAULT_BUDGET, Record, read_records, record_label, totals  # noqa: E402
-from common.fileio import atomic_write  # noqa: E402
-from qwen_mini.flop_report import format_flops  # noqa: E402
-from forecasting.metrics import SPECIES  # noqa: E402
-from training.config import TRAJECTORY_KEYS  # noqa: E402
-from training.plot import moving_average  # noqa: E402
-from training.run import CONFIG_NAME, METRICS_NAME, read_metrics, read_run_config  # noqa: E402
-
-from .run import STUDY_FILE  # noqa: E402
+from . import report_figures as figs
+from .report_figures import slug
+from .report_flops import RULES, component_table, reconciliation, step_setting
+from .report_results import FINE_TUNED, ZERO_SHOT, StageResult, best_baseline, results_section, stage_results
+from .plan import STUDY_FILE
+from .selection import best_finite, choose_best
 
 REPORT_NAME = "report.md"
-METHOD_ORDER = ("model", "untrained", "persistence", "lv_fit")
-KIND_COLORS = {"train": "tab:blue", "eval": "tab:orange", "forecast": "tab:green", "reserved": "lightgray"}
+NOISE_FRACTION = 0.005  # without seed replicates: a change under 0.5 % of the step-0 loss is not a finding
 
 
 class ReportError(ValueError):
@@ -54,15 +54,24 @@ class RunInfo:
 
     @property
     def val(self) -> list[tuple[int, float]]:
-        return [(m["step"], m["val_loss"]) for m in self.metrics if m.get("val_loss") is not None]
+        return [(m["step"], m["val_loss"]) for m in self.metrics if isinstance(m.get("val_loss"), (int, float))]
+
+    @property
+    def val0(self) -> float | None:
+        return next((v for s, v in self.val if s == 0), None)
 
     @property
     def best_val(self) -> float | None:
-        return min((v for _, v in self.val), default=None)
+        return best_finite(v for _, v in self.val)
 
     @property
     def final_val(self) -> float | None:
         return self.val[-1][1] if self.val else None
+
+    @property
+    def change(self) -> float | None:
+        """Best validation loss minus the step-0 loss (negative: improved)."""
+        return None if self.best_val is None or self.val0 is None else self.best_val - self.val0
 
     @property
     def steps(self) -> int:
@@ -71,76 +80,73 @@ class RunInfo:
     def flops(self, kind: str) -> int:
         return self.record.by_kind[kind] if self.record is not None else 0
 
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops(k) for k in KINDS)
+
 
 @dataclass
 class Group:
     name: str
     runs: list[RunInfo]
     varied: list[str] = field(default_factory=list)
+    criterion: str | None = None  # what chose the stage's winner
+    best: RunInfo | None = None
 
 
-@dataclass
-class ForecastInfo:
-    out: Path
-    label: str
-    source: str
-    entries: list[dict]  # the ledger entries of this forecast (model, untrained)
-    metrics: dict | None  # its metrics.json, None if it is gone
-
-
-def collect_runs(runs_dir: Path, records: dict[Path, Record]) -> list[RunInfo]:
-    runs = []
+def collect_runs(runs_dir: Path, records: dict[Path, Record]) -> tuple[list[RunInfo], list[str]]:
+    """The training runs under `runs_dir`, and one line per run directory that could not be read."""
+    runs, unreadable = [], []
     for config_path in sorted(runs_dir.rglob(CONFIG_NAME)):
         run_dir = config_path.parent
         if not (run_dir / METRICS_NAME).is_file():
             continue  # a model directory's config.json (model/, adapter/), not a run
+        label = str(run_dir.relative_to(runs_dir))
         try:
             config = read_run_config(run_dir)
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: not a JSON object (a {type(config).__name__})")
             metrics = read_metrics(run_dir, drop_torn_tail=True)
-        except ValueError:
+        except (ValueError, OSError) as e:
+            unreadable.append(f"run {label}: {e}")
             continue
-        runs.append(RunInfo(run_dir, str(run_dir.relative_to(runs_dir)), config, metrics,
-                            records.get(run_dir.resolve())))
-    return runs
+        runs.append(RunInfo(run_dir, label, config, metrics, records.get(run_dir.resolve())))
+    return runs, unreadable
 
 
-def collect_forecasts(records: list[Record], runs_dir: Path) -> list[ForecastInfo]:
-    by_out: dict[str, ForecastInfo] = {}
-    for record in records:
-        for entry in record.forecasts:
-            out = entry.get("out")
-            if not out:
-                continue
-            info = by_out.get(out)
-            if info is None:
-                path = Path(out) / "metrics.json"
-                metrics = json.loads(path.read_text()) if path.is_file() else None
-                label = _relative(Path(out), runs_dir)
-                info = by_out[out] = ForecastInfo(Path(out), label, entry.get("source", ""), [], metrics)
-            info.entries.append(entry)
-    return sorted(by_out.values(), key=lambda f: f.label)
-
-
-def _relative(path: Path, root: Path) -> str:
+def read_json(path: Path, unreadable: list[str], what: str):
+    """A JSON file's content, or None with a line in `unreadable` if it cannot be read."""
     try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        unreadable.append(f"{what} {path}: {e}")
+        return None
 
 
-def collect_groups(runs_dir: Path, runs: list[RunInfo]) -> list[Group]:
-    """The stages of every study under `runs_dir` (their study.json), then the other runs by parent directory."""
+def read_studies(runs_dir: Path, unreadable: list[str]) -> list[tuple[Path, dict]]:
+    studies = []
+    for path in sorted(runs_dir.rglob(STUDY_FILE)):
+        study = read_json(path, unreadable, "study")
+        if isinstance(study, dict):
+            studies.append((path, study))
+        elif study is not None:
+            unreadable.append(f"study {path}: not a JSON object")
+    return studies
+
+
+def collect_groups(runs: list[RunInfo], studies: list[tuple[Path, dict]]) -> list[Group]:
+    """The training stages of every study (their study.json), then the other runs by parent directory."""
     by_dir = {r.run_dir.resolve(): r for r in runs}
     groups, grouped = [], set()
-    for study_file in sorted(runs_dir.rglob(STUDY_FILE)):
-        study = json.loads(study_file.read_text())
+    for path, study in studies:
         for stage in study.get("stages", []):
-            if stage.get("kind") != "train":
+            if not isinstance(stage, dict) or stage.get("kind") != "train":
                 continue
             members = [by_dir[Path(d).resolve()] for d in stage.get("runs", []) if Path(d).resolve() in by_dir]
             if members:
-                groups.append(Group(f"{study.get('name', study_file.parent.name)}/{stage['name']}", members,
-                                    stage.get("varied", [])))
+                best = by_dir.get(Path(stage.get("best", "")).resolve())
+                groups.append(Group(f"{study.get('name', path.parent.name)}/{stage['name']}", members,
+                                    stage.get("varied", []), stage.get("criterion"), best))
                 grouped.update(id(m) for m in members)
     rest: dict[str, list[RunInfo]] = {}
     for run in runs:
@@ -148,6 +154,11 @@ def collect_groups(runs_dir: Path, runs: list[RunInfo]) -> list[Group]:
             rest.setdefault(str(Path(run.label).parent), []).append(run)
     for name, members in sorted(rest.items()):
         groups.append(Group(name if name != "." else "(top level)", members, varied_settings(members)))
+    for group in groups:
+        if group.criterion is None or group.best is None:  # runs outside a study: the same rule picks
+            choice = choose_best([r.run_dir for r in group.runs])
+            if choice is not None:
+                group.criterion, group.best = choice.criterion, group.runs[choice.index]
     return groups
 
 
@@ -158,248 +169,35 @@ def varied_settings(runs: list[RunInfo]) -> list[str]:
     return [k for k in varied if not (k == "stride" and "ctx" in varied)]
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "runs"
+def seed_noise(runs: list[RunInfo]) -> tuple[float | None, str]:
+    """The seed-to-seed spread of the best validation loss (runs equal in every setting but the seed), else None
+    and what is used instead."""
+    by_setting: dict[str, list[float]] = {}
+    for r in runs:
+        if r.best_val is not None:
+            key = json.dumps({k: r.config.get(k) for k in (*TRAJECTORY_KEYS, "steps") if k != "seed"}, sort_keys=True)
+            by_setting.setdefault(key, []).append(r.best_val)
+    spreads = [max(v) - min(v) for v in by_setting.values() if len(v) > 1]
+    if spreads:
+        return max(spreads), f"the largest spread between seeds of one setting ({max(spreads):.4g})"
+    return None, f"no seed replicates: {100 * NOISE_FRACTION:g} % of each run's step-0 loss"
 
 
-# ---- figures -------------------------------------------------------------------------------------------------------
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+def noise_of(run: RunInfo, noise: float | None) -> float:
+    return noise if noise is not None else NOISE_FRACTION * abs(run.val0 or 0.0)
 
 
-def _save_line_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+def improved(run: RunInfo, noise: float | None) -> bool:
+    """Best validation loss below the step-0 loss by more than the noise."""
+    return run.change is not None and run.change < -noise_of(run, noise)
 
 
-def plot_budget(path: Path, records: list[Record], groups: dict[str, int], budget: int) -> Path:
-    """Two horizontal bars against the budget: spent by kind (and reserved), spent by group."""
-    t = totals(records)
-    fig, ax = plt.subplots(figsize=(9, 2.8))
-    left = 0
-    for kind in KINDS:
-        ax.barh(1, t.by_kind[kind], left=left, color=KIND_COLORS[kind], label=kind)
-        left += t.by_kind[kind]
-    if t.outstanding:
-        ax.barh(1, t.outstanding, left=left, color=KIND_COLORS["reserved"], label="reserved (running)")
-    left = 0
-    colors = plt.cm.tab20.colors
-    for i, (name, flops) in enumerate(sorted(groups.items(), key=lambda kv: -kv[1])):
-        ax.barh(0, flops, left=left, color=colors[i % len(colors)], edgecolor="white",
-                label=name if i < 8 else None)
-        left += flops
-    ax.axvline(budget, color="red", lw=2, ls="--", label=f"budget {format_flops(budget)}")
-    ax.set_yticks([0, 1], ["by group", "by kind"])
-    ax.set_xlim(0, max(budget, t.committed) * 1.05)
-    ax.set_xlabel("FLOPs")
-    ax.set_title(f"FLOP ledger: {format_flops(t.spent)} spent of {format_flops(budget)} "
-                 f"({100 * t.spent / budget:.1f} %)", fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, path)
-
-
-def plot_group_losses(path: Path, group: Group) -> Path:
-    """Validation loss (markers) and smoothed training loss (faint) of every run of a group, one colour each."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = plt.cm.tab10.colors
-    for i, run in enumerate(group.runs):
-        color = colors[i % len(colors)]
-        train = [(m["step"], m["train_loss"]) for m in run.metrics if m.get("train_loss") is not None]
-        if train:
-            steps, losses = zip(*train)
-            window = max(len(losses) // 30, 1)
-            ax.plot(steps, moving_average(losses, window), color=color, alpha=0.35, lw=1)
-        if run.val:
-            ax.plot(*zip(*run.val), "o-", color=color, ms=3, lw=1.5, label=short_label(run, group))
-    return _save_line_plot(fig, ax, path, "step", "validation loss (nats/token); faint: train",
-                           f"{group.name}: loss curves")
-
-
-def short_label(run: RunInfo, group: Group) -> str:
-    keys = [k for k in group.varied if k in run.config] or ["lr", "rank", "ctx"]
-    return ", ".join(f"{k}={_value(run.config.get(k))}" for k in keys)
+def _loss(value) -> str:
+    return "-" if value is None else ("NaN" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}")
 
 
 def _value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def plot_heatmap(path: Path, group: Group) -> Path | None:
-    """Best validation loss over learning rate x LoRA rank (runs sharing every other setting)."""
-    cells = {(r.config.get("lr"), r.config.get("rank")): r.best_val for r in group.runs
-             if r.best_val is not None and not r.config.get("full")}
-    lrs, ranks = sorted({lr for lr, _ in cells}), sorted({rank for _, rank in cells})
-    if len(lrs) < 2 and len(ranks) < 2:
-        return None
-    grid = [[cells.get((lr, rank), math.nan) for lr in lrs] for rank in ranks]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lrs), 1.4 + 0.9 * len(ranks)))
-    image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
-    for y, row in enumerate(grid):
-        for x, value in enumerate(row):
-            if not math.isnan(value):  # dark text on the light (low-loss) cells
-                light = image.norm(value) < 0.5
-                ax.text(x, y, f"{value:.3f}", ha="center", va="center", color="black" if light else "white",
-                        fontsize=9)
-    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
-    ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("LoRA rank")
-    ax.set_title(f"{group.name}: best validation loss", fontsize=10)
-    fig.colorbar(image, ax=ax)
-    return _save(fig, path)
-
-
-def context_sweeps(runs: list[RunInfo]) -> dict[str, list[RunInfo]]:
-    """Runs that differ only in their context length (and the stride that follows from it), >= 2 lengths."""
-    ignored = {"ctx", "stride"}
-    sets: dict[str, list[RunInfo]] = {}
-    for run in runs:
-        key = json.dumps({k: run.config.get(k) for k in (*TRAJECTORY_KEYS, "steps") if k not in ignored},
-                         sort_keys=True)
-        sets.setdefault(key, []).append(run)
-    sweeps = {}
-    for members in sets.values():
-        by_ctx = {}
-        for run in members:
-            by_ctx.setdefault(run.config.get("ctx"), run)
-        if len(by_ctx) >= 2:
-            first = members[0].config
-            label = f"lr {_value(first.get('lr'))}, " + ("full" if first.get("full") else f"rank {first.get('rank')}")
-            sweeps[label] = sorted(by_ctx.values(), key=lambda r: r.config.get("ctx"))
-    return sweeps
-
-
-def plot_context(path: Path, name: str, sweeps: dict[str, list[RunInfo]]) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, members in sweeps.items():
-        ax.plot([r.config["ctx"] for r in members], [r.best_val for r in members], "o-", label=label)
-        for r in members:
-            ax.annotate(f"{r.best_val:.3f}", (r.config["ctx"], r.best_val), fontsize=7, textcoords="offset points",
-                        xytext=(0, 5), ha="center")
-    return _save_line_plot(fig, ax, path, "context length (tokens)", "best validation loss",
-                           f"{name}: validation loss against context length")
-
-
-# ---- the report ----------------------------------------------------------------------------------------------------
-
-def _loss(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _metric(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def runs_table(runs: list[RunInfo]) -> list[str]:
-    lines = ["| run | model | LoRA | lr | ctx | batch | steps | best val | final val | train FLOPs | eval FLOPs | "
-             "forecast FLOPs | total |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        c = r.config
-        lora = "full" if c.get("full") else f"r{c.get('rank')} ({','.join(c.get('targets', []))})"
-        total = sum(r.flops(k) for k in KINDS)
-        lines.append(f"| {r.label} | {Path(str(c.get('model'))).name} | {lora} | {_value(c.get('lr'))} | {c.get('ctx')} "
-                     f"| {c.get('batch')} | {r.steps}/{c.get('steps')} | {_loss(r.best_val)} | {_loss(r.final_val)} "
-                     f"| {format_flops(r.flops('train'))} | {format_flops(r.flops('eval'))} "
-                     f"| {format_flops(r.flops('forecast'))} | {format_flops(total)} |")
-    return lines
-
-
-def forecast_table(info: ForecastInfo) -> list[str]:
-    spent = sum(e["flops"] for e in info.entries)
-    by_method = ", ".join(f"{e.get('label', '?')} {format_flops(e['flops'])}" for e in info.entries)
-    lines = [f"### {info.label}", "",
-             f"Forecast with `{info.source}`; FLOPs {format_flops(spent)} ({by_method}; prefill + every KV-cache "
-             "decode step)."]
-    if info.metrics is None:
-        return lines + ["", f"(its metrics.json is gone from {info.out})", ""]
-    m = info.metrics
-    lines += [f"{m.get('selection', '')}; scored {m.get('n_scored')} of {m.get('n_trajectories')}; "
-              f"{m.get('protocol', '')}", ""]
-    header = "| method | " + " | ".join(f"{s} {what}" for s in SPECIES for what in ("MSE", "MAE", "medMSE")) + " |"
-    lines += [header, "|---|" + "---|" * 6]
-    methods = m.get("metrics") or {}
-    for name in sorted(methods, key=lambda n: METHOD_ORDER.index(n) if n in METHOD_ORDER else 99):
-        values = methods[name]
-        if values is None:
-            lines.append(f"| {name} | " + " | ".join("-" for _ in range(6)) + " |")
-            continue
-        cells = [_metric(values[s].get(k)) for s in SPECIES for k in ("mse", "mae", "median_trajectory_mse")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def write_report(runs_dir, out=None, max_flops: int | None = None) -> Path:
-    """report.md and its PNGs in `out` (default: the runs directory); returns report.md's path."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise ReportError(f"{runs_dir}: no such directory")
-    out = Path(out) if out is not None else runs_dir
-    records = read_records(runs_dir)
-    runs = collect_runs(runs_dir, {r.run_dir.resolve(): r for r in records})
-    forecasts = collect_forecasts(records, runs_dir)
-    if not runs and not records:
-        raise ReportError(f"{runs_dir}: no runs and no FLOP records to report on")
-    budget = max_flops or _study_budget(runs_dir) or DEFAULT_BUDGET
-    groups = collect_groups(runs_dir, runs)
-    t = totals(records)
-    figures = out / "report_figures"
-    group_flops: dict[str, int] = {}  # a run's by its parent directory (a grid, a study's stage), others' by their own
-    for record in records:
-        label = record_label(record, runs_dir)
-        key = str(Path(label).parent) if "/" in label and record.by_kind["train"] else label
-        group_flops[key] = group_flops.get(key, 0) + record.flops_used
-    lines = [f"# Report of `{runs_dir}`", "",
-             f"{len(runs)} training run(s), {len(forecasts)} forecast(s). Counting convention: gqa="
-             f"{', '.join(sorted({r.gqa for r in records})) or '-'}; backward = 2 x forward; evaluation = forward "
-             "with loss; forecasts = prefill once per prompt + every KV-cache decode step.", "",
-             "## Budget", "",
-             "| | train | eval | forecast | total | reserved | budget | left |", "|---|---|---|---|---|---|---|---|",
-             f"| FLOPs | {format_flops(t.by_kind['train'])} | {format_flops(t.by_kind['eval'])} | "
-             f"{format_flops(t.by_kind['forecast'])} | {format_flops(t.spent)} | {format_flops(t.outstanding)} | "
-             f"{format_flops(budget)} | {format_flops(budget - t.committed)} |",
-             f"| share of budget | {_share(t.by_kind['train'], budget)} | {_share(t.by_kind['eval'], budget)} | "
-             f"{_share(t.by_kind['forecast'], budget)} | {_share(t.spent, budget)} | {_share(t.outstanding, budget)}"
-             f" | 100 % | {_share(budget - t.committed, budget)} |", ""]
-    if t.spent > budget:
-        lines += [f"**OVER BUDGET by {format_flops(t.spent - budget)} FLOPs.**", ""]
-    lines += [_image(plot_budget(figures / "budget.png", records, group_flops, budget), out, "the ledger"), ""]
-    if runs:
-        lines += ["## Runs", ""] + runs_table(runs) + [""]
-    for group in groups:
-        lines += [f"## {group.name}", ""]
-        if group.varied:
-            lines += [f"Varied: {', '.join(group.varied)}.", ""]
-        name = slug(group.name)
-        if len(group.runs) >= 2:
-            lines += [_image(plot_group_losses(figures / f"loss_{name}.png", group), out, "loss curves")]
-        heatmap = plot_heatmap(figures / f"heatmap_{name}.png", group)
-        if heatmap is not None:
-            lines += [_image(heatmap, out, "best validation loss over lr x rank")]
-        sweeps = context_sweeps(group.runs)
-        if sweeps:
-            lines += [_image(plot_context(figures / f"context_{name}.png", group.name, sweeps), out,
-                             "validation loss against context length")]
-        if len(group.runs) < 2 and heatmap is None and not sweeps:
-            run = group.runs[0]
-            lines += [f"One run: best validation loss {_loss(run.best_val)} after {run.steps} steps."]
-        lines.append("")
-    if forecasts:
-        lines += ["## Forecasts", ""]
-        for info in forecasts:
-            lines += forecast_table(info)
-    path = out / REPORT_NAME
-    text = "\n".join(lines) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
 
 
 def _share(flops: int, budget: int) -> str:
@@ -410,7 +208,263 @@ def _image(path: Path, out: Path, alt: str) -> str:
     return f"![{alt}]({path.relative_to(out).as_posix()})"
 
 
-def _study_budget(runs_dir: Path) -> int | None:
-    budgets = {json.loads(p.read_text()).get("max_flops") for p in runs_dir.rglob(STUDY_FILE)}
-    budgets.discard(None)
+# ---- sections ------------------------------------------------------------------------------------------------------
+
+def runs_table(runs: list[RunInfo], noise: float | None, budget: int) -> list[str]:
+    lines = ["| run | model | LoRA | lr | ctx | batch | steps | val @0 | best val | final val | change | verdict | "
+             "train FLOPs | eval FLOPs | forecast FLOPs | total | % budget |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c = r.config
+        lora = "full" if c.get("full") else f"r{c.get('rank')} ({','.join(c.get('targets') or [])})"
+        verdict = "-" if r.change is None else ("improved" if improved(r, noise) else "**not improved**")
+        change = "-" if r.change is None else f"{r.change:+.4g}"
+        model = Path(str(c.get("model"))).name
+        lines.append(f"| {r.label} | {model} | {lora} | {_value(c.get('lr'))} | {c.get('ctx')} | {c.get('batch')} "
+                     f"| {r.steps}/{c.get('steps')} | {_loss(r.val0)} | {_loss(r.best_val)} | {_loss(r.final_val)} "
+                     f"| {change} | {verdict} | {format_flops(r.flops('train'))} "
+                     f"| {format_flops(r.flops('eval'))} | {format_flops(r.flops('forecast'))} "
+                     f"| {format_flops(r.total_flops)} | {_share(r.total_flops, budget)} |")
+    return lines
+
+
+def context_points(group: Group) -> tuple[dict, int | None]:
+    """{label: [(ctx, best whole-window loss, best last-N loss)]} of runs that differ only in context length, and
+    the N all of them recorded."""
+    from .selection import best_last_loss, common_last_count
+
+    sets: dict[str, list[RunInfo]] = {}
+    for run in group.runs:
+        key = json.dumps({k: run.config.get(k) for k in (*TRAJECTORY_KEYS, "steps") if k not in ("ctx", "stride")},
+                         sort_keys=True)
+        sets.setdefault(key, []).append(run)
+    sweeps, members_all = {}, []
+    for members in sets.values():
+        by_ctx = {}
+        for run in members:
+            by_ctx.setdefault(run.config.get("ctx"), run)
+        if len(by_ctx) >= 2:
+            first = members[0].config
+            label = f"lr {_value(first.get('lr'))}, " + ("full" if first.get("full") else f"rank {first.get('rank')}")
+            sweeps[label] = sorted(by_ctx.values(), key=lambda r: r.config.get("ctx"))
+            members_all += sweeps[label]
+    n = common_last_count([r.metrics for r in members_all]) if members_all else None
+    return {label: [(r.config["ctx"], r.best_val, best_last_loss(r.metrics, n) if n else None) for r in runs]
+            for label, runs in sweeps.items()}, n
+
+
+def group_section(group: Group, figures: Path, out: Path, noise: float | None, budget: int) -> list[str]:
+    lines = [f"## {group.name}", ""]
+    if group.varied:
+        lines += [f"Varied: {', '.join(group.varied)}.", ""]
+    if group.best is not None:
+        lines += [f"Winner: `{group.best.label}`, chosen by the {group.criterion}.", ""]
+    name = slug(group.name)
+    if len(group.runs) >= 2:
+        curves = [(", ".join(f"{k}={_value(r.config.get(k))}" for k in (group.varied or ["lr", "rank", "ctx"])),
+                   [(m["step"], m["train_loss"]) for m in r.metrics if isinstance(m.get("train_loss"), (int, float))],
+                   r.val) for r in group.runs]
+        lines += [_image(figs.plot_group_losses(figures / f"loss_{name}.png", group.name, curves), out,
+                         "loss curves"), ""]
+    cells = {(r.config.get("lr"), r.config.get("rank")): (r.change, r.steps, 100 * r.total_flops / budget,
+                                                          improved(r, noise))
+             for r in group.runs if not r.config.get("full")}
+    lrs, ranks = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
+    if len(lrs) >= 2 or len(ranks) >= 2:
+        lines += [_image(figs.plot_heatmap(figures / f"heatmap_{name}.png", group.name, lrs, ranks, cells), out,
+                         "change of the best validation loss from step 0 over lr x rank"), ""]
+    sweeps, n = context_points(group)
+    if sweeps:
+        lines += [_image(figs.plot_context(figures / f"context_{name}.png", group.name, sweeps, n), out,
+                         "validation loss against context length"), ""]
+        if n is None:
+            lines.append("The runs recorded no last-N validation losses: their whole-window losses are not "
+                         "comparable across context lengths.")
+    if len(group.runs) == 1:
+        run = group.runs[0]
+        lines.append(f"One run: best validation loss {_loss(run.best_val)} after {run.steps} steps "
+                     f"(step 0: {_loss(run.val0)}).")
+    return lines + [""]
+
+
+def flop_section(runs: list[RunInfo], records: list[Record], runs_dir: Path, group_flops: dict[str, int],
+                 budget: int, gqa: str) -> list[str]:
+    lines = ["## FLOPs", "", f"Attention convention of every count here: gqa={gqa}.", "",
+             "| rule | count |", "|---|---|"] + [f"| {rule} | {text} |" for rule, text in RULES] + [""]
+    settings = list(dict.fromkeys(s for s in (step_setting(r.config) for r in runs) if s is not None))
+    if settings:
+        lines += component_table(settings, gqa) + [""]
+    lines += ["FLOPs per stage (study stage, else directory):", "", "| stage | FLOPs | % of budget |", "|---|---|---|"]
+    lines += [f"| {name} | {format_flops(flops)} | {_share(flops, budget)} |"
+              for name, flops in sorted(group_flops.items(), key=lambda kv: -kv[1])]
+    lines += ["", "FLOPs per record of the ledger (every run and forecast):", "",
+              "| record | train | eval | forecast | total | % of budget |", "|---|---|---|---|---|---|"]
+    for record in records:
+        k = record.by_kind
+        lines.append(f"| {record_label(record, runs_dir)} | {format_flops(k['train'])} | {format_flops(k['eval'])} | "
+                     f"{format_flops(k['forecast'])} | {format_flops(record.flops_used)} | "
+                     f"{_share(record.flops_used, budget)} |")
+    return lines + [""] + reconciliation(gqa)
+
+
+def findings(groups: list[Group], runs: list[RunInfo], results: list[StageResult], noise: float | None,
+             noise_how: str) -> list[str]:
+    """What the study found, stated from the numbers only."""
+    lines = ["## Findings", "", f"Noise threshold: {noise_how}.", ""]
+    for group in groups:
+        if len(group.runs) < 2 or group.best is None:
+            continue
+        choice = choose_best([r.run_dir for r in group.runs])
+        if choice is None:
+            continue
+        ranked = sorted((s, i) for i, s in enumerate(choice.scores) if s is not None)
+        winner = group.runs[ranked[0][1]]
+        text = f"- **{group.name}**: `{winner.label}` won by the {choice.criterion} ({ranked[0][0]:.4f})"
+        if len(ranked) > 1:
+            margin, threshold = ranked[1][0] - ranked[0][0], noise_of(winner, noise)
+            text += (f", {margin:.4g} below the runner-up `{group.runs[ranked[1][1]].label}`: "
+                     + ("beyond the noise." if margin > threshold else
+                        f"**within the noise** ({threshold:.3g}): this stage did not tell its settings apart."))
+        lines.append(text)
+    flat = [r for r in runs if r.change is not None and not improved(r, noise)]
+    if flat:
+        lines.append(f"- {len(flat)} of {len(runs)} runs did not improve their validation loss on step 0 beyond the "
+                     f"noise: {', '.join(f'`{r.label}` ({r.change:+.4g})' for r in flat)}.")
+    for result in results:
+        fine = result.methods.get(FINE_TUNED) or {}
+        for species in ("prey", "predator"):
+            mse = (fine.get(species) or {}).get("mse")
+            if not isinstance(mse, (int, float)):
+                continue
+            parts = [f"MSE {mse:.4g}"]
+            zero = ((result.methods.get(ZERO_SHOT) or {}).get(species) or {}).get("mse")
+            if isinstance(zero, (int, float)) and zero:
+                parts.append(f"{'better' if mse < zero else 'worse'} than zero-shot ({zero:.4g}, "
+                             f"{100 * (mse - zero) / zero:+.1f} %)")
+            best = best_baseline(result, species)
+            if best is not None:
+                ref = result.methods[best][species]["mse"]
+                parts.append(f"{'better' if mse < ref else 'worse'} than the best baseline {best} ({ref:.4g}"
+                             + (f", {100 * (mse - ref) / ref:+.1f} %)" if ref else ")"))
+            lines.append(f"- **{result.name}**, {species}: the fine-tuned model's " + "; ".join(parts) + ".")
+    return lines + [""]
+
+
+def budget_section(records: list[Record], group_flops: dict[str, int], budget: int, figures: Path,
+                   out: Path) -> list[str]:
+    t = totals(records)
+    lines = ["## Budget", "",
+             "| | train | eval | forecast | total | reserved | budget | left |", "|---|---|---|---|---|---|---|---|",
+             f"| FLOPs | {format_flops(t.by_kind['train'])} | {format_flops(t.by_kind['eval'])} | "
+             f"{format_flops(t.by_kind['forecast'])} | {format_flops(t.spent)} | {format_flops(t.outstanding)} | "
+             f"{format_flops(budget)} | {format_flops(budget - t.committed)} |",
+             f"| share of budget | {_share(t.by_kind['train'], budget)} | {_share(t.by_kind['eval'], budget)} | "
+             f"{_share(t.by_kind['forecast'], budget)} | {_share(t.spent, budget)} | {_share(t.outstanding, budget)}"
+             f" | 100 % | {_share(budget - t.committed, budget)} |", ""]
+    if t.spent > budget:
+        lines += [f"**OVER BUDGET by {format_flops(t.spent - budget)} FLOPs.**", ""]
+    by_kind = {**{k: t.by_kind[k] for k in KINDS}, **({"reserved": t.outstanding} if t.outstanding else {})}
+    return lines + [_image(figs.plot_budget(figures / "budget.png", by_kind, group_flops, budget), out,
+                           "the ledger on a log axis"), ""]
+
+
+def stage_flops(records: list[Record], runs_dir: Path, studies: list[tuple[Path, dict]]) -> dict[str, int]:
+    """FLOPs per study stage (by the directory a record sits in under its study), else per record."""
+    stage_dirs = {}
+    for path, study in studies:
+        for stage in study.get("stages", []):
+            if isinstance(stage, dict) and "name" in stage:
+                stage_dirs[(path.parent / stage["name"]).resolve()] = f"{study.get('name', path.parent.name)}/" \
+                                                                      f"{stage['name']}"
+    flops: dict[str, int] = {}
+    for record in records:
+        where = record.run_dir.resolve()
+        key = next((name for d, name in stage_dirs.items() if where == d or d in where.parents),
+                   record_label(record, runs_dir))
+        flops[key] = flops.get(key, 0) + record.flops_used
+    return flops
+
+
+def write_report(runs_dir, out=None, max_flops: int | None = None, warn=None) -> Path:
+    """report.md and its PNGs in `out` (default: the runs directory); returns report.md's path. Every run or file
+    that cannot be read is named in the report and passed to `warn` (default: a line on stderr)."""
+    warn = warn or (lambda line: print(f"report.py: warning: {line}", file=sys.stderr))
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise ReportError(f"{runs_dir}: no such directory")
+    out = Path(out) if out is not None else runs_dir
+    records = read_records(runs_dir)
+    runs, unreadable = collect_runs(runs_dir, {r.run_dir.resolve(): r for r in records})
+    studies = read_studies(runs_dir, unreadable)
+    if not runs and not records and not unreadable:
+        raise ReportError(f"{runs_dir}: no runs and no FLOP records to report on")
+    budget = max_flops or _study_budget(studies) or DEFAULT_BUDGET
+    gqa = ", ".join(sorted({r.gqa for r in records})) or "real"
+    groups = collect_groups(runs, studies)
+    noise, noise_how = seed_noise(runs)
+    figures = out / "report_figures"
+    group_flops = stage_flops(records, runs_dir, studies)
+    results = forecast_results(studies, records, runs_dir, unreadable)
+    for line in unreadable:
+        warn(line)
+    lines = [f"# Report of `{runs_dir}`", "",
+             f"{len(runs)} training run(s), {len(results)} forecast result(s), {len(unreadable)} unreadable. "
+             f"Counting convention: gqa={gqa}; backward = 2 x forward; evaluation = forward with loss; forecasts = "
+             "prefill once per prompt + every KV-cache decode step.", ""]
+    lines += findings(groups, runs, results, noise, noise_how)
+    lines += budget_section(records, group_flops, budget, figures, out)
+    lines += flop_section(runs, records, runs_dir, group_flops, budget, gqa.split(", ")[0])
+    if runs:
+        lines += ["## Runs", "", "`val @0`: validation loss before training; `change`: best minus step 0; "
+                  f"`not improved`: within the noise ({noise_how}) or above step 0.", ""]
+        lines += runs_table(runs, noise, budget) + [""]
+    for group in groups:
+        lines += group_section(group, figures, out, noise, budget)
+    if results:
+        lines += ["## Results", ""]
+        by_dir = {r.run_dir.resolve(): r for r in runs}
+        for result in results:
+            run = by_dir.get(result.run_dir.resolve()) if result.run_dir else None
+            curve = run.run_dir / PLOT_NAME if run is not None else None
+            lines += results_section(result, out, figures, curve)
+    if unreadable:
+        lines += ["## Unreadable", "", "Left out of everything above:", ""] + [f"- {u}" for u in unreadable] + [""]
+    path = out / REPORT_NAME
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def forecast_results(studies: list[tuple[Path, dict]], records: list[Record], runs_dir: Path,
+                     unreadable: list[str]) -> list[StageResult]:
+    """The results of every forecast of a trained run: a study's forecast stages, then the ledger's other ones."""
+    def read_summary(out: Path):
+        path = out / "metrics.json"
+        if not path.is_file():
+            unreadable.append(f"forecast {out}: no metrics.json")
+            return None
+        summary = read_json(path, unreadable, "forecast")
+        return summary if isinstance(summary, dict) else None
+
+    results, in_studies = [], set()
+    for _, study in studies:
+        stages = [s for s in study.get("stages", []) if isinstance(s, dict) and s.get("kind") == "forecast"]
+        in_studies.update(str(Path(out).resolve()) for s in stages for out in s.get("forecasts", []))
+        bases = [(Path(out), summary) for s in stages if s.get("of") == "base" for out in s.get("forecasts", [])
+                 if (summary := read_summary(Path(out))) is not None]
+        for stage in stages:
+            if stage.get("of") != "base":
+                results += stage_results(stage, bases, read_summary)
+    for record in records:  # forecast.py --run outside a study: the run's own record holds its forecasts
+        outs = dict.fromkeys(e["out"] for e in record.forecasts if isinstance(e, dict) and e.get("out"))
+        for out in outs:
+            if str(Path(out).resolve()) not in in_studies and record.by_kind["train"]:
+                stage = {"name": record_label(record, runs_dir), "forecasts": [out], "runs": [str(record.run_dir)]}
+                results += stage_results(stage, [], read_summary)
+    return results
+
+
+def _study_budget(studies: list[tuple[Path, dict]]) -> int | None:
+    budgets = {s.get("max_flops") for _, s in studies if isinstance(s.get("max_flops"), int)}
     return min(budgets) if budgets else None

@@ -8,27 +8,35 @@ import json
 from pathlib import Path
 
 from forecasting.budget import Booking, budgeted_evaluate
-from forecasting.evaluate import Protocol, select_trajectories, write_outputs
+from forecasting.evaluate import OutputBusy, Protocol, lock_output, select_trajectories, write_outputs
 from forecasting.source import from_model, from_run, parse_dtype, pick_device
 from ledger import BudgetExceeded
-from common.fileio import write_json_atomic
+from common.fileio import UnreadableFile, os_error_text, read_json, write_json_atomic
 from qwen_mini.flop_report import format_flops
 from training.config import TrainConfig
 from training.loop import train_run
 from training.rundir import holds_run
 
 from .estimate import estimate_plan, format_estimate
-from .plan import (FORECAST_METRICS, Plan, PlanError, Stage, StudyRun, best_run, best_val_loss, forecast_config,
-                   forecast_out, is_complete, stage_runs)
-
-STUDY_FILE = "study.json"
+from .plan import (FORECAST_METRICS, STUDY_FILE, Plan, PlanError, Stage, StudyRun, best_run, best_val_loss,
+                   forecast_config, forecast_out, is_complete, stage_runs)
+from .selection import choose_best
 
 
 def check_study_dir(plan: Plan) -> None:
     """A study directory belongs to one plan: refuse to continue it with another."""
     path = plan.study_dir / STUDY_FILE
     if path.is_file():
-        recorded = json.loads(path.read_text()).get("plan_sha256")
+        try:
+            study = read_json(path)
+        except (UnreadableFile, OSError) as e:
+            raise PlanError(f"{e if isinstance(e, UnreadableFile) else os_error_text(e)}: the study's record cannot "
+                            "be checked against this plan; restore it, or move it away to start the study again") \
+                from None
+        recorded = study.get("plan_sha256") if isinstance(study, dict) else None
+        if not isinstance(study, dict) or not isinstance(recorded, str):
+            raise PlanError(f"{path}: not a study record (no plan_sha256); restore it, or move it away to start the "
+                            "study again")
         if recorded and recorded != plan.digest:
             raise PlanError(f"{plan.study_dir} holds a study started from another version of a plan (sha256 "
                             f"{recorded}, {plan.path} is {plan.digest}): restore that plan, or give this one "
@@ -65,9 +73,11 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
                 train_study_run(plan, run, overrides, progress, log)
             best = best_run(runs, plan)
             bests[stage.name] = (runs, best)
+            choice = choose_best([r.run_dir(plan) for r in runs])
             done[stage.name] = {"name": stage.name, "kind": "train", "from": stage.source,
                                 "varied": sorted(stage.grid), "runs": [str(r.run_dir(plan)) for r in runs],
-                                "best": str(best.run_dir(plan)), "best_val_loss": best_val_loss(best.run_dir(plan))}
+                                "best": str(best.run_dir(plan)), "best_val_loss": best_val_loss(best.run_dir(plan)),
+                                "criterion": choice.criterion, "best_score": choice.score}
         else:
             if stage.source == "base":
                 targets = [None]
@@ -113,10 +123,15 @@ def run_forecast(plan: Plan, stage: Stage, run: StudyRun | None, overrides: dict
     selection = select_trajectories(source.split, config.split, None, config.limit)
     log(f"[plan] {stage.name}: forecasting {selection.label} with {source.label} -> {out}")
     booking = Booking(plan.runs_dir, plan.max_flops, plan.gqa)
-    evaluation, _ = budgeted_evaluate(source, selection, Protocol.of(config, source.decimals), out=out,
-                                      run_dir=run.run_dir(plan) if run is not None else None,
-                                      baselines=config.baselines, batch=config.batch, booking=booking,
-                                      progress=progress)
-    evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
-    write_outputs(evaluation, out)
+    try:
+        lock = lock_output(out, f"train.py --plan {plan.path}: stage {stage.name}")
+    except OutputBusy as e:
+        raise PlanError(str(e)) from None
+    with lock:
+        evaluation, _ = budgeted_evaluate(source, selection, Protocol.of(config, source.decimals), out=out,
+                                          run_dir=run.run_dir(plan) if run is not None else None,
+                                          baselines=config.baselines, batch=config.batch, booking=booking,
+                                          progress=progress)
+        evaluation.notes[:0] = [f"split: {source.split_origin}", *source.notes]
+        write_outputs(evaluation, out)  # metrics.json last: a stage stopped before it is forecast again
     return out

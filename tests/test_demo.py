@@ -16,13 +16,14 @@ def test_demo_on_a_users_file_is_complete_and_deterministic(tmp_path, capsys):
         assert demo.main(["--data", str(data), "--runs-dir", str(runs), "--steps", "2"]) == 0, capsys.readouterr().err
     first, second = (json.loads((runs / name / "forecast" / "metrics.json").read_text()) for name in ("demo", "demo-2"))
     assert first["trajectories"] == [17, 18, 19] and first["data"] == str(data)
-    assert set(first["metrics"]) == {"model", "persistence", "seasonal_naive", "lv_fit"}
+    assert set(first["metrics"]) == {"model", "persistence", "seasonal_naive", "lv_fit", "untrained"}
     assert first["protocol_settings"]["num_samples"] == 20  # the median of 20 samples is the point forecast
     assert first["metrics"] == second["metrics"]  # deterministic with --seed
     config = json.loads((runs / "demo" / "config.json").read_text())
     assert (config["rank"], config["ctx"], config["full"]) == (8, 768, False)
     assert config["model_dir"] == str(demo.LV_TINY)
     assert (runs / "report.md").is_file() and (runs / "demo" / "adapter").is_dir()
+    assert "| zero-shot |" in (runs / "report.md").read_text()  # the untrained row next to the fine-tuned one
     assert not list(tmp_path.glob("*.json"))  # nothing written outside --runs-dir
 
 

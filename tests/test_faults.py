@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,17 +28,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import flops as flops_cli
 import forecast
 import forecasting.cli
 import lora
 import training.setup
 from data.lotka_volterra import DataError, load, save, simulate
 from forecasting.source import from_run
+from ledger import read_record
+from ledger.ledger import LOCK_NAME as LEDGER_LOCK
 from qwen_mini import Qwen, QwenConfig, char_tokenizer, from_pretrained, generate, save_pretrained
 from qwen_mini.generate import NonFiniteLogits
 from qwen_mini.loading import CheckpointError
 from training import RunDirError, TrainConfig, read_metrics, read_run_config, train_run
 from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE
+from common.fileio import FileLock, LockHeld
 from training.cli import main
 from training.grid import resumed_runs
 from training.stopping import Interrupted, StopSignals, TrainingDiverged
@@ -79,7 +84,15 @@ def train(capsys, *argv) -> tuple[int, list[str]]:
 
 def lines_of(stderr: str) -> list[str]:
     assert "Traceback" not in stderr, stderr
-    return [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+    return [line for line in stderr.splitlines() if line.strip() and not is_progress(line)]
+
+
+PROGRESS_LINE = re.compile(r"^[^:]*: \d+/(\d+|\?) \S+( \(\d+ %\))?, \d+ s")
+
+
+def is_progress(line: str) -> bool:
+    """A tqdm bar on a terminal, or common.progress's plain line in a log."""
+    return "%|" in line or PROGRESS_LINE.match(line) is not None
 
 
 def flags(run: Path, data: str, *more) -> list:
@@ -593,3 +606,43 @@ def test_a_run_refused_by_the_budget_leaves_no_directory_behind(tmp_path, data, 
                           "--max-flops", "1000")
     assert status == 3 and len(lines) == 1 and lines[0].startswith("train.py: refused by the FLOP budget: ")
     assert not (runs / "deep").exists()
+
+
+def freeze_outside_the_ledger_lock(process: subprocess.Popen, runs: Path) -> None:
+    """SIGSTOP `process` at a moment it does not hold the ledger's lock (it takes it for milliseconds per booking),
+    so what runs next cannot wait on a frozen holder."""
+    for _ in range(200):
+        process.send_signal(signal.SIGSTOP)
+        try:
+            FileLock(runs / LEDGER_LOCK).release()
+            return
+        except LockHeld:
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+    raise AssertionError("the run never let go of the ledger's lock")
+
+
+def test_a_resumed_run_holds_its_lock_against_a_second_writer_and_settle(tmp_path, finished, data, capsys):
+    """A run continued with --resume is as locked as a fresh one (issue 26): while it trains, a second train.py on
+    its directory is refused naming it, and `flops.py --settle` keeps its reservation (and so the cap) in place."""
+    run = copy_run(finished, tmp_path)
+    first = start_train(run, data, "--steps", "100000", "--checkpoint-every", "0", "--resume")
+    try:
+        wait_for_step(run, 4, first)  # past the checkpoint it resumed from (step 3)
+        freeze_outside_the_ledger_lock(first, run.parent)
+        # (--steps 3, where its checkpoint is: were it let in, it would end at once rather than train on)
+        status, lines = train(capsys, *flags(run, data, "--steps", "3", "--checkpoint-every", "0", "--resume"))
+        assert status == EXIT_FAILED and len(lines) == 1
+        assert lines[0].startswith(f"train.py: error: {run} is in use by pid {first.pid} on host ")
+        assert flops_cli.main(["--runs", str(run.parent), "--settle"]) == 0
+        assert "settled: no reservation of a finished process was left" in capsys.readouterr().out
+        (reservation,) = read_record(run / "flops.json").reservations
+        assert reservation["pid"] == first.pid and reservation["flops"] > reservation["spent"]
+        first.send_signal(signal.SIGCONT)
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 143
+    assert read_record(run / "flops.json").reservations == []  # settled by the run itself as it stopped

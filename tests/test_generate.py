@@ -1,4 +1,6 @@
 """KV-cache correctness and generation: against the full forward, per-sample runs, HF generate and hand cases."""
+import math
+
 import pytest
 import torch
 
@@ -270,11 +272,10 @@ def test_compiled_decoding_matches_eager_and_compiles_once():
     config = QwenConfig(**{**PRESETS["tiny"], "num_hidden_layers": 1}, name="tiny-1-layer")
     model, tokenizer = random_model(config, seed=22), char_tokenizer()
     input_ids, mask = tokenizer.encode_batch(PROMPTS)
-    prompt_cache = model.new_cache(3, input_ids.shape[1])
     with torch.inference_mode():  # as generate runs it (the graph is specialised to inference tensors)
+        prompt_cache = model.new_cache(3, input_ids.shape[1])
         model(input_ids, mask, kv_cache=prompt_cache)
-        eager, compiled = (prompt_cache.repeat_interleave(2, max_len=input_ids.shape[1] + 12, static=True)
-                           for _ in range(2))
+        eager, compiled = (prompt_cache.share(2, suffix_len=12, static=True) for _ in range(2))  # as generate does
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         candidates = NumberGrammar(tokenizer, config.vocab_size, 1, n_vars=2, horizon=1).candidate_ids
@@ -298,3 +299,22 @@ def test_compiled_decoding_matches_eager_and_compiles_once():
                                  jump_forward=True, generator=torch.Generator().manual_seed(1))
     assert torch.equal(fast, plain)
     assert compiled_graphs() == graphs, "compiled decoding recompiled for another cache length or number of rows"
+
+
+def test_temperature_divides_the_logits_before_the_draw():
+    """Logits (0, ln 3): probabilities 1/4, 3/4 at temperature 1; at temperature T they are those of (0, ln 3 / T):
+    1/10, 9/10 at T = 0.5 and 1/(1 + sqrt 3) ~ 0.366 for token 0 at T = 2. The draw is token 0 when u < p(token 0)."""
+    logits = torch.tensor([[0.0, math.log(3.0)]]).repeat(2, 1)
+    uniform = torch.tensor([0.2, 0.05])
+    assert sample_next(logits, temperature=1.0, uniform=uniform).tolist() == [0, 0]  # u < 1/4
+    assert sample_next(logits, temperature=0.5, uniform=uniform).tolist() == [1, 0]  # 0.2 >= 1/10 > 0.05
+    uniform = torch.tensor([0.3, 0.4])
+    assert sample_next(logits, temperature=1.0, uniform=uniform).tolist() == [1, 1]  # u >= 1/4
+    assert sample_next(logits, temperature=2.0, uniform=uniform).tolist() == [0, 1]  # 0.3 < 0.366 <= 0.4
+
+
+def test_inverse_transform_at_a_cdf_boundary_takes_the_next_drawable_token():
+    # cdf(i - 1) <= u * total < cdf(i): u on a boundary belongs to the token after it, never to a token of
+    # probability 0 (u = 0 with a first token of probability 0; u = 0.5 where the cdf stays at 0.5 over token 1).
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])
+    assert inverse_transform(probs, torch.tensor([0.0, 0.5])).tolist() == [1, 2]

@@ -180,3 +180,24 @@ def test_simultaneous_reservations_under_a_one_job_cap(tmp_path):
     outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in processes)
     assert outcomes == ["ran", "refused"]
     assert Ledger(tmp_path).totals().spent == 100 <= 150
+
+
+def test_a_second_booking_of_the_same_kind_adds_to_the_first(tmp_path):
+    """Two validation passes, two training bookings and two forecasts of one job: each kind's FLOPs, its counts and
+    the reservation's spending are the sums, never the last booking (issue 26)."""
+    job = Ledger(tmp_path, max_flops=10_000).reserve(tmp_path / "run", 5_000, kind="train", run_name="run")
+    job.add("eval", 30, passes=1, windows=4)
+    job.add("eval", 70, passes=1, windows=6)
+    job.add("train", 1_000, steps=2, step=2, per_step_flops=500)
+    job.add("train", 1_500, steps=3, step=5, per_step_flops=500)
+    job.add("forecast", 11, entry="a", label="model", calls=1, prefill_tokens=3, decode_tokens=1)
+    job.add("forecast", 13, entry="b", label="untrained", calls=1, prefill_tokens=4, decode_tokens=1)
+    record = read_record(tmp_path / "run" / "flops.json")
+    assert record.by_kind == {"train": 2_500, "eval": 100, "forecast": 24} and record.flops_used == 2_624
+    assert record.data["eval"] == {"passes": 2, "windows": 10}
+    assert (record.data["train"]["steps"], record.data["train"]["step"]) == (5, 5)  # steps add up, step is the last
+    assert record.reservations[0]["spent"] == 2_624
+    assert (record.outstanding, record.committed) == (5_000 - 2_624, 5_000)  # spent + what is left reserved
+    assert Ledger(tmp_path).totals().committed == 5_000  # spending comes out of the reservation, not on top
+    job.settle()
+    assert Ledger(tmp_path).totals().spent == Ledger(tmp_path).totals().committed == 2_624

@@ -18,7 +18,7 @@ import report as report_cli
 import train as train_cli
 from ledger import Ledger, read_record, read_records
 from study.estimate import estimate_plan
-from study.plan import PlanError, load_plan
+from study.plan import PlanError, best_run, load_plan, resolve, stage_runs
 from test_train import write_small_data
 from training import TrainConfig, read_metrics
 from training.budget import plan_run_flops
@@ -261,9 +261,9 @@ def test_report_of_a_small_study(finished_study, tmp_path, capsys):
     status, out, err = run_main(report_cli.main, capsys, runs, "--out", tmp_path, "--seed", "1")
     assert status == 0, err
     text = (tmp_path / "report.md").read_text()
-    for expected in ("## Budget", "## Runs", "## small/grid", "## small/context", "## Forecasts",
-                     "small/grid/tiny_r4_lr0.003_ctx32", "| model |", "| persistence |", "| untrained |",
-                     "prey medMSE", "train FLOPs"):
+    for expected in ("## Findings", "## Budget", "## FLOPs", "## Runs", "## small/grid", "## small/context",
+                     "## Results", "small/grid/tiny_r4_lr0.003_ctx32", "| fine-tuned |", "| persistence |",
+                     "| zero-shot |", "| medMSE |", "train FLOPs", "val @0"):
         assert expected in text, expected
     figures = {p.name for p in (tmp_path / "report_figures").iterdir()}
     assert {"budget.png", "loss_small_grid.png", "heatmap_small_grid.png", "context_small_context.png"} <= figures
@@ -330,3 +330,26 @@ def test_a_compiled_forecast_books_what_its_fixed_shape_steps_compute(tmp_path, 
     steps, rest = divmod(compiled["decode_flops"], per_step)
     assert rest == 0 and 3 * 2 * 5 / 2 <= steps < longest  # at most 2 tokens a step, fewer steps than tokens
     assert compiled["decode_flops"] > eager["decode_flops"]
+
+
+def test_from_a_stage_starts_from_its_lowest_validation_loss_not_its_last(tmp_path):
+    """Overfitting, the case `from = "<stage>"` exists for: every curve rises after its minimum. The grid's second
+    run has the lowest minimum (1.0) but the worst last loss (1.9); the third has the best last loss (1.45); the
+    fourth the highest minimum. `from = "grid"` must start the context stage from the second run, whole."""
+    plan = load_plan(write_plan(tmp_path / "p.toml", "x.h5"), runs_dir=tmp_path / "runs")
+    grid = stage_runs(plan.stage("grid"), plan.train)
+    curves = [[2.0, 1.5, 1.6], [2.0, 1.0, 1.9], [2.0, 1.4, 1.45], [2.0, 1.8, 1.7]]
+    assert len(grid) == len(curves)
+    for run, curve in zip(grid, curves):
+        directory = run.run_dir(plan)
+        (directory / "adapter").mkdir(parents=True)  # finished: weights saved, every step logged
+        (directory / "config.json").write_text(json.dumps({"ctx": 32}))
+        (directory / "metrics.jsonl").write_text("".join(json.dumps({"step": 3 * i, "val_loss": loss}) + "\n"
+                                                         for i, loss in enumerate(curve)))
+    winner = grid[1]
+    assert best_run(grid, plan) is winner
+    assert best_run(list(reversed(grid)), plan) is winner  # not a matter of position
+    (context,) = resolve(plan)["context"]  # one run list: the grid is complete, its best run known
+    assert [(r.settings["lr"], r.settings["rank"], r.settings["ctx"]) for r in context] == \
+        [(winner.settings["lr"], winner.settings["rank"], 16), (winner.settings["lr"], winner.settings["rank"], 32)]
+    assert context[1] == winner  # ctx 32 is the winner's own setting: the run itself, not trained again

@@ -6,16 +6,22 @@ the ledger's gqa convention, so a run that does not fit the budget is refused be
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 import lora
-from ledger import Ledger, OutsideRunsDir, Recorder
+from ledger import RECORD_NAME, Ledger, OutsideRunsDir, Recorder, record_present
+from ledger.records import count
 from qwen_mini.config import config_for_model
 from qwen_mini.flops import count_forward, eval_flops
 
+from .checkpoint import read_checkpoint
 from .config import TrainConfig
+from .run import CHECKPOINT_NAME, METRICS_NAME, read_metrics
 from .rundir import ResumePoint, resume_point
 
 
@@ -95,6 +101,35 @@ def check_inside_runs_dir(config: TrainConfig) -> bool:
     return inside
 
 
+def proven_spending(run_dir: Path, per_step: int, eval_pass: int) -> tuple[dict[str, int], int, int, str]:
+    """What a run directory proves its run spent, from its checkpoint (the FLOPs it counted up to its step) and the
+    metrics.jsonl lines past it (a step each, a validation pass each): (by_kind, steps, passes, the proof)."""
+    state = read_checkpoint(run_dir, mmap=True)
+    saved_step = int(state["step"]) if state is not None else 0
+    train = saved_step * per_step
+    spent_eval = max(count("checkpoint flops_used", state["flops_used"]) - train, 0) if state is not None else 0
+    later = [row for row in read_metrics(run_dir, drop_torn_tail=True) if state is None or row["step"] > saved_step]
+    steps = sum(row.get("train_loss") is not None for row in later)
+    passes = sum(row.get("val_loss") is not None for row in later)
+    proof = (f"{CHECKPOINT_NAME} (step {saved_step}) and " if state is not None else "") + \
+        f"{METRICS_NAME} ({steps} step(s), {passes} validation pass(es) after it)"
+    return {"train": train + steps * per_step, "eval": spent_eval + passes * eval_pass}, saved_step + steps, passes, proof
+
+
+def rebuild_lost_record(config: TrainConfig, ledger: Ledger, start: ResumePoint, plan: RunFlopPlan, gqa: str
+                        ) -> ResumePoint:
+    """A resumed run whose flops.json is gone: its record is written again from what the run proves it spent
+    (`proven_spending`), so the ledger never counts less than the run did; the resume point carries that spending."""
+    by_kind, steps, passes, proof = proven_spending(config.run_dir, plan.per_step, plan.eval_pass)
+    if not by_kind["train"] + by_kind["eval"]:
+        return start
+    ledger.rebuild(config.run_dir, run_name=config.run_dir.name, gqa=gqa, by_kind=by_kind, step=steps,
+                   per_step=plan.per_step, evaluations=passes, proof=proof)
+    print(f"train.py: note: {config.run_dir / RECORD_NAME} was missing; rebuilt from {proof}: "
+          f"{by_kind['train'] + by_kind['eval']:.4g} FLOPs spent", file=sys.stderr)
+    return dataclasses.replace(start, flops_used=by_kind["train"] + by_kind["eval"])
+
+
 @dataclass
 class PreparedRun:
     """A run that may start: where it starts, what it will compute, and its booking in the ledger."""
@@ -120,6 +155,8 @@ def prepare_run(config: TrainConfig, world_size: int = 1, holder_lock=None) -> P
     model = counting_model(config)
     plan = plan_run_flops(config, start.step, gqa, world_size, model)
     name = config.run_dir.name
+    if config.resume and not record_present(config.run_dir / RECORD_NAME):
+        start = rebuild_lost_record(config, ledger, start, plan, gqa)
     if config.no_budget:
         recorder = ledger.recorder(config.run_dir, run_name=name, gqa=gqa, config=config.to_dict())
     else:

@@ -18,7 +18,7 @@ from .config import DEFAULT_MODEL, DTYPES, SCHEDULES, ConfigError, TrainConfig
 from .distributed import from_environment, shutdown
 from .grid import SUMMARY_NAME, expand_grid, format_summary, grid_dir, run_grid
 from .loop import train_run
-from .run import RunDirError
+from .run import CHECKPOINT_NAME, RunDirError
 from .stopping import Interrupted, TrainingDiverged
 
 DESCRIPTION = """\
@@ -39,7 +39,10 @@ Before a run (or a whole grid) starts, it reserves its planned FLOPs (training s
 qwen_mini.flops) in the ledger of --runs-dir, under a file lock; they must fit --max-flops together with every FLOP
 spent or reserved there (training, validation, forecasts), otherwise nothing is loaded or trained. At the end the
 reservation is settled to what was spent; a killed run's is taken over by --resume or released by
-`flops.py --runs DIR --settle`. A run outside --runs-dir is refused unless --no-budget.
+`flops.py --runs DIR --settle`. A run outside --runs-dir is refused unless --no-budget, and so is a --runs-dir
+inside another runs directory's ledger (use that one). A run that fails before its first file (a model or data that
+will not load) leaves no ledger record; a resumed run whose flops.json is gone gets it rebuilt from its checkpoint
+and metrics.jsonl.
 Each run directory is locked by the process training it: a second train.py on it is refused, naming that process.
 Ctrl-C (SIGINT) and SIGTERM (schedulers, `timeout`) stop a run at the end of its current step, with a checkpoint
 there; a second signal stops it at once. A non-finite loss, gradient norm or weight stops it at that step, saving
@@ -129,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--plan", metavar="TOML",
                             help="run a study plan stage by stage (grid, best-of sweep, final run, forecasts); "
                                  "continues a stopped study. Settings come from the plan; --runs-dir, --max-flops, "
-                                 "--gqa, --device, --dtype and --seed may override it (see plans/)")
+                                 "--gqa, --device, --dtype and --seed override its [study], the flags of [train] "
+                                 "settings (--data, --model, --batch, one --lr / --rank / --ctx, ...) its [train] "
+                                 "(a stage's own settings still apply over them; see plans/)")
 
     hardware = p.add_argument_group("hardware")
     hardware.add_argument("--device", default=d.device,
@@ -157,10 +162,13 @@ def configs_from_args(args: argparse.Namespace) -> list:
     return expand_grid(settings, args.lr, args.rank, args.ctx)
 
 
-def interruption(e: KeyboardInterrupt) -> str:
+def interruption(e: KeyboardInterrupt, configs: list[TrainConfig] = ()) -> str:
+    """What a stop left behind, for its one line. `configs`: the runs of this command (none with --plan)."""
     if not isinstance(e, Interrupted):
         return "interrupted"
     if e.checkpoint_step is None:
+        if configs and not any((c.run_dir / CHECKPOINT_NAME).is_file() for c in configs):
+            return f"stopped by {e.name} before the first checkpoint (none was written)"  # loading, simulating data
         return f"stopped by {e.name} (the newest checkpoint is the one written before)"
     return f"stopped by {e.name} after step {e.checkpoint_step}, with a checkpoint there"
 
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None, run_plan=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         again = "the same command" + ("" if args.plan is not None else " with --resume")
-        print(f"train.py: {interruption(e)}; to continue, run {again}", file=sys.stderr)
+        print(f"train.py: {interruption(e, configs)}; to continue, run {again}", file=sys.stderr)
         return e.exit_status if isinstance(e, Interrupted) else EXIT_INTERRUPTED
     except TrainingDiverged as e:
         print(f"train.py: error: {e}", file=sys.stderr)

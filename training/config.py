@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT
 from data.lotka_volterra import SPLIT_MODES
 from lora import check_targets
@@ -26,7 +27,7 @@ TRAJECTORY_KEYS = ("model", "data", "full", "rank", "alpha", "targets", "lora_dr
                    "dtype")
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """Settings that cannot make a training run."""
 
 
@@ -67,6 +68,7 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self):
+        check_field_types(self, ConfigError)  # first: the defaults below compute with the values
         self.targets = tuple(self.targets)
         if self.alpha is None:
             self.alpha = float(self.rank)

@@ -122,8 +122,10 @@ def format_summary(rows: list[dict]) -> str:
                      f"{log10(row['flops_used']):>5.2f}")
     total = sum(row["flops_used"] for row in rows)
     lines.append("-" * len(header))
+    conventions = ", ".join(sorted({str(row.get("gqa", "real")) for row in rows}))
     lines.append(f"train: mean loss of the last {FINAL_TRAIN_STEPS} steps; val@0: before training; FLOPs: training "
-                 f"and validation FLOPs spent (ledger). Total {format_flops(total)} FLOPs.")
+                 f"and validation FLOPs spent (ledger), attention counted as gqa={conventions}. Total "
+                 f"{format_flops(total)} FLOPs.")
     uncounted = [row["run"] for row in rows if not row.get("counted", True)]
     if uncounted:
         lines.append(f"not counted in any FLOP ledger (--no-budget outside --runs-dir): {', '.join(uncounted)}")

@@ -32,14 +32,13 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import lora
 from common.fileio import append_line, atomic_write, os_error_text, sha256_file, write_json_atomic
+from common.progress import progress_bar
 from qwen_mini import save_pretrained
 from qwen_mini.config import TINY_MODEL_SEED
 from qwen_mini.loading import all_finite
-from qwen_mini.loss import causal_lm_loss
 
 from .budget import PreparedRun, counting_model, eval_pass_flops, prepare_run
 from .checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
@@ -49,10 +48,11 @@ from .plot import plot_losses
 from .run import (ADAPTER_DIR, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, MODEL_DIR, PLOT_NAME, RunDirError,
                   read_metrics)
 from .rundir import check_same_trajectory, claim_run_dir
-from .setup import (Precision, build_optimizer, build_training_model, check_settings, lr_factor, resolve_device,
+from .setup import (build_optimizer, build_training_model, check_settings, lr_factor, resolve_device,
                     resolve_precision, summed_token_loss)
 from .stopping import Interrupted, StopSignals, TrainingDiverged
-from .windows import RunData, batch_rows, count_loss_tokens, data_position, gather, load_run_data
+from .validation import validation_losses
+from .windows import batch_rows, count_loss_tokens, data_position, gather, load_run_data
 
 # Steps averaged for the "final train loss" of summaries (one step's loss is noisy).
 FINAL_TRAIN_STEPS = 10
@@ -69,6 +69,7 @@ class RunResult:
     model: nn.Module | None = field(default=None, repr=False)  # the trained model, on rank 0
     tokenizer: object = field(default=None, repr=False)
     counted: bool = True  # in the ledger of its --runs-dir (False: --no-budget outside it)
+    gqa: str = "real"  # how its FLOPs count attention
 
     @property
     def val_losses(self) -> list[tuple[int, float]]:
@@ -86,6 +87,7 @@ class RunResult:
             "final_val_loss": val[-1][1] if val else None,
             "best_val_loss": min(v for _, v in val) if val else None,
             "per_step_flops": self.per_step_flops, "flops_used": self.flops_used, "counted": self.counted,
+            "gqa": self.gqa,
         }
 
 
@@ -126,7 +128,9 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
     finally:
         if run_progress.bar is not None:
             run_progress.bar.close()  # before any message: the bar's line ends first
-        if prepared_on_main:
+        if prepared_on_main and not (config.run_dir / CONFIG_NAME).exists():
+            prepared_on_main[0].recorder.discard()  # failed before config.json (a model or data that did not load)
+        elif prepared_on_main:
             prepared_on_main[0].recorder.settle()  # from now on only what the run spent counts
         if lock:
             lock[0].release()
@@ -137,7 +141,7 @@ class Progress:
     """How far a run got: for the message when it stops early."""
     logged: int | None = None  # the last step whose metrics line was written
     checkpoint: int | None = None  # the step of the newest checkpoint on disk
-    bar: tqdm | None = None
+    bar: object | None = None  # common.progress.progress_bar's bar
 
     def kept(self) -> str:
         if self.checkpoint is None:
@@ -169,7 +173,7 @@ class Trainer:
         self.setup()
         self.write_run_files()
         if self.prepared.resume_point.step == 0:
-            self.log({"step": 0, "train_loss": None, "val_loss": self.evaluate(0),
+            self.log({"step": 0, "train_loss": None, **self.evaluate(0),
                       "lr": self.config.lr * lr_factor(0, self.config), "grad_norm": None, "flops": 0,
                       "tokens_per_s": None})
         self.train()
@@ -224,15 +228,16 @@ class Trainer:
         """Every step from the resume point to config.steps, validating and checkpointing when due; a stop request
         (a signal to any process) ends the run after the step, with a checkpoint."""
         config = self.config
-        bar = self.run_progress.bar = tqdm(total=config.steps, initial=self.prepared.resume_point.step,
-                                           desc=self.run_dir.name, unit="step", dynamic_ncols=True,
-                                           disable=not (self.show_bar and self.dist.is_main))
+        bar = self.run_progress.bar = progress_bar(total=config.steps, initial=self.prepared.resume_point.step,
+                                                   desc=self.run_dir.name, unit="step",
+                                                   disable=not (self.show_bar and self.dist.is_main))
         last_val = None
         self.stop.deferring = True  # a signal now ends the run at the end of its step, with a checkpoint
         for step in range(self.prepared.resume_point.step + 1, config.steps + 1):
             entry, stop_requested = self.train_step(step)
             if step % config.eval_every == 0 or step == config.steps:
-                entry["val_loss"] = last_val = self.evaluate(step)
+                entry.update(self.evaluate(step))
+                last_val = entry["val_loss"]
             self.log(entry)
             bar.update(1)
             bar.set_postfix(loss=f"{entry['train_loss']:.4f}",
@@ -282,16 +287,17 @@ class Trainer:
                  "flops": step * self.per_step, "tokens_per_s": config.batch * config.ctx / seconds}
         return entry, stop_requests > 0
 
-    def evaluate(self, step: int) -> float:
-        """The validation loss after step `step`, booked in the ledger; a non-finite one stops the run."""
-        loss = validation_loss(self.model, self.run_data, self.config.batch // self.dist.world_size, self.device,
-                               self.precision, self.dist)
+    def evaluate(self, step: int) -> dict:
+        """The validation loss after step `step` (and over each window's last N targets: `val_loss_last`), booked
+        in the ledger; a non-finite one stops the run."""
+        loss, last = validation_losses(self.model, self.run_data, self.config.batch // self.dist.world_size,
+                                       self.device, self.precision, self.dist, self.config.ctx)
         self.flops_used += self.eval_pass
         if self.dist.is_main:
             self.recorder.add("eval", self.eval_pass, passes=1, windows=len(self.run_data.val_rows))
         if not math.isfinite(loss):
             raise diverged(self.run_dir, step, f"validation loss {loss}", self.run_progress)
-        return loss
+        return {"val_loss": loss, "val_loss_last": last}
 
     def log(self, entry: dict) -> None:
         """Append the step's metrics line and book the step (rank 0), then call the hooks (every process)."""
@@ -327,22 +333,5 @@ class Trainer:
             plot_losses(metrics, run_dir / PLOT_NAME, title=run_dir.name)
         self.dist.barrier()
         return RunResult(run_dir, config, config.steps, self.per_step, self.flops_used, metrics,
-                         self.model if self.dist.is_main else None, self.tokenizer, self.prepared.counted)
-
-
-@torch.no_grad()
-def validation_loss(model: nn.Module, run_data: RunData, batch: int, device, precision: Precision,
-                    dist: Distributed) -> float:
-    """Mean next-token loss over the fixed validation windows (each process takes every world_size-th one)."""
-    was_training = model.training
-    model.eval()
-    rows = run_data.val_rows[dist.rank::dist.world_size]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, len(rows), batch):
-        input_ids, labels = gather(run_data.val, rows[start:start + batch], device)
-        with precision.autocast(device):
-            total[0] += causal_lm_loss(model, input_ids, labels, reduction="sum").double()
-        total[1] += count_loss_tokens(labels)
-    model.train(was_training)
-    loss_sum, tokens = dist.all_reduce_sum(total).tolist()
-    return loss_sum / max(tokens, 1)
+                         self.model if self.dist.is_main else None, self.tokenizer, self.prepared.counted,
+                         self.prepared.gqa)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common.fileio import FileLock, LockHeld, describe_holder, ensure_writable_dir, os_error_text, sha256_file
 from data.lotka_volterra import default_data_path
-from ledger import RECORD_NAME, read_record
+from ledger import RECORD_NAME, read_record, record_present
 
 from .checkpoint import read_checkpoint
 from .config import TRAJECTORY_KEYS, TrainConfig
@@ -167,7 +167,7 @@ def resume_point(config: TrainConfig) -> ResumePoint:
     if step > config.steps:
         raise RunDirError(f"{run_dir}: the checkpoint is at step {step}, past --steps {config.steps}")
     flops_used = 0
-    if (run_dir / RECORD_NAME).is_file():
+    if record_present(run_dir / RECORD_NAME):  # a directory or a dangling symlink: refused, never read as 0
         by_kind = read_record(run_dir / RECORD_NAME).by_kind
         flops_used = by_kind["train"] + by_kind["eval"]
     return ResumePoint(step, flops_used, tuple(row for row in metrics if step and row["step"] <= step))

@@ -13,9 +13,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 import lora
+from common.devices import device_from_flag
 from data.lotka_volterra import trajectories_shape
 from qwen_mini import load_model_and_tokenizer
-from qwen_mini.config import TINY_MODEL_SEED, config_for_model
+from qwen_mini.config import TINY_MODEL_SEED, ConfigError as ModelConfigError, config_for_model
 from qwen_mini.loss import causal_lm_loss
 
 from .config import ConfigError, TrainConfig
@@ -29,18 +30,21 @@ def check_settings(config: TrainConfig, world_size: int = 1) -> None:
     if config.batch % world_size:
         raise ConfigError(f"--batch {config.batch} must be divisible by the number of processes ({world_size}): "
                           "each process takes an equal slice of every batch")
-    limit = config_for_model(config.model).max_position_embeddings
-    if config.ctx > limit:
-        raise ConfigError(f"--ctx {config.ctx} is more than the {limit} positions {config.model} supports "
-                          "(max_position_embeddings in its config.json)")
+    resolve_device(config.device, Distributed())  # an accelerator this machine lacks: refused here, not on first use
+    try:
+        config_for_model(config.model).check_positions(config.ctx, model=config.model)
+    except ModelConfigError as e:
+        raise ConfigError(str(e)) from None
     if config.data is not None:
         run_split(config, trajectories_shape(config.data), config.data)
 
 
 def resolve_device(name: str, dist: Distributed) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    """The device of this process: --device (checked by `device_from_flag`), cuda meaning its local rank's GPU."""
+    try:
+        device = device_from_flag(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)
     return device

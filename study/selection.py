@@ -1,0 +1,89 @@
+"""Which run of a stage is best, and by what criterion (`choose_best`): what `from = "<stage>"` and
+`which = "best"` start from, and what the report says chose each winner.
+
+Runs at one context length are compared by their lowest validation loss. Runs at different context lengths are
+not: a window's mean loss falls with its length even for an untrained model, so they are compared by their lowest
+loss over the last N targets of each validation window (`val_loss_last` in metrics.jsonl, training.validation), N the
+largest count every run recorded. A NaN or infinite loss never wins; a run without a finite score is not chosen.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.run import CONFIG_NAME, METRICS_NAME, read_metrics
+
+VAL_LOSS = "lowest validation loss"
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int  # of the winner in the list given
+    criterion: str  # what chose it, for study.json and the report
+    scores: list[float | None]  # every run's score under that criterion (None: no finite score)
+
+    @property
+    def score(self) -> float:
+        return self.scores[self.index]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir, drop_torn_tail=True) if (Path(run_dir) / METRICS_NAME).is_file() else []
+
+
+def best_finite(values) -> float | None:
+    """The lowest finite value (None if there is none): NaN and infinities never count."""
+    return min((v for v in values if _finite(v)), default=None)
+
+
+def best_val_loss(metrics: list[dict]) -> float | None:
+    return best_finite(m.get("val_loss") for m in metrics)
+
+
+def best_last_loss(metrics: list[dict], n: int) -> float | None:
+    return best_finite((m.get("val_loss_last") or {}).get(str(n)) for m in metrics
+                       if isinstance(m.get("val_loss_last"), dict))
+
+
+def common_last_count(histories: list[list[dict]]) -> int | None:
+    """The largest N of `val_loss_last` that every run recorded (None if some run recorded none)."""
+    common = None
+    for metrics in histories:
+        counts = {int(k) for m in metrics if isinstance(m.get("val_loss_last"), dict)
+                  for k in m["val_loss_last"] if str(k).isdigit()}
+        common = counts if common is None else common & counts
+    return max(common) if common else None
+
+
+def context_length(run_dir: Path):
+    """The run's context length from its config.json (None if unreadable: such a run has no finite score anyway)."""
+    try:
+        config = json.loads((Path(run_dir) / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return config.get("ctx") if isinstance(config, dict) else None
+
+
+def choose_best(run_dirs: list[Path]) -> Choice | None:
+    """The best of `run_dirs` (the first of equals), or None if no run has a finite score."""
+    histories = [run_metrics(d) for d in run_dirs]
+    contexts = {context_length(d) for d in run_dirs}
+    n = common_last_count(histories) if len(contexts) > 1 else None
+    if len(contexts) <= 1:
+        criterion, scores = VAL_LOSS, [best_val_loss(m) for m in histories]
+    elif n is not None:
+        criterion = (f"lowest validation loss over the last {n} targets of each window (the same positions at every "
+                     f"context length: ctx {', '.join(str(c) for c in sorted(contexts, key=str))})")
+        scores = [best_last_loss(m, n) for m in histories]
+    else:
+        criterion = ("lowest validation loss over whole windows (the context lengths differ and the runs recorded no "
+                     "last-N losses: not compared on the same positions)")
+        scores = [best_val_loss(m) for m in histories]
+    ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
+    return Choice(min(ranked)[1], criterion, scores) if ranked else None

@@ -1,0 +1,248 @@
+"""Issue 20: validation on the same positions at every context length, a study's winner never NaN, and the
+report a student can hand in (results embedded, FLOP section, findings, readable figures)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import report as report_cli
+import train
+from conftest import LV_H5
+from data.dataset import IGNORE_INDEX
+from qwen_mini.flop_report import format_flops
+from qwen_mini.config import QwenConfig
+from qwen_mini.loss import causal_lm_loss, token_losses
+from qwen_mini.model import Qwen
+from study.plan import PlanError, best_run, load_plan, stage_runs
+from study.selection import choose_best
+from test_study import write_plan
+from training.validation import last_target_counts, last_targets_mask
+
+
+def test_token_losses_are_the_plain_cross_entropy_terms():
+    torch.manual_seed(0)
+    model = Qwen(QwenConfig.from_name("tiny")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    labels = ids.clone()
+    labels[1, 6:] = IGNORE_INDEX  # padding at the end of the second window
+    losses = token_losses(model, ids, labels, chunk_size=5)  # chunks that cut across windows
+    logits = model(ids)[:, :-1].float()
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                reduction="none", ignore_index=IGNORE_INDEX).view(2, 8)
+    torch.testing.assert_close(losses, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert float(losses.sum()) == pytest.approx(float(causal_lm_loss(model, ids, labels, reduction="sum")),
+                                                     rel=1e-5)
+
+
+def test_last_targets_are_the_last_scored_positions_of_each_window():
+    labels = torch.tensor([[5, 1, 2, 3, 4, 5], [5, 1, 2, 3, IGNORE_INDEX, IGNORE_INDEX]])
+    # targets are labels[:, 1:]: row 0 scores all 5, row 1 its first 3 (then padding)
+    assert last_targets_mask(labels, 2).tolist() == [[False, False, False, True, True],
+                                                      [False, True, True, False, False]]
+    assert last_target_counts(16) == [8] and last_target_counts(32) == [8, 16] and last_target_counts(8) == []
+    assert last_target_counts(257) == [8, 16, 32, 64, 128, 256]
+
+
+# ---- progress in a log ---------------------------------------------------------------------------------------------
+
+def test_progress_in_a_log_is_a_line_every_tenth_or_30_seconds():
+    import io
+
+    from common.progress import LineProgress, progress_bar
+
+    log = io.StringIO()  # not a terminal
+    seconds = iter(range(0, 10_000, 1))  # one second per clock reading
+    bar = LineProgress(total=200, desc="run", unit="step", stream=log, clock=lambda: next(seconds))
+    for _ in range(200):
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert [line.split(":")[1].split()[0] for line in lines] == [f"{20 * k}/200" for k in range(1, 11)]
+    slow = io.StringIO()
+    clock = iter([0, 0, 31, 31, 62, 62])  # start; updates at 0, 31, 62 s (a line reads the clock again)
+    bar = LineProgress(total=1000, desc="slow", stream=slow, clock=lambda: next(clock))
+    for _ in range(3):
+        bar.update(1)
+    assert [line.split(":")[1].split()[0] for line in slow.getvalue().splitlines()] == ["2/1000", "3/1000"]
+    assert list(progress_bar(range(5), desc="x", stream=io.StringIO())) == [0, 1, 2, 3, 4]
+
+
+# ---- which run wins ------------------------------------------------------------------------------------------------
+
+def fake_run(directory, ctx: int, lines: list[dict]):
+    """A run directory as the report and the plan read it: config.json and metrics.jsonl (json writes NaN as NaN)."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"ctx": ctx, "lr": 1e-3, "rank": 2, "steps": 4}))
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    return directory
+
+
+def test_nan_never_wins(tmp_path):
+    nan_run = fake_run(tmp_path / "a", 32, [{"step": 0, "val_loss": 0.9}, {"step": 4, "val_loss": math.nan}])
+    inf_run = fake_run(tmp_path / "b", 32, [{"step": 4, "val_loss": -math.inf}])
+    fine = fake_run(tmp_path / "c", 32, [{"step": 0, "val_loss": 0.9}, {"step": 4, "val_loss": 0.7}])
+    choice = choose_best([nan_run, inf_run, fine])
+    assert choice.index == 2 and choice.scores == [0.9, None, 0.7]  # the NaN run's best is its finite step 0
+    assert choose_best([inf_run, fake_run(tmp_path / "d", 32, [{"step": 4, "val_loss": math.nan}])]) is None
+    plan = load_plan(write_plan(tmp_path / "p.toml", "x.h5"), runs_dir=tmp_path / "runs")
+    runs = stage_runs(plan.stage("grid"), plan.train)[:2]
+    for run, loss in zip(runs, (math.nan, math.nan)):
+        fake_run(run.run_dir(plan), 32, [{"step": 6, "val_loss": loss}])
+    with pytest.raises(PlanError, match="no run has a finite validation loss"):
+        best_run(runs, plan)
+
+
+def test_runs_at_different_context_lengths_are_compared_on_the_same_last_targets(tmp_path):
+    # The short context has the lower whole-window loss (its windows are shorter, not its predictions better); on the
+    # last 8 targets of each window, the positions both have, the long context is better.
+    short = fake_run(tmp_path / "s", 16, [{"step": 0, "val_loss": 3.0, "val_loss_last": {"8": 3.6}},
+                                         {"step": 4, "val_loss": 2.9, "val_loss_last": {"8": 3.5}}])
+    long = fake_run(tmp_path / "l", 32, [{"step": 4, "val_loss": 3.2, "val_loss_last": {"8": 3.3, "16": 3.1}}])
+    choice = choose_best([short, long])
+    assert choice.index == 1 and choice.scores == [3.5, 3.3] and "last 8 targets" in choice.criterion
+    same_ctx = choose_best([short, fake_run(tmp_path / "t", 16, [{"step": 4, "val_loss": 2.95}])])
+    assert same_ctx.index == 0 and same_ctx.criterion == "lowest validation loss"
+    old = fake_run(tmp_path / "o", 32, [{"step": 4, "val_loss": 3.2}])  # recorded no last-N losses
+    assert "not compared on the same positions" in choose_best([short, old]).criterion
+
+
+# ---- the report of a tiny study ------------------------------------------------------------------------------------
+
+TINY_PLAN = """
+[study]
+name = "tiny"
+gqa = "mha"
+
+[train]
+model = "tiny"
+batch = 2
+ctx = 32
+val_batches = 1
+eval_every = 2
+checkpoint_every = 2
+rank = 2
+
+[forecast]
+limit = 3
+horizon = 3
+batch = 3
+baselines = ["persistence", "seasonal_naive"]
+
+[[stage]]
+name = "zero_shot"
+forecast = "base"
+
+[[stage]]
+name = "grid"
+lr = [1e-3, 3e-3]
+steps = 4
+
+[[stage]]
+name = "context"
+from = "grid"
+ctx = [16, 32]
+steps = 4
+
+[[stage]]
+name = "final"
+from = "context"
+steps = 6
+
+[[stage]]
+name = "test"
+forecast = "final"
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """train.py --plan on a tiny plan without data, the users' file given on the command line; then report.py."""
+    if not LV_H5.is_file():
+        pytest.skip("../shared/fixtures/lotka_volterra_data.h5 not present")
+    root = tmp_path_factory.mktemp("i20")
+    (root / "tiny.toml").write_text(TINY_PLAN)
+    runs = root / "R"
+    assert train.main(["--plan", str(root / "tiny.toml"), "--data", str(LV_H5), "--runs-dir", str(runs)]) == 0
+    assert report_cli.main([str(runs), "--out", str(root / "out")]) == 0
+    return runs, root / "out", (root / "out" / "report.md").read_text()
+
+
+def test_command_line_settings_override_the_plan(tiny_study, tmp_path):
+    runs, _, _ = tiny_study
+    config = json.loads((runs / "tiny" / "grid" / "tiny_r2_lr0.001_ctx32" / "config.json").read_text())
+    assert config["data"] == str(LV_H5) and config["data_sha256"]  # the plan names no data: --data gave it
+    (tmp_path / "tiny.toml").write_text(TINY_PLAN)
+    for flags in (["--lr", "1e-3", "3e-3"], ["--out", str(tmp_path / "x")]):  # a grid; not a [train] setting
+        with pytest.raises(SystemExit) as stopped:
+            train.main(["--plan", str(tmp_path / "tiny.toml"), "--runs-dir", str(tmp_path / "R"), *flags])
+        assert stopped.value.code == 2
+
+
+def test_report_embeds_the_results_and_every_link_resolves(tiny_study):
+    runs, out, text = tiny_study
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all((out / link).is_file() for link in links), [k for k in links if not (out / k).is_file()]
+    names = {Path(link).name for link in links}
+    assert {"budget.png", "loss_tiny_grid.png", "heatmap_tiny_grid.png", "context_tiny_context.png",
+            "horizon_test.png", "loss_curve.png"} <= names
+    plotted = [n for n in names if n.startswith("trajectory_")]
+    assert 1 <= len(plotted) <= 3 and "*Trajectory: best by MSE" in text and "*Trajectory: worst by MSE" in text
+    # The table: fine-tuned, zero-shot (the study's base forecast) and baselines; the change computed by hand.
+    final = json.loads(next((runs / "tiny" / "test").glob("*/metrics.json")).read_text())
+    zero = json.loads((runs / "tiny" / "zero_shot" / "metrics.json").read_text())
+    ft, zs = final["metrics"]["model"]["prey"]["mse"], zero["metrics"]["model"]["prey"]["mse"]
+    assert f"| fine-tuned | {ft:.4g} |" in text and f"| zero-shot | {zs:.4g} |" in text
+    assert f"| *fine-tuned vs zero-shot* | {100 * (ft - zs) / zs:+.1f} % |" in text
+    assert "| persistence |" in text and "vs best baseline" in text
+    assert "| medMSE | CRPS | WQL |" in text  # the forecast's probabilistic scores, shown where it scored them
+
+
+def test_report_findings_hold_up(tiny_study):
+    runs, _, text = tiny_study
+    grid_run = runs / "tiny" / "grid" / "tiny_r2_lr0.001_ctx32"
+    step0 = json.loads((grid_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert step0["step"] == 0 and f"| {step0['val_loss']:.4f} |" in text  # the step-0 loss in the runs table
+    assert "## Findings" in text and "Winner:" in text
+    assert "chosen by the lowest validation loss over the last 8 targets of each window" in text  # the context stage
+    study = json.loads((runs / "tiny" / "study.json").read_text())
+    context = next(s for s in study["stages"] if s["name"] == "context")
+    assert "last 8 targets" in context["criterion"] and math.isfinite(context["best_score"])
+
+
+def test_report_flop_section(tiny_study):
+    runs, _, text = tiny_study
+    assert "## FLOPs" in text and "gqa=mha" in text and "| matrix product (m x n).(n x p) |" in text
+    for component in ("embedding (lookup)", "q projection", "k projection", "v projection", "attention softmax",
+                      "MLP (gate, up, SiLU, down)", "RMSNorms", "LoRA (A, B, scaling, add)", "LM head"):
+        assert f"| {component} |" in text, component
+    # The per-step total of each setting is what training itself booked per step (an independent count path).
+    config = json.loads((runs / "tiny" / "grid" / "tiny_r2_lr0.001_ctx32" / "config.json").read_text())
+    assert f"**{format_flops(config['per_step_flops'], 4)}**" in text
+    assert "| 001 | 29 % lower |" in text and "| 003 | less than half |" in text
+    assert "% of budget" in text
+
+
+def test_report_names_runs_it_cannot_read(tiny_study, tmp_path, capsys):
+    runs, _, _ = tiny_study
+    copy = tmp_path / "R"
+    shutil.copytree(runs, copy, ignore=shutil.ignore_patterns("*.pt"))
+    broken_text = copy / "tiny" / "grid" / "tiny_r2_lr0.001_ctx32"
+    (broken_text / "metrics.jsonl").write_bytes(b'{"step": 0, "val_loss": 1.0}\n\xff\xfe not utf-8\n')
+    broken_config = copy / "tiny" / "grid" / "tiny_r2_lr0.003_ctx32"
+    (broken_config / "config.json").write_text("[1, 2]")
+    status = report_cli.main([str(copy)])
+    err = capsys.readouterr().err
+    assert status == 0
+    text = (copy / "report.md").read_text()
+    for name in ("tiny/grid/tiny_r2_lr0.001_ctx32", "tiny/grid/tiny_r2_lr0.003_ctx32"):
+        assert name in err and f"- run {name}:" in text
+    assert "## Unreadable" in text
