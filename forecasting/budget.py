@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.dataset import make_eval_example
-from ledger import Ledger, OutsideRunsDir, Recorder
+from ledger import Ledger, LedgerError, OutsideRunsDir, Recorder
+from ledger.records import RECORD_NAME, record_present
 
 from .config import DEFAULT_MEMORY_GB
 from .evaluate import MODEL, Evaluation, Protocol, Selection, evaluate
@@ -35,6 +36,21 @@ class Booking:
 def record_dir_of(run_dir, out) -> Path:
     """The record a forecast books into: its run's, else (a plain model) its output directory's."""
     return Path(run_dir) if run_dir is not None else Path(out)
+
+
+def check_run_record(run_dir: Path) -> None:
+    """A trained run whose flops.json is gone: booking a forecast there would start a record that forgets the run's
+    training. LedgerError naming the command that rebuilds the record from what the run proves."""
+    if record_present(run_dir / RECORD_NAME):
+        return
+    from training.run import CHECKPOINT_NAME, METRICS_NAME
+
+    proof = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (run_dir / name).is_file()]
+    if proof:
+        raise LedgerError(f"{run_dir / RECORD_NAME} is missing although {run_dir} holds a trained run "
+                          f"({', '.join(proof)}): a forecast booked there would count less than the run spent. Run "
+                          "its train.py command again with --resume (it rebuilds the record from what the run "
+                          "proves), then forecast")
 
 
 def generated_methods(source: ForecastSource, baselines) -> list[str]:
@@ -72,6 +88,8 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
                              "count this forecast: pass the --runs-dir that holds it"
                              + ("" if run_dir is not None else ", or an --out inside it")
                              + ", or --no-budget to forecast without counting it")
+    if run_dir is not None:
+        check_run_record(Path(run_dir))
     gqa = ledger.convention(booking.gqa) if inside else (booking.gqa or "real")
     name = record_dir.resolve().name  # `--out .` names the directory it is
     what = f"forecast.py {source.label} -> {out}"
@@ -81,7 +99,7 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
         bound = forecast_bound(source, selection, protocol, baselines=baselines, batch=batch, gqa=gqa,
                                jump_forward=jump_forward, compile=compile, memory_gb=memory_gb)
         recorder = ledger.reserve(record_dir, bound, kind="forecast", run_name=name, gqa=gqa, what=what)
-    with recorder:
+    with recorder, source.autocast():  # --dtype float16: generation under fp16 autocast
         evaluation = evaluate(source.model, source.tokenizer, source.data, source.split, selection, protocol,
                               baselines=baselines, load_untrained=source.load_untrained, batch=batch,
                               memory_gb=memory_gb,

@@ -16,8 +16,8 @@ from ledger.flags import MAX_FLOPS_HELP, add_budget_arguments
 from qwen_mini.generate import NonFiniteLogits
 from training.stopping import Interrupted, StopSignals
 
-from .budget import Booking, budgeted_evaluate
-from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, SPLITS, ForecastConfig
+from .budget import Booking, budgeted_evaluate, check_run_record
+from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, DTYPES, SPLITS, ForecastConfig
 from .evaluate import OutputBusy, Protocol, format_table, lock_output, select_trajectories, write_outputs
 from .source import from_model, from_run, parse_dtype, pick_device
 
@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--out", help="output directory (default: RUN_DIR/forecast, or forecasts/<model>; "
                                    "'_<index>' appended for --sample)")
     how.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
-    how.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
-                     help="model weights (default: %(default)s, as stored)")
+    how.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                     help="float32 or bfloat16: the model weights; float16: float32 weights under fp16 autocast "
+                          "(for GPUs without bfloat16); no bfloat16 on mps (default: %(default)s, as stored)")
     how.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default: %(default)s)")
     how.add_argument("--jump-forward", action="store_true",
                      help="append the tokens the grammar forces (separator after the last decimal, ...) without "
@@ -193,7 +194,8 @@ def forecast(args, signals: StopSignals) -> int:
             raise ValueError(f"--out must name a directory, got {args.out!r}")
         if config.num_samples > 1 and config.temperature <= 0:
             raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
-        device, dtype = pick_device(config.device), parse_dtype(config.dtype)
+        device = pick_device(config.device)
+        dtype = parse_dtype(config.dtype, device)
         if args.run:
             source = from_run(args.run, data_path=args.data, decimals=config.decimals, context=config.context,
                               device=device, dtype=dtype)
@@ -215,9 +217,14 @@ def forecast(args, signals: StopSignals) -> int:
     out = Path(args.out) if args.out is not None else default_out.with_name(
         default_out.name + "".join(f"_{i}" for i in samples[:5]))
     try:  # before the forecasts, which may take long: not after them
+        if args.run is not None:
+            check_run_record(Path(args.run))
         ensure_writable_dir(out)
     except OSError as e:
         print(f"error: cannot write the output: {os_error_text(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except LedgerError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"forecasting {selection.label} of {source.data.path} with {source.label} on {device}", file=sys.stderr)
     booking = Booking(runs_dir, args.max_flops, args.gqa, args.no_budget)

@@ -112,10 +112,12 @@ class MethodForecast:
         """metrics.json's "probabilistic" line: what the scores of this method mean."""
         if self.samples is None:
             return ("point forecast: CRPS = MAE; WQL takes the point as every quantile (= sum |error| / sum |y|); "
-                    "no interval, so no coverage_80")
+                    "no interval, so no coverage_80; against seasonal naive (itself a point) WQL and MASE give the "
+                    "same ratio of absolute errors")
         if self.samples.shape[1] == 1:
             return ("one sample: CRPS = MAE; WQL takes the sample as every quantile (= sum |error| / sum |y|); "
-                    "no interval, so no coverage_80")
+                    "no interval, so no coverage_80; against seasonal naive (itself a point) WQL and MASE give the "
+                    "same ratio of absolute errors")
         return (f"{self.samples.shape[1]} samples: CRPS, the WQL quantiles and coverage_80 from each trajectory's "
                 f"complete samples; MASE of their median")
 

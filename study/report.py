@@ -271,7 +271,9 @@ def group_section(group: Group, figures: Path, out: Path, noise: float | None, b
              for r in group.runs if not r.config.get("full")}
     lrs, ranks = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
     if len(lrs) >= 2 or len(ranks) >= 2:
-        lines += [_image(figs.plot_heatmap(figures / f"heatmap_{name}.png", group.name, lrs, ranks, cells), out,
+        threshold = max(noise_of(r, noise) for r in group.runs)
+        lines += [_image(figs.plot_heatmap(figures / f"heatmap_{name}.png", group.name, lrs, ranks, cells,
+                                           threshold), out,
                          "change of the best validation loss from step 0 over lr x rank"), ""]
     sweeps, n = context_points(group)
     if sweeps:

@@ -93,15 +93,16 @@ def plot_group_losses(path: Path, title: str, curves: list[tuple[str, list, list
     return save(fig, path)
 
 
-def plot_heatmap(path: Path, title: str, lrs: list, ranks: list, cells: dict) -> Path:
+def plot_heatmap(path: Path, title: str, lrs: list, ranks: list, cells: dict, noise: float = 0.0) -> Path:
     """Change of the best validation loss from step 0 over lr x rank; each cell also gives its steps and % of the
     budget. `cells[(lr, rank)] = (change, steps, share_percent, improved)`; a change is shown to 4 significant
-    digits, so cells 0.0003 apart are told apart, and "not improved" where it is within the noise."""
+    digits, so cells 0.0003 apart are told apart, and "not improved" where it is within the noise. The colour scale
+    spans at least +-`noise`, so a change within the noise stays pale instead of taking the deepest colour."""
     grid = np.array([[cells[(lr, r)][0] if (lr, r) in cells and cells[(lr, r)][0] is not None else math.nan
                       for lr in lrs] for r in ranks], dtype=float)
     fig, ax = plt.subplots(figsize=(2.2 + 1.9 * len(lrs), 1.6 + 1.1 * len(ranks)))
     finite = grid[np.isfinite(grid)]
-    span = max(abs(finite).max(), 1e-12) if len(finite) else 1.0
+    span = max(abs(finite).max(), noise, 1e-12) if len(finite) else max(noise, 1.0)
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")  # blue: lower than step 0
     for y, rank in enumerate(ranks):
         for x, lr in enumerate(lrs):

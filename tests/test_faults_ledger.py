@@ -198,6 +198,28 @@ def test_resume_rebuilds_a_deleted_record_from_the_checkpoint_and_metrics(tmp_pa
     assert resumed.data["rebuilt"]["from"].startswith("checkpoint.pt (step 3)")
 
 
+def test_a_forecast_on_a_run_whose_record_is_gone_is_refused_so_training_spend_is_not_forgotten(tmp_path, finished,
+                                                                                                   data, capsys):
+    run = copy_run(finished, tmp_path)
+    original = read_record(run / RECORD_NAME)
+    (run / RECORD_NAME).unlink()
+    before = digest(run)
+    status, lines = forecast_main(capsys, "--run", run, "--runs-dir", run.parent, "--limit", "1", "--horizon", "2",
+                                  "--quiet")
+    assert status == EXIT_USAGE and len(lines) == 1, lines
+    assert f"{run / RECORD_NAME} is missing although {run} holds a trained run" in lines[0] and "--resume" in lines[0]
+    assert digest(run) == before and not (run / RECORD_NAME).exists() and not (run / "forecast").exists()
+    # The command the line names brings the training spend back; then the forecast books on top of it.
+    assert train(capsys, *TINY, "--data", data, "--runs-dir", run.parent, "--out", run, "--steps", "3",
+                 "--resume")[0] == 0
+    assert read_record(run / RECORD_NAME).by_kind["train"] == original.by_kind["train"]
+    status, lines = forecast_main(capsys, "--run", run, "--runs-dir", run.parent, "--limit", "1", "--horizon", "2",
+                                  "--quiet")
+    assert status == 0, lines
+    after = read_record(run / RECORD_NAME)
+    assert after.by_kind["train"] == original.by_kind["train"] and after.by_kind["forecast"] > 0
+
+
 # ---- arguments checked before FLOPs are reserved -------------------------------------------------------------------
 
 def test_a_context_too_short_for_lv_fit_is_refused_before_any_flops_are_reserved(tmp_path, finished, capsys):
