@@ -20,6 +20,15 @@ def test_period_of_a_sampled_sine_is_its_period_in_steps():
     np.testing.assert_allclose(forecast[:, 0], 2 + np.sin(2 * np.pi * np.arange(50, 62) / 8), atol=1e-12)
 
 
+def test_an_alternating_series_has_period_2_the_shortest_allowed():
+    # 0, 1, 0, 1, ...: the autocorrelation is negative at lag 1 and highest at lag 2 (the minimum period), so the
+    # period is 2, and seasonal naive repeats the last two steps (issue 26: a search that starts one lag late, at 3,
+    # finds 4).
+    context = np.tile([[0.0, 3.0], [1.0, 5.0]], (10, 1))
+    assert estimate_period(context) == 2
+    np.testing.assert_array_equal(seasonal_naive(context, 5), [[0, 3], [1, 5], [0, 3], [1, 5], [0, 3]])
+
+
 def test_period_of_a_square_wave_and_of_an_lv_orbit():
     # A square wave of period 12 (6 high, 6 low): autocorrelation -1 at lag 6, +1 (times the overlap) at lag 12.
     square = np.tile(np.r_[np.ones(6), -np.ones(6)], 5)[:, None]

@@ -76,6 +76,17 @@ def test_generation_ends_early_when_every_row_stopped():
     assert generate(model, input_ids, max_new_tokens=10, stop_token_ids=[first]).shape == (1, 1)
 
 
+def test_n_new_tokens_take_n_minus_1_decode_forwards():
+    # The prefill's logits give token 1; each of tokens 2..n needs one decode forward over the token before it, and
+    # the n-th token is never fed: 2 rows, 4 new tokens -> 3 forwards of 2 tokens (issue 26: a row that counts itself
+    # finished only past max_new_tokens feeds its last token in a 4th forward).
+    model = random_model(CONFIG, seed=5)
+    input_ids = torch.randint(0, CONFIG.vocab_size, (2, 4), generator=torch.Generator().manual_seed(5))
+    stats = DecodeStats()
+    assert generate(model, input_ids, max_new_tokens=4, stats=stats).shape == (2, 4)
+    assert (stats.forwards, stats.fed_tokens) == (3, 6)
+
+
 def test_allowed_tokens_hook_restricts_every_step():
     model = random_model(CONFIG, seed=6)
     input_ids, mask = left_padded_batch(CONFIG.vocab_size, [6, 3], seed=6)

@@ -201,3 +201,47 @@ def test_a_second_booking_of_the_same_kind_adds_to_the_first(tmp_path):
     assert Ledger(tmp_path).totals().committed == 5_000  # spending comes out of the reservation, not on top
     job.settle()
     assert Ledger(tmp_path).totals().spent == Ledger(tmp_path).totals().committed == 2_624
+
+
+def test_a_job_that_spends_more_than_it_reserved_counts_all_it_spent(tmp_path):
+    """Reserved 100, booked 60 + 90 = 150: the 50 over the reservation are spent like the rest, so the ledger commits
+    150 (the reservation has nothing left, never -50 that would hide part of the spending; issue 26)."""
+    job = Ledger(tmp_path, max_flops=1_000).reserve(tmp_path / "run", 100, kind="train", run_name="run")
+    job.add("train", 60, steps=1, step=1, per_step_flops=60)
+    job.add("train", 90, steps=1, step=2, per_step_flops=90)
+    record = read_record(tmp_path / "run" / "flops.json")
+    assert (record.flops_used, record.outstanding, record.committed) == (150, 0, 150)
+    assert Ledger(tmp_path, max_flops=1_000).totals().committed == 150
+    with pytest.raises(BudgetExceeded, match="planned 851 FLOPs \\+ 150 already spent or reserved"):
+        Ledger(tmp_path, max_flops=1_000).check(851)
+
+
+def test_a_job_reserving_in_a_record_that_already_spent_counts_that_spending(tmp_path):
+    """A record that spent 600 of a 1000 cap (a run being resumed, say) cannot reserve 500 more: 600 + 500 > 1000;
+    400 exactly fits (issue 26: the job's own record belongs in the cap check)."""
+    book(tmp_path, "run", train=600)
+    ledger = Ledger(tmp_path, max_flops=1_000)
+    with pytest.raises(BudgetExceeded, match="planned 500 FLOPs \\+ 600 already spent or reserved"):
+        ledger.reserve(tmp_path / "run", 500, kind="train", run_name="run")
+    ledger.reserve(tmp_path / "run", 400, kind="train", run_name="run")
+    assert ledger.totals().committed == 1_000
+
+
+def test_a_reservation_whose_process_is_gone_is_taken_over_by_the_next_reserve(tmp_path):
+    """A job reserved 700, spent 100 and died (its lock is free, nothing settled it). The next reservation of the
+    record drops the dead one: its 100 spent stay, its 600 unspent go, so 800 more fit a 1000 cap (100 + 800)."""
+    from common.fileio import FileLock
+    ledger = Ledger(tmp_path, max_flops=1_000)
+    (tmp_path / "run").mkdir()
+    dead_lock = FileLock(tmp_path / "run" / "dead.lock")
+    ledger.reserve(tmp_path / "run", 700, kind="train", run_name="run", holder_lock=dead_lock.path).add("train", 100)
+    dead_lock.release()  # the process is gone
+    assert ledger.totals().committed == 700
+    live_lock = FileLock(tmp_path / "run" / "live.lock")
+    try:
+        ledger.reserve(tmp_path / "run", 800, kind="train", run_name="run", holder_lock=live_lock.path)
+        (reservation,) = read_record(tmp_path / "run" / "flops.json").reservations
+        assert (reservation["flops"], reservation["spent"]) == (800, 0)
+        assert ledger.totals().committed == 100 + 800
+    finally:
+        live_lock.release()

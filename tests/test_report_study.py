@@ -115,6 +115,16 @@ def test_runs_at_different_context_lengths_are_compared_on_the_same_last_targets
     assert "not compared on the same positions" in choose_best([short, old]).criterion
 
 
+def test_runs_at_different_context_lengths_are_compared_on_the_largest_n_both_recorded(tmp_path):
+    # ctx 32 records the last 8 and 16 targets, ctx 64 also the last 32: both have 8 and 16, the largest is 16. On the
+    # last 16 the long context is better (3.3 < 3.4); on the last 8 alone the short one would win (3.0 < 3.2).
+    short = fake_run(tmp_path / "s", 32, [{"step": 4, "val_loss": 2.5, "val_loss_last": {"8": 3.0, "16": 3.4}}])
+    long = fake_run(tmp_path / "l", 64, [{"step": 4, "val_loss": 2.9,
+                                          "val_loss_last": {"8": 3.2, "16": 3.3, "32": 3.1}}])
+    choice = choose_best([short, long])
+    assert choice.index == 1 and choice.scores == [3.4, 3.3] and "last 16 targets" in choice.criterion
+
+
 # ---- the report of a tiny study ------------------------------------------------------------------------------------
 
 TINY_PLAN = """
