@@ -19,6 +19,8 @@ from training.stopping import Interrupted, StopSignals
 from .budget import Booking, budgeted_evaluate, check_run_record
 from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, DTYPES, SPLITS, ForecastConfig
 from .evaluate import OutputBusy, Protocol, format_table, lock_output, select_trajectories, write_outputs
+from .forecast import check_samples_fit
+from .grammar import max_forecast_tokens
 from .source import from_model, from_run, parse_dtype, pick_device
 
 DESCRIPTION = """\
@@ -207,6 +209,10 @@ def forecast(args, signals: StopSignals) -> int:
             raise ValueError(f"--context {config.context} + --horizon {config.horizon} steps exceed the {steps} "
                              f"steps of each trajectory in {source.data.path}")
         selection = select_trajectories(source.split, config.split, samples or None, config.limit)
+        n_vars = source.data.trajectories.shape[2]
+        check_samples_fit(len(selection.indices), config.num_samples,
+                          max_forecast_tokens(config.horizon, n_vars, source.decimals, config.int_digits,
+                                              config.allow_negative), config.horizon, n_vars, config.memory_gb)
         runs_dir = runs_dir_of(args)
     except (ValueError, OSError) as e:  # RunDirError, DataError, CheckpointError, LedgerError ... are ValueErrors
         print(f"error: {e}", file=sys.stderr)

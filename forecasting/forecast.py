@@ -215,6 +215,28 @@ def rows_per_call(model, prompt_len: int, new_tokens: int, num_samples: int, *, 
     return max(1, int((budget - memory.per_prompt) // memory.per_row))
 
 
+def held_samples_bytes(trajectories: int, num_samples: int, new_tokens: int, horizon: int, n_vars: int) -> int:
+    """About what a forecast keeps of its samples until it is scored: each sample's text (a str of up to
+    `new_tokens` characters, which one token can exceed, so twice that) and its parsed values with their
+    completeness mask and ranks as float64 (three copies)."""
+    text = 2 * new_tokens + 64  # CPython's str header
+    values = 3 * horizon * n_vars * 8
+    return trajectories * num_samples * (text + values)
+
+
+def check_samples_fit(trajectories: int, num_samples: int, new_tokens: int, horizon: int, n_vars: int,
+                      memory_gb: float) -> None:
+    """ValueError when the samples a forecast keeps (`held_samples_bytes`) exceed `memory_gb`: generation is split
+    into calls, but every sample is held until the scores are computed."""
+    held = held_samples_bytes(trajectories, num_samples, new_tokens, horizon, n_vars)
+    if held > memory_gb * 2 ** 30:
+        most = int(memory_gb * 2 ** 30 // held_samples_bytes(trajectories, 1, new_tokens, horizon, n_vars))
+        raise ValueError(f"--num-samples {num_samples} for {trajectories} trajectories holds about "
+                         f"{held / 2 ** 30:.1f} GiB of samples until they are scored, over --memory-budget "
+                         f"{memory_gb:g} GiB: use at most {most} samples, fewer trajectories (--limit), or a larger "
+                         "--memory-budget")
+
+
 def grammar_candidates(allow_negative: bool = False) -> int:
     """Tokens the number grammar can produce (NumberGrammar.candidate_ids): its characters and the stop token; the LM
     head of a constrained forecast scores only these."""

@@ -94,3 +94,20 @@ def test_memory_budget_flag_reaches_the_config_and_rejects_a_non_positive_budget
         parser.parse_args(["--model", "tiny", "--memory-budget", "0"])
     assert exit_info.value.code == 2
     assert "--memory-budget: expected a number > 0.0, got '0'" in capsys.readouterr().err
+
+
+def test_samples_held_until_scoring_are_checked_against_the_budget_by_hand(capsys):
+    from forecasting.cli import main
+    from forecasting.forecast import check_samples_fit, held_samples_bytes
+
+    # one sample of a 10-step, 2-variable forecast of at most 40 tokens: text 2 * 40 + 64, values 3 * 10 * 2 * 8
+    assert held_samples_bytes(1, 1, 40, 10, 2) == 144 + 480
+    assert held_samples_bytes(3, 5, 40, 10, 2) == 15 * 624
+    check_samples_fit(3, 5, 40, 10, 2, memory_gb=15 * 624 / 2 ** 30)  # exactly the budget: fits
+    with pytest.raises(ValueError, match=r"--num-samples 5 for 3 trajectories .* use at most 4 samples"):
+        check_samples_fit(3, 5, 40, 10, 2, memory_gb=14 * 624 / 2 ** 30)
+    # Through forecast.py: one line, exit 2, before any model output or reservation
+    assert main(["--model", "tiny", "--num-samples", "100000", "--temperature", "1", "--no-budget",
+                 "--out", "/nonexistent/never-created"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --num-samples 100000 for 150 trajectories holds about")
