@@ -7,11 +7,11 @@ sits above training (training never imports it).
 import sys
 
 import training.cli
-from study.cli import plan_command
+from study.cli import add_job_arguments, plan_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.cli.main(argv, run_plan=plan_command)
+    return training.cli.main(argv, run_plan=plan_command, plan_arguments=add_job_arguments)
 
 
 if __name__ == "__main__":

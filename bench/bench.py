@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from bench.measure import bound_seconds, current_memory, task_machine  # noqa: E402
 from bench.tasks import OURS_ONLY, TASK_RUNNERS, TASKS, build_models  # noqa: E402
 from common.args import positive_float, positive_int  # noqa: E402
+from common.devices import DTYPES, dtype_from_flag  # noqa: E402
 from qwen_mini import PRESETS, QwenConfig  # noqa: E402
 
 # Medium CPU config: the real vocabulary and layer shapes of Qwen2.5-0.5B, fewer layers, so the LM head's cost is
@@ -87,7 +88,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="medium", help="medium (default, CPU), qwen2.5-0.5b, tiny")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="the weights' dtype (default: %(default)s); the train step trains as train.py does: "
+                        "bfloat16 = bf16 base under bf16 autocast, float16 = float32 weights under fp16 autocast with "
+                        "loss scaling; auto = bfloat16 on CUDA GPUs that have it, float16 on older ones, else float32")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, same for both (default: all)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--impls", default="ours,hf",
@@ -122,6 +126,10 @@ def main(argv=None):
     p.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)  # internal: run one case
     p.add_argument("--task", choices=(*TASKS, "machine"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    try:  # every process resolves auto alike (the subprocesses get the same flags)
+        args.dtype = dtype_from_flag(args.dtype, torch.device(args.device))
+    except (ValueError, RuntimeError) as e:
+        p.error(str(e))
     if args.impl:
         run_case(args)
         return
@@ -157,7 +165,7 @@ def main(argv=None):
                       f"complete forecasts")
     import transformers, peft  # noqa: E401  (versions for the record)
 
-    record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "processor": platform.processor(),
+    record = {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(), "processor": platform.processor(),
               "cpu_count": os.cpu_count(), "device": args.device,
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,

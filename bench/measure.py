@@ -64,7 +64,12 @@ def task_machine(model, impl, config, args, device):
         if device.type == "cpu" and torch.backends.mkldnn.is_available():
             kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         for name, fn in kernels.items():
-            best = min(timed(fn, device, reps=5, warmup=2))
+            try:
+                best = min(timed(fn, device, reps=5, warmup=2))
+            except RuntimeError:  # oneDNN without a kernel for this dtype here (float16 on most CPUs)
+                if name == "F.linear":
+                    raise
+                continue
             rates[f"{name} {n}x{k}"] = 2 * 2048 * n * k / best / 1e9
     source = torch.empty(2 ** 28 // 4, device=device)
     target = torch.empty_like(source)

@@ -51,6 +51,8 @@ def task_train_step(model, impl, config, args, device):
 
     ids = inputs(config, args.batch, args.ctx, device, args.seed)
     targets = tuple(args.targets.split(","))
+    if args.dtype == "float16":
+        model.float()  # train.py's float16: float32 weights under fp16 autocast, with loss scaling
     if impl == "ours":
         from qwen_mini.loss import causal_lm_loss
 
@@ -72,9 +74,12 @@ def task_train_step(model, impl, config, args, device):
     params = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in params), "PEFT keeps its adapters in float32 too"
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    # bf16 weights train as train.py --dtype bfloat16 does: frozen base in bf16, matmuls under bf16 autocast.
-    use_autocast = args.autocast or args.dtype == "bfloat16"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else None
+    # bf16 weights train as train.py --dtype bfloat16 does: frozen base in bf16, matmuls under bf16 autocast;
+    # float16 as train.py --dtype float16 does: float32 weights, fp16 autocast, dynamic loss scaling (GradScaler).
+    amp = torch.float16 if args.dtype == "float16" else torch.bfloat16
+    use_autocast = args.autocast or args.dtype in ("bfloat16", "float16")
+    autocast = torch.autocast(device.type, dtype=amp) if use_autocast else None
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -83,8 +88,9 @@ def task_train_step(model, impl, config, args, device):
                 loss = loss_fn()
         else:
             loss = loss_fn()
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     times = timed(step, device, args.reps)
     counter = lora.lora_model_on_meta(config, args.rank, args.rank, targets)  # the step's adapters, no weights

@@ -30,3 +30,21 @@ def device_from_flag(name: str, flag: str = "--device") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{flag} {name}: no MPS (Apple GPU) device is available; use --device cpu or auto")
     return device
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def dtype_from_flag(name: str, device: torch.device, flag: str = "--dtype") -> str:
+    """The precision `name` asks for on `device`, as 'float32', 'bfloat16' or 'float16' (every tool resolves --dtype
+    here). auto: bfloat16 on CUDA GPUs that support it natively (Ampere and later), float16 on older CUDA GPUs,
+    float32 on CPU and MPS. ValueError naming the flag for a name that is not a dtype, and for bfloat16 on MPS."""
+    if name not in DTYPES:
+        raise ValueError(f"{flag} {name!r} is not a dtype; use {', '.join(DTYPES)}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        return "float32"
+    if name == "bfloat16" and device.type == "mps":
+        raise ValueError(f"{flag} bfloat16 is not supported on mps (Apple GPUs); use --dtype float16 or float32")
+    return name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.devices import DTYPES  # noqa: F401  (re-exported: the --dtype choices)
 from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT, DEFAULT_HORIZON
 
@@ -12,7 +13,6 @@ BASELINES = ("persistence", "seasonal_naive", "untrained", "lv_fit")
 # Context steps a baseline needs (others: 1). lv_fit fits a trajectory through its context: one point is no fit.
 BASELINE_MIN_CONTEXT = {"lv_fit": 2}
 SPLITS = ("train", "val", "test")
-DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_DECIMALS = 2  # LLMTIME decimals of a plain model (a run forecasts with the decimals it trained with)
 DEFAULT_MEMORY_GB = 4.0  # what a forecast's generate calls may hold (KV cache, logits): safe on a 24 GiB CPU box
 DEFAULT_RUNS_DIR = "runs"  # the ledger a forecast books into when neither --runs-dir nor the run's record names one

@@ -2,6 +2,7 @@
 model (hub id, local directory or the tiny preset), and which data and split go with it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 from data.lotka_volterra import LVData, Split, load_or_simulate, split_indices
 from qwen_mini import load_model_and_tokenizer
 from qwen_mini.config import TINY_MODEL_SEED
-from common.devices import device_from_flag
+from common.devices import device_from_flag, dtype_from_flag
 from common.fileio import sha256_file
 
 from .config import DEFAULT_DECIMALS
@@ -33,18 +34,39 @@ class ForecastSource:
     load_untrained: Callable[[], torch.nn.Module] | None  # the base model before training; None: the model is it
     default_out: Path  # output directory when --out is not given
     notes: list[str] = field(default_factory=list)  # mismatches worth telling the user (also written to the output)
+    autocast_dtype: torch.dtype | None = None  # float16: generation under fp16 autocast over float32 weights
+
+    def autocast(self):
+        """The autocast the forecasts run under (--dtype float16), else nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def note(self, message: str) -> None:
         self.notes.append(message)
         print(f"note: {message}", file=sys.stderr)
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'auto' (None: the stored dtype), 'float32' or 'bfloat16'."""
-    choices = {"auto": None, None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-    if name not in choices:
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
-    return choices[name]
+def parse_dtype(name: str | None, device: torch.device | None = None) -> torch.dtype | None:
+    """'auto' (None: the stored dtype), 'float32', 'bfloat16' (the weights) or 'float16' (float32 weights under fp16
+    autocast: see `weights_and_autocast`), checked by `common.devices.dtype_from_flag` against `device` (ValueError
+    for bfloat16 on mps)."""
+    if name in (None, "auto"):
+        return None
+    try:
+        return getattr(torch, dtype_from_flag(name, device or torch.device("cpu")))
+    except ValueError:
+        if name in ("float32", "bfloat16", "float16"):
+            raise
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+def weights_and_autocast(dtype: torch.dtype | None) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(the dtype to load the weights in, the autocast dtype) for parse_dtype's dtype: float16 forecasts with float32
+    weights under fp16 autocast (float16 weights would overflow where autocast keeps norms and the residual stream in
+    float32); the others load the weights in that dtype, without autocast."""
+    return (torch.float32, torch.float16) if dtype == torch.float16 else (dtype, None)
 
 
 def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decimals: int | None = None,
@@ -54,6 +76,7 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
     note saying so."""
     from training.run import load_base_model, load_run
 
+    dtype, autocast_dtype = weights_and_autocast(dtype)
     model, tokenizer, config = load_run(run_dir, device=device, dtype=dtype)
     run_data = config.get("data") or config.get("data_source")
     if run_data and not Path(run_data).is_file():
@@ -96,7 +119,7 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
         return base.eval()
 
     source = ForecastSource(model, tokenizer, str(run_dir), run_decimals if decimals is None else decimals, data,
-                            split, origin, load_untrained, Path(run_dir) / "forecast")
+                            split, origin, load_untrained, Path(run_dir) / "forecast", autocast_dtype=autocast_dtype)
     for message in source_note:
         source.note(message)
     return source
@@ -106,6 +129,7 @@ def from_model(spec: str, *, data_path: str | None = None, decimals: int | None 
                dtype: torch.dtype | None = None) -> ForecastSource:
     """A model as it is (no run): the trajectories are split as train.py splits them by default (in file order,
     the last 15 % test)."""
+    dtype, autocast_dtype = weights_and_autocast(dtype)
     model, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, device=device, seed=TINY_MODEL_SEED)
     model.requires_grad_(False)
     data = load_or_simulate(data_path)
@@ -113,7 +137,7 @@ def from_model(spec: str, *, data_path: str | None = None, decimals: int | None 
     name = Path(str(spec).rstrip("/")).name or str(spec)
     return ForecastSource(model.eval(), tokenizer, str(spec), DEFAULT_DECIMALS if decimals is None else decimals,
                           data, split, f"{split.describe()}, as train.py splits it by default", None,
-                          Path("forecasts") / name)
+                          Path("forecasts") / name, autocast_dtype=autocast_dtype)
 
 
 def pick_device(name: str) -> torch.device:

@@ -35,7 +35,7 @@ from qwen_mini.flop_report import format_flops
 from qwen_mini.flops import GQA_MODES
 
 from .records import (DEFAULT_BUDGET, KINDS, RECORD_NAME, LedgerError, Record, count, log10_text, new_record, now,
-                      read_record, read_records, record_present, reservation_lock)
+                      read_record, read_records, record_present, reservation_lock, utc_now)
 
 LOCK_NAME = ".ledger.lock"
 LOCK_WAIT = 60.0  # seconds a job waits for the ledger lock (others hold it for milliseconds)
@@ -184,31 +184,33 @@ class Ledger:
                                  f"({outer / LOCK_NAME}) counts everything under it: pass --runs-dir {outer}, or use a "
                                  "runs directory outside it")
 
-    def recorder(self, record_dir, *, run_name: str, gqa: str | None = None, config: dict | None = None
-                 ) -> "Recorder":
+    def recorder(self, record_dir, *, run_name: str, gqa: str | None = None, config: dict | None = None,
+                 started: str | None = None) -> "Recorder":
         """Book into `record_dir/flops.json` without a reservation (--no-budget). Inside the runs directory the
         record still joins the ledger (and its convention); outside it, nothing here counts it."""
         record_dir = Path(record_dir)
         if self.contains(record_dir):
             with self.lock():
                 gqa = self.convention(gqa)
-                _load_or_create(record_dir, run_name, gqa, self.runs_dir, config).write()
+                _started(_load_or_create(record_dir, run_name, gqa, self.runs_dir, config), started).write()
             return Recorder(record_dir, self.runs_dir / LOCK_NAME, None, self.lock_wait)
         gqa = gqa or "real"
         with take_lock(record_dir / LOCK_NAME, "FLOP record", self.lock_wait):
-            _load_or_create(record_dir, run_name, gqa, None, config).write()
+            _started(_load_or_create(record_dir, run_name, gqa, None, config), started).write()
         return Recorder(record_dir, record_dir / LOCK_NAME, None, self.lock_wait)
 
     def reserve(self, record_dir, flops, *, kind: str, run_name: str, gqa: str | None = None, what: str = "",
-                holder_lock=None, config: dict | None = None, planned_flops=None, per_step_flops=None
-                ) -> "Recorder":
+                holder_lock=None, config: dict | None = None, planned_flops=None, per_step_flops=None,
+                started: str | None = None) -> "Recorder":
         """Reserve `flops` for a job booking into `record_dir/flops.json` (inside the runs directory), or raise
         BudgetExceeded / MixedConventions / OutsideRunsDir before anything is written.
 
         `holder_lock`: a lock file the calling process holds for the job's whole life (a run directory's lock);
         None: the ledger takes one for the reservation (released when it is settled). A reservation of this record
         that names the same lock, or whose lock is free, belongs to a process that is gone: it is taken over (its
-        spending stays booked). `planned_flops` (default `flops`) is what the record shows as the job's plan."""
+        spending stays booked). `planned_flops` (default `flops`) is what the record shows as the job's plan.
+        `started` (a training run's start, `records.utc_now()`): written as the record's `started`, and its
+        `finished` cleared, with the reservation."""
         record_dir = Path(record_dir)
         if not self.contains(record_dir):
             raise OutsideRunsDir(f"{record_dir} lies outside the runs directory {self.runs_dir}, whose ledger would not "
@@ -243,6 +245,7 @@ class Ledger:
                     record.data["planned_flops"] = count("planned_flops", planned_flops)
                 if config is not None:
                     record.data["config"] = config
+                _started(record, started)
                 record.write()
         except BaseException:
             if own_lock is not None:
@@ -291,6 +294,14 @@ def _load_or_create(record_dir: Path, run_name: str, gqa: str, runs_dir, config)
                                    f"--gqa {record.gqa}, or book into another directory")
         return record
     return new_record(record_dir, run_name, gqa, runs_dir, config)
+
+
+def _started(record: Record, started: str | None) -> Record:
+    """A training process starts on the record: its `started` time; `finished` waits for its end."""
+    if started is not None:
+        record.data["started"] = started
+        record.data.pop("finished", None)
+    return record
 
 
 def _holder_gone(record: Record, reservation: dict) -> bool:
@@ -345,12 +356,15 @@ class Recorder:
             record.write()
         self.spent += flops
 
-    def settle(self) -> None:
-        """End the reservation: from now on only what the job spent counts. Safe to call twice."""
-        if self.reservation_id is not None:
+    def settle(self, finished: bool = False) -> None:
+        """End the reservation: from now on only what the job spent counts. Safe to call twice. `finished`: the job
+        did all its work; the record's `finished` gets the time (UTC, ISO 8601)."""
+        if self.reservation_id is not None or finished:
             with self._locked():
                 record = read_record(self.path)
                 record.data["reservations"] = [r for r in record.reservations if r["id"] != self.reservation_id]
+                if finished:
+                    record.data["finished"] = utc_now()
                 record.write()
             self.reservation_id = None
         if self._own_lock is not None:

@@ -8,7 +8,12 @@ A record holds what its job spent, by kind, and the reservations of the processe
      "eval": {"passes": 2, "windows": 16},
      "forecasts": [{"label": "model", "out": "/abs/out", "trajectories": 5, "prefill_tokens": ..., "flops": 3}],
      "reservations": [{"id": "...", "kind": "train", "flops": 130, "spent": 123, "lock": "/abs/run.lock", ...}],
-     "planned_flops": 130, "config": {...}, "updated": "..."}
+     "planned_flops": 130, "config": {...}, "updated": "...",
+     "started": "2026-01-01T12:00:00+00:00", "finished": "2026-01-01T12:05:00+00:00"}  # training runs, UTC
+
+`started` is when the latest training process of the run began (written with its reservation), `finished` when a
+training process ended with every step done (absent while it trains, or when it stopped early). Records written
+before these existed have neither.
 
 A reservation is FLOPs promised to a process that is still working: it counts against the budget until the process
 settles it (then only what it spent counts). Version-1 records (training FLOPs only, counted with real GQA) are read
@@ -22,6 +27,7 @@ import operator
 import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from common.fileio import write_json_atomic
@@ -62,6 +68,11 @@ def count(name: str, value) -> int:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def utc_now() -> str:
+    """Wall-clock time in ISO 8601, UTC, to the second: a record's `started` and `finished`."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass

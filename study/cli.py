@@ -4,13 +4,69 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.args import positive_int
 from common.exit_codes import EXIT_OK, EXIT_USAGE
 
+from .jobs import LAUNCHERS, JobOptions, JobsFailed
 from .plan import TRAIN_KEYS, PlanError, load_plan, with_train_settings
 from .run import run_plan
 
 # With --plan, these flags override the plan's [study]; the flags of [train] settings override its [train].
 PLAN_FLAGS = ("plan", "runs_dir", "max_flops", "gqa", "device", "dtype", "seed")
+# How a plan's runs are dispatched (study.jobs): flags only --plan takes.
+JOB_FLAGS = ("jobs", "gpus", "launcher", "slurm_partition", "slurm_time", "slurm_gpus_per_job", "slurm_account",
+             "slurm_array_parallelism")
+
+
+def gpu_list(text: str) -> tuple[str, ...]:
+    """argparse type: '0,1,2,3' -> ('0', '1', '2', '3')."""
+    gpus = tuple(g.strip() for g in text.split(",") if g.strip())
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"give distinct GPU numbers separated by commas, such as 0,1,2,3; got {text!r}")
+    return gpus
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """train.py's flags for running a plan's runs as parallel jobs (only with --plan); returns their dests."""
+    g = parser.add_argument_group(
+        "parallel runs of a plan (--plan only)",
+        "the runs of each stage as jobs of their own; the driver waits for a stage's jobs before the next stage, and "
+        "the same command continues a stopped or preempted study (see README, Parallel runs)")
+    g.add_argument("--jobs", type=positive_int, default=None, metavar="N",
+                   help="run up to N runs of a stage at once, each a process of its own (default: 1, in this process; "
+                        "with --gpus, one per GPU); on CPU each gets max(1, cores // N) torch threads")
+    g.add_argument("--gpus", type=gpu_list, default=None, metavar="LIST",
+                   help="GPUs for the jobs, such as 0,1,2,3: each job gets one (CUDA_VISIBLE_DEVICES), round-robin, "
+                        "at most one job per GPU at a time")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local: processes on this machine; slurm: one SLURM job per run, submitted through submitit "
+                        "(pip install submitit); submitit-local: submitit's LocalExecutor on this machine, for testing "
+                        "(default: %(default)s)")
+    g.add_argument("--slurm-partition", default=None, help="--launcher slurm: the partition")
+    g.add_argument("--slurm-time", type=positive_int, default=60, metavar="MINUTES",
+                   help="--launcher slurm: each job's time limit (also submitit-local's timeout) (default: %(default)s)")
+    g.add_argument("--slurm-gpus-per-job", type=positive_int, default=None, metavar="N",
+                   help="--launcher slurm: GPUs of each job (default: none requested)")
+    g.add_argument("--slurm-account", default=None, help="--launcher slurm: the account charged")
+    g.add_argument("--slurm-array-parallelism", type=positive_int, default=None, metavar="N",
+                   help="--launcher slurm: the most jobs of a stage's array running at once (default: --jobs, else "
+                        "submitit's 256)")
+    return JOB_FLAGS
+
+
+def job_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobOptions:
+    slurm_only = [f for f in ("slurm_partition", "slurm_gpus_per_job", "slurm_account", "slurm_array_parallelism")
+                  if getattr(args, f, None) is not None]
+    if slurm_only and args.launcher != "slurm":
+        parser.error(f"--{slurm_only[0].replace('_', '-')} needs --launcher slurm")
+    if args.gpus and args.launcher != "local":
+        parser.error("--gpus is for --launcher local; SLURM gives each job its GPUs (--slurm-gpus-per-job)")
+    jobs = args.jobs if args.jobs is not None else (len(args.gpus) if args.gpus else 1)
+    parallelism = args.slurm_array_parallelism if args.slurm_array_parallelism is not None else args.jobs
+    return JobOptions(jobs=jobs, gpus=tuple(args.gpus or ()), launcher=args.launcher,
+                      slurm_partition=args.slurm_partition, slurm_time=args.slurm_time,
+                      slurm_gpus_per_job=args.slurm_gpus_per_job, slurm_account=args.slurm_account,
+                      slurm_array_parallelism=parallelism)
 
 
 def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist) -> int:
@@ -18,7 +74,7 @@ def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist
     if dist.enabled:
         parser.error("--plan runs its stages one after another in one process: start it without torchrun")
     changed = {dest: value for dest, value in vars(args).items()
-               if dest not in PLAN_FLAGS and value != parser.get_default(dest)}
+               if dest not in PLAN_FLAGS + JOB_FLAGS and value != parser.get_default(dest)}
     overrides = {}
     for dest, value in changed.items():
         flag = "--" + dest.replace("_", "-")
@@ -39,10 +95,14 @@ def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist
     try:
         plan = with_train_settings(load_plan(args.plan, runs_dir=given("runs_dir"), max_flops=given("max_flops"),
                                              gqa=args.gqa), overrides)
-        study = run_plan(plan, device=given("device"), dtype=given("dtype"), seed=given("seed"))
+        study = run_plan(plan, device=given("device"), dtype=given("dtype"), seed=given("seed"),
+                         jobs=job_options(args, parser) if hasattr(args, "jobs") else None)
     except PlanError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except JobsFailed as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return e.exit_status
     print(f"\n[plan] study {plan.name} done: {plan.study_dir}/")
     for stage in study["stages"]:
         if stage["kind"] == "train":

@@ -20,7 +20,7 @@ from data.dataset import make_eval_example
 from data.lotka_volterra import load_or_simulate, split_indices
 from forecasting.budget import record_dir_of
 from forecasting.config import ForecastConfig
-from forecasting.evaluate import select_trajectories
+from forecasting.evaluate import FORECAST_METRICS, select_trajectories
 from forecasting.forecast import generation_plan, target_tokens
 from forecasting.grammar import max_forecast_tokens
 from ledger import RECORD_NAME, Ledger, read_record, totals
@@ -31,7 +31,7 @@ from training.budget import plan_run_flops
 from training.config import TrainConfig
 from training.rundir import holds_run, resume_point
 
-from .plan import (FORECAST_METRICS, Plan, Stage, StudyRun, forecast_config, forecast_out, forecast_targets,
+from .plan import (Plan, Stage, StudyRun, forecast_config, forecast_out, forecast_targets,
                    is_complete, resolve)
 
 

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forecasting.config import ForecastConfig
-from forecasting.evaluate import FORECAST_METRICS  # noqa: F401 (study.estimate and study.run read it here)
 from ledger import DEFAULT_BUDGET
 from qwen_mini.flops import GQA_MODES
 from common.fields import SettingsError
@@ -56,13 +55,17 @@ from . import selection
 
 # TrainConfig fields a plan may set (the rest belong to the study or to each run's place).
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
-                   if f.name not in ("out", "resume", "runs_dir", "max_flops", "gqa", "no_budget"))
+                   if f.name not in ("out", "resume", "runs_dir", "max_flops", "gqa", "no_budget", "tensorboard_dir"))
 # ForecastConfig fields a plan may set; their defaults are ForecastConfig's (the decimals are each run's; the device
 # and dtype come from the command line).
 FORECAST_KEYS = ("split", "limit", "context", "horizon", "batch", "baselines", "num_samples", "temperature", "top_p",
                  "int_digits", "allow_negative", "constrained", "seed")
 STUDY_KEYS = ("name", "runs_dir", "max_flops", "gqa")
 STUDY_FILE = "study.json"  # in the study directory: what each stage did
+# In the study directory: every run's TensorBoard events ([train] tensorboard = true), <stage>/<run> under it, so
+# `tensorboard --logdir <study>/tensorboard` overlays them all.
+TENSORBOARD_DIR = "tensorboard"
+JOBS_DIR = "jobs"  # in the study directory: each stage's job specs and logs (train.py --plan --jobs N, --launcher)
 
 
 class PlanError(ValueError):
@@ -217,8 +220,9 @@ def _stage(path, number: int, table: dict, plan: Plan) -> Stage:
 def _check_stage_name(where: str, name: str, plan: Plan) -> None:
     """A stage's directory (<study>/<name>) holds its runs or forecasts: refuse a name that is the study's own file
     or a directory that holds a run itself (a run trained there by hand, or the study dir of another plan)."""
-    if name == STUDY_FILE:
-        raise PlanError(f"{where}: a stage cannot be named {name!r}: the study keeps its record under that name")
+    if name in (STUDY_FILE, TENSORBOARD_DIR, JOBS_DIR):
+        raise PlanError(f"{where}: a stage cannot be named {name!r}: the study keeps its record, its TensorBoard "
+                        "logs or its jobs' logs under that name")
     stage_dir = plan.study_dir / name
     if (stage_dir / CONFIG_NAME).is_file():
         raise PlanError(f"{where}: {stage_dir} holds a training run of its own ({CONFIG_NAME}); a stage's directory "
@@ -261,7 +265,8 @@ class StudyRun:
 
     def config(self, plan: Plan, **overrides) -> TrainConfig:
         return TrainConfig(**{**self.settings, **overrides}, out=str(self.run_dir(plan)), runs_dir=str(plan.runs_dir),
-                           max_flops=plan.max_flops, gqa=plan.gqa)
+                           max_flops=plan.max_flops, gqa=plan.gqa,
+                           tensorboard_dir=str(plan.study_dir / TENSORBOARD_DIR / self.stage / self.name))
 
 
 def _train_config(settings: dict, where, table: dict | None = None, base_where: str | None = None) -> TrainConfig:

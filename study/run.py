@@ -1,6 +1,7 @@
 """Running a study plan (`run_plan`, `train.py --plan`): stage by stage, each training run trained or resumed
 (`train_study_run`) and each forecast made (`run_forecast`) under the FLOP ledger, after checking that the rest of
-the plan fits the budget. A stopped study continues where it stopped; `study.json` records what each stage did."""
+the plan fits the budget. A stopped study continues where it stopped; `study.json` records what each stage did.
+With `jobs` (train.py --jobs N, --launcher slurm) a stage's runs are trained by parallel jobs (`study.jobs`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,18 +9,18 @@ import json
 from pathlib import Path
 
 from forecasting.budget import Booking, budgeted_evaluate
-from forecasting.evaluate import OutputBusy, Protocol, lock_output, select_trajectories, write_outputs
+from forecasting.evaluate import (FORECAST_METRICS, OutputBusy, Protocol, lock_output, select_trajectories,
+                                  write_outputs)
 from forecasting.source import from_model, from_run, parse_dtype, pick_device
 from ledger import BudgetExceeded
 from common.fileio import UnreadableFile, os_error_text, read_json, write_json_atomic
 from qwen_mini.flop_report import format_flops
 from training.config import TrainConfig
-from training.loop import train_run
-from training.rundir import holds_run
 
 from .estimate import estimate_plan, format_estimate
-from .plan import (FORECAST_METRICS, STUDY_FILE, Plan, PlanError, Stage, StudyRun, best_run, best_val_loss,
-                   forecast_config, forecast_out, is_complete, stage_runs)
+from .jobs import JobOptions, run_stage_jobs, train_or_resume
+from .plan import (STUDY_FILE, Plan, PlanError, Stage, StudyRun, best_run, best_val_loss,
+                   forecast_config, forecast_out, stage_runs)
 from .selection import choose_best
 
 
@@ -51,10 +52,11 @@ def write_study(plan: Plan, done: dict) -> None:
 
 
 def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None, seed: int | None = None,
-             progress: bool = True, log=print) -> dict:
+             progress: bool = True, log=print, jobs: JobOptions | None = None) -> dict:
     """Run the plan stage by stage; a stage's finished runs and forecasts are kept, an unfinished run is resumed.
     Refuses (BudgetExceeded) before anything runs if the rest of the plan does not fit. `device`, `dtype`, `seed`
-    (when not None) override the plan's. Returns study.json's dict."""
+    (when not None) override the plan's. `jobs`: train each stage's runs as parallel jobs (`study.jobs`; raises
+    JobsFailed after a stage whose jobs did not all finish). Returns study.json's dict."""
     check_study_dir(plan)
     estimate = estimate_plan(plan)
     log(format_estimate(plan, estimate))
@@ -69,8 +71,11 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
         if stage.kind == "train":
             best_before = bests[stage.source][1] if stage.source is not None else None
             runs = stage_runs(stage, {**plan.train, **(best_before.settings if best_before else {})}, best_before)
-            for run in runs:
-                train_study_run(plan, run, overrides, progress, log)
+            if jobs is not None and jobs.as_jobs:
+                run_stage_jobs(plan, stage.name, runs, overrides, jobs, log)
+            else:
+                for run in runs:
+                    train_study_run(plan, run, overrides, progress, log)
             best = best_run(runs, plan)
             bests[stage.name] = (runs, best)
             choice = choose_best([r.run_dir(plan) for r in runs])
@@ -94,14 +99,7 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
 
 def train_study_run(plan: Plan, run: StudyRun, overrides: dict, progress: bool, log) -> None:
     """Train `run` in its directory, or resume it there; a finished run is left as it is."""
-    run_dir = run.run_dir(plan)
-    config = run.config(plan, **overrides)
-    if is_complete(run_dir, config.steps):
-        log(f"[plan] {run.stage}/{run.name}: done already")
-        return
-    resume = holds_run(run_dir)
-    log(f"[plan] {run.stage}/{run.name}: {'resuming' if resume else 'training'} ({config.steps} steps)")
-    train_run(dataclasses.replace(config, resume=resume), progress=progress)
+    train_or_resume(run.config(plan, **overrides), f"{run.stage}/{run.name}", progress, log)
 
 
 def run_forecast(plan: Plan, stage: Stage, run: StudyRun | None, overrides: dict, progress: bool, log) -> Path:

@@ -96,3 +96,16 @@ def left_padded_batch(vocab_size: int, lengths: list[int], seed: int = 0, pad_id
         input_ids[row, width - n:] = torch.randint(0, vocab_size, (n,), generator=gen)
         mask[row, width - n:] = 1
     return input_ids, mask
+
+
+def tiny_plan(name: str, data, stages: str, gqa: str | None = "mha", **train) -> str:
+    """A study plan's text on the tiny model and a small data file: [study], a [train] table of small settings
+    (`train` adds or replaces keys; None drops one), then `stages` (the [forecast] table and [[stage]]s) as given."""
+    settings = {"model": "tiny", "data": str(data), "batch": 2, "ctx": 32, "val_batches": 1, "eval_every": 3,
+                "checkpoint_every": 3, "rank": 2, **train}
+    lines = ["[study]", f'name = "{name}"'] + ([f'gqa = "{gqa}"'] if gqa else []) + ["", "[train]"]
+    for key, value in settings.items():
+        if value is not None:
+            lines.append(f"{key} = " + (f'"{value}"' if isinstance(value, str) else
+                                        "true" if value is True else "false" if value is False else str(value)))
+    return "\n".join(lines) + "\n\n" + stages.strip() + "\n"

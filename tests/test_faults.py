@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ import flops as flops_cli
 import forecast
 import forecasting.cli
 import lora
+import training.loop
 import training.setup
 from data.lotka_volterra import DataError, load, save, simulate
 from forecasting.source import from_run
@@ -223,6 +225,19 @@ def test_weights_gone_non_finite_are_never_checkpointed(tmp_path, data, monkeypa
         train_run(config, hooks=[hook], progress=False)
     assert (run / "checkpoint.pt").read_bytes() == seen["checkpoint"] and checkpoint_step(run) == 1
     assert not (run / "adapter").exists()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_an_infinite_or_nan_validation_loss_stops_training(tmp_path, data, monkeypatch, bad):
+    """Infinity is as non-finite as NaN (issue 26: a guard written as isnan lets an infinite validation loss through
+    into metrics.jsonl, where the run selection would have to skip it)."""
+    monkeypatch.setattr(training.loop, "validation_losses", lambda *args, **kwargs: (bad, {}))
+    run = tmp_path / "runs" / "inf_val"
+    config = TrainConfig(model="tiny", data=data, ctx=64, batch=2, val_batches=1, steps=2, checkpoint_every=1,
+                         eval_every=1, out=str(run), runs_dir=str(run.parent))
+    with pytest.raises(TrainingDiverged, match=rf"non-finite numbers at step 0 \(validation loss {bad}\)"):
+        train_run(config, progress=False)
+    assert not (run / "checkpoint.pt").exists() and not (run / "adapter").exists()
 
 
 def test_a_model_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path):

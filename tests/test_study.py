@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_plan
+
 import flops as flops_cli
 import forecast as forecast_cli
 import report as report_cli
@@ -163,21 +165,7 @@ def test_two_runs_started_together_under_a_one_run_cap(tmp_path, small_data):
 # ---- plans ---------------------------------------------------------------------------------------------------------
 
 def write_plan(path: Path, data: str, grid_steps: int = 6) -> Path:
-    path.write_text(f"""
-[study]
-name = "small"
-gqa = "mha"
-
-[train]
-model = "tiny"
-data = "{data}"
-batch = 2
-ctx = 32
-val_batches = 1
-eval_every = 3
-checkpoint_every = 3
-rank = 2
-
+    path.write_text(tiny_plan("small", data, f"""
 [forecast]
 limit = 2
 horizon = 3
@@ -205,7 +193,7 @@ name = "test"
 forecast = "context"
 which = "best"
 baselines = ["persistence", "untrained"]
-""")
+"""))
     return path
 
 

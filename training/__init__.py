@@ -7,8 +7,8 @@ model and optimizer setup (`setup`), the loop, checkpoints, grids, data-parallel
 """
 from .config import ConfigError, TrainConfig
 from .grid import expand_grid, format_summary, run_grid
-from .loop import RunResult, train_run
-from .run import RunDirError, load_run, read_metrics, read_run_config
+from .loop import train_run
+from .run import RunDirError, RunResult, load_run, read_metrics, read_run_config
 from .setup import enable_activation_checkpointing
 
 __all__ = ["ConfigError", "RunDirError", "RunResult", "TrainConfig", "enable_activation_checkpointing", "expand_grid",

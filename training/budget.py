@@ -15,7 +15,7 @@ from torch import nn
 
 import lora
 from ledger import RECORD_NAME, Ledger, OutsideRunsDir, Recorder, record_present
-from ledger.records import count
+from ledger.records import count, utc_now
 from qwen_mini.config import config_for_model
 from qwen_mini.flops import count_forward, eval_flops
 
@@ -158,9 +158,10 @@ def prepare_run(config: TrainConfig, world_size: int = 1, holder_lock=None) -> P
     if config.resume and not record_present(config.run_dir / RECORD_NAME):
         start = rebuild_lost_record(config, ledger, start, plan, gqa)
     if config.no_budget:
-        recorder = ledger.recorder(config.run_dir, run_name=name, gqa=gqa, config=config.to_dict())
+        recorder = ledger.recorder(config.run_dir, run_name=name, gqa=gqa, config=config.to_dict(), started=utc_now())
     else:
         recorder = ledger.reserve(config.run_dir, plan.total, kind="train", run_name=name, gqa=gqa,
                                   what=f"train.py {config.run_dir}", holder_lock=holder_lock, config=config.to_dict(),
-                                  planned_flops=start.flops_used + plan.total, per_step_flops=plan.per_step)
+                                  planned_flops=start.flops_used + plan.total, per_step_flops=plan.per_step,
+                                  started=utc_now())
     return PreparedRun(start, plan, gqa, recorder, counted, model)

@@ -53,7 +53,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer, scheduler, step: int, data_position: dict,
-                    flops_used: int, trajectory: dict) -> Path:
+                    flops_used: int, trajectory: dict, scaler=None, skipped_steps: int = 0) -> Path:
     state = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -64,6 +64,10 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer, scheduler, st
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_states(),
+        # float16 runs: the dynamic loss scale and its growth tracker ({} when disabled), and the overflow steps
+        # skipped so far (optional keys: checkpoints written before float16 lack them).
+        "grad_scaler": scaler.state_dict() if scaler is not None else {},
+        "skipped_steps": skipped_steps,
     }
     return atomic_write(Path(run_dir) / CHECKPOINT_NAME, lambda tmp: _save(state, tmp))
 
@@ -107,9 +111,9 @@ def damaged(path: Path, what: str) -> RunDirError:
                        f"of the file, or train again with another --out")
 
 
-def restore_checkpoint(state: dict, *, model: nn.Module, optimizer, scheduler) -> None:
-    """Put a checkpoint's weights, optimizer, scheduler and RNG states back (the data position follows from the
-    step)."""
+def restore_checkpoint(state: dict, *, model: nn.Module, optimizer, scheduler, scaler=None) -> None:
+    """Put a checkpoint's weights, optimizer, scheduler, loss scaler and RNG states back (the data position follows
+    from the step)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = state["trainable"]
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
@@ -124,6 +128,8 @@ def restore_checkpoint(state: dict, *, model: nn.Module, optimizer, scheduler) -
             p.copy_(saved[name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     set_rng_states(state["rng"])
 
 

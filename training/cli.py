@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "grid, the directory holding its runs and summary.json (default: RUNS_DIR/grid_...)")
     add_budget_arguments(evaluation, runs_dir="where runs live: the FLOP ledger sums every flops.json under it "
                                                "(default: %(default)s)", runs_dir_default=d.runs_dir)
+    evaluation.add_argument("--tensorboard", action="store_true",
+                            help="also write TensorBoard event files of every metrics.jsonl line (losses, lr, grad "
+                                 "norm, tokens/s, FLOPs; the losses also against the FLOPs, in by_flops/) to "
+                                 "RUN_DIR/tensorboard; view with `tensorboard --logdir RUNS_DIR` (needs the "
+                                 "tensorboard package)")
+    evaluation.add_argument("--tensorboard-dir", default=None, metavar="DIR",
+                            help="with --tensorboard: the event files' directory instead (for a grid, one "
+                                 "subdirectory per run)")
     evaluation.add_argument("--resume", action="store_true",
                             help="continue the run(s) in their directories from the last checkpoint, with the same "
                                  "settings (--steps may grow)")
@@ -140,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     hardware.add_argument("--device", default=d.device,
                           help="auto (CUDA if available), cpu, cuda, cuda:1 ... (default: %(default)s)")
     hardware.add_argument("--dtype", choices=DTYPES, default=d.dtype,
-                          help="float32, or bfloat16: autocast and (LoRA) a bf16 base model; auto = bfloat16 on "
-                               "CUDA, float32 on CPU (default: %(default)s)")
+                          help="float32; bfloat16: autocast and (LoRA) a bf16 base model; float16: fp16 autocast "
+                               "over float32 weights with dynamic loss scaling (overflow steps are skipped and "
+                               "counted in metrics.jsonl); auto = bfloat16 on CUDA GPUs that have it, float16 on "
+                               "older ones, float32 on CPU and mps (no bfloat16 on mps) (default: %(default)s)")
     hardware.add_argument("--activation-checkpointing", action="store_true",
                           help="recompute each block's activations in the backward pass: less memory for long "
                                "contexts, about a third more compute (counted in the FLOPs)")
@@ -156,9 +166,10 @@ def target_list(text: str) -> tuple[str, ...]:
     return check_targets([t.strip() for t in text.split(",") if t.strip()], error=argparse.ArgumentTypeError)
 
 
-def configs_from_args(args: argparse.Namespace) -> list:
-    """The TrainConfig of every run the flags ask for."""
-    settings = {key: value for key, value in vars(args).items() if key not in ("lr", "rank", "ctx", "plan")}
+def configs_from_args(args: argparse.Namespace, plan_only=()) -> list:
+    """The TrainConfig of every run the flags ask for (`plan_only`: dests of flags that only --plan takes)."""
+    settings = {key: value for key, value in vars(args).items()
+                if key not in ("lr", "rank", "ctx", "plan", *plan_only)}
     return expand_grid(settings, args.lr, args.rank, args.ctx)
 
 
@@ -173,15 +184,39 @@ def interruption(e: KeyboardInterrupt, configs: list[TrainConfig] = ()) -> str:
     return f"stopped by {e.name} after step {e.checkpoint_step}, with a checkpoint there"
 
 
-def main(argv: list[str] | None = None, run_plan=None) -> int:
+def failure_status(e: BaseException, who: str, again: str, configs: list[TrainConfig] = ()) -> int | None:
+    """The one line (to stderr, prefixed `who`) and the exit status of a training that failed with `e`, the way every
+    train.py process reports it (a study's jobs too); None for a failure that is a bug (its traceback is due)."""
+    if isinstance(e, (BudgetExceeded, MixedConventions)):
+        what = "budget" if isinstance(e, BudgetExceeded) else "ledger"
+        print(f"{who}: refused by the FLOP {what}: {e}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{who}: {interruption(e, configs)}; to continue, run {again}", file=sys.stderr)
+        return e.exit_status if isinstance(e, Interrupted) else EXIT_INTERRUPTED
+    statuses = ((TrainingDiverged, EXIT_DIVERGED), ((OutsideRunsDir, ConfigError), EXIT_USAGE),
+                ((RunDirError, DataError, CheckpointError, CheckpointNotFound, ModelConfigError, LedgerError,
+                  OSError), EXIT_FAILED))
+    for kinds, status in statuses:
+        if isinstance(e, kinds):
+            print(f"{who}: error: {os_error_text(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+            return status
+    return None
+
+
+def main(argv: list[str] | None = None, run_plan=None, plan_arguments=None) -> int:
     """train.py. `run_plan(args, parser, dist)`: what --plan runs (train.py passes the study package's runner; its
-    failures end like a run's)."""
+    failures end like a run's). `plan_arguments(parser)`: adds the flags only --plan takes, returning their dests."""
     parser = build_parser()
+    plan_only = tuple(plan_arguments(parser)) if plan_arguments is not None else ()
     args = parser.parse_args(argv)
     if args.plan is not None and run_plan is None:
         parser.error("--plan is run by train.py (the study package), not by training.cli alone")
+    given = [dest for dest in plan_only if getattr(args, dest) != parser.get_default(dest)]
+    if args.plan is None and given:
+        parser.error(f"--{given[0].replace('_', '-')} dispatches the runs of a study plan: it needs --plan")
     try:
-        configs = [] if args.plan is not None else configs_from_args(args)
+        configs = [] if args.plan is not None else configs_from_args(args, plan_only)
     except ConfigError as e:
         parser.error(str(e))
     dist = from_environment(args.device)
@@ -192,31 +227,12 @@ def main(argv: list[str] | None = None, run_plan=None) -> int:
             results = [train_run(configs[0], dist=dist)]
         else:
             results = run_grid(configs, dist=dist)
-    except BudgetExceeded as e:
-        print(f"train.py: refused by the FLOP budget: {e}", file=sys.stderr)
-        return EXIT_OVER_BUDGET
-    except MixedConventions as e:
-        print(f"train.py: refused by the FLOP ledger: {e}", file=sys.stderr)
-        return EXIT_OVER_BUDGET
-    except OutsideRunsDir as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as e:
+    except BaseException as e:  # noqa: BLE001 (each failure the user can act on is one line; the rest re-raise)
         again = "the same command" + ("" if args.plan is not None else " with --resume")
-        print(f"train.py: {interruption(e, configs)}; to continue, run {again}", file=sys.stderr)
-        return e.exit_status if isinstance(e, Interrupted) else EXIT_INTERRUPTED
-    except TrainingDiverged as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except ConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (RunDirError, DataError, CheckpointError, CheckpointNotFound, ModelConfigError, LedgerError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as e:
-        print(f"train.py: error: {os_error_text(e)}", file=sys.stderr)
-        return EXIT_FAILED
+        status = failure_status(e, "train.py", again, configs)
+        if status is None:
+            raise
+        return status
     finally:
         shutdown()
     if dist.is_main:

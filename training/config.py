@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.devices import DTYPES  # noqa: F401  (re-exported: the --dtype choices)
 from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT
 from data.lotka_volterra import SPLIT_MODES
@@ -15,7 +16,6 @@ from qwen_mini.flops import GQA_MODES
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 SCHEDULES = ("constant", "cosine")
-DTYPES = ("auto", "float32", "bfloat16")
 # Steps of each trajectory the LLMTIME scaler is fitted on: data.dataset's evaluation context, so training text and
 # forecast prompts are scaled by the same rule.
 FIT_STEPS = DEFAULT_CONTEXT
@@ -66,6 +66,8 @@ class TrainConfig:
     runs_dir: str = "runs"
     out: str | None = None  # the run directory; None = runs_dir / run_name
     resume: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files (training.tensorboard)
+    tensorboard_dir: str | None = None  # where they go; None = <run dir>/tensorboard
 
     def __post_init__(self):
         check_field_types(self, ConfigError)  # first: the defaults below compute with the values
@@ -135,6 +137,10 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out) if self.out is not None else Path(self.runs_dir) / self.run_name
+
+    @property
+    def tensorboard_path(self) -> Path:
+        return Path(self.tensorboard_dir) if self.tensorboard_dir is not None else self.run_dir / "tensorboard"
 
     def to_dict(self) -> dict:
         """Every setting, JSON-ready (what config.json records as the flags)."""

@@ -16,8 +16,8 @@ from qwen_mini.flop_report import format_flops, log10
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed
 from .budget import check_inside_runs_dir, plan_run_flops
-from .loop import FINAL_TRAIN_STEPS, RunResult, train_run
-from .run import RunDirError
+from .loop import train_run
+from .run import FINAL_TRAIN_STEPS, RunDirError, RunResult
 from .rundir import holds_run, resume_point
 from .setup import check_settings
 
@@ -47,6 +47,8 @@ def expand_grid(settings: dict, lrs, ranks, ctxs) -> list[TrainConfig]:
     grid_dir = Path(out) if out is not None else Path(configs[0].runs_dir) / grid_name(configs[0], lrs, ranks, ctxs)
     for config in configs:
         config.out = str(grid_dir / config.run_name)
+        if config.tensorboard_dir is not None:  # one log directory for the grid: its runs overlay in TensorBoard
+            config.tensorboard_dir = str(Path(config.tensorboard_dir) / config.run_name)
     return configs
 
 

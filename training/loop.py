@@ -26,7 +26,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -46,50 +46,14 @@ from .config import TrainConfig
 from .distributed import Distributed
 from .plot import plot_losses
 from .run import (ADAPTER_DIR, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, MODEL_DIR, PLOT_NAME, RunDirError,
-                  read_metrics)
+                  RunResult, read_metrics)
 from .rundir import check_same_trajectory, claim_run_dir
-from .setup import (build_optimizer, build_training_model, check_settings, lr_factor, resolve_device,
-                    resolve_precision, summed_token_loss)
+from .setup import (build_optimizer, build_training_model, check_settings, lr_factor, optimizer_step,
+                    overflow_skipped, resolve_device, resolve_precision, summed_token_loss)
 from .stopping import Interrupted, StopSignals, TrainingDiverged
+from .tensorboard import NoBoard, open_board, summary_writer_class
 from .validation import validation_losses
 from .windows import batch_rows, count_loss_tokens, data_position, gather, load_run_data
-
-# Steps averaged for the "final train loss" of summaries (one step's loss is noisy).
-FINAL_TRAIN_STEPS = 10
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    config: TrainConfig
-    steps_done: int
-    per_step_flops: int
-    flops_used: int  # training + validation FLOPs the ledger counts for this run (steps redone after a crash too)
-    metrics: list[dict]
-    model: nn.Module | None = field(default=None, repr=False)  # the trained model, on rank 0
-    tokenizer: object = field(default=None, repr=False)
-    counted: bool = True  # in the ledger of its --runs-dir (False: --no-budget outside it)
-    gqa: str = "real"  # how its FLOPs count attention
-
-    @property
-    def val_losses(self) -> list[tuple[int, float]]:
-        return [(m["step"], m["val_loss"]) for m in self.metrics if m.get("val_loss") is not None]
-
-    def summary_row(self) -> dict:
-        train = [m["train_loss"] for m in self.metrics if m.get("train_loss") is not None]
-        val = self.val_losses
-        return {
-            "run": self.run_dir.name, "run_dir": str(self.run_dir), "lr": self.config.lr,
-            "rank": None if self.config.full else self.config.rank, "ctx": self.config.ctx,
-            "steps": self.steps_done,
-            "final_train_loss": sum(train[-FINAL_TRAIN_STEPS:]) / len(train[-FINAL_TRAIN_STEPS:]) if train else None,
-            "initial_val_loss": val[0][1] if val and val[0][0] == 0 else None,
-            "final_val_loss": val[-1][1] if val else None,
-            "best_val_loss": min(v for _, v in val) if val else None,
-            "per_step_flops": self.per_step_flops, "flops_used": self.flops_used, "counted": self.counted,
-            "gqa": self.gqa,
-        }
-
 
 StepHook = Callable[[int, dict], None]
 
@@ -102,10 +66,13 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
     progress bar (on rank 0)."""
     dist = dist or Distributed()
     check_settings(config, dist.world_size)
+    if config.tensorboard:
+        summary_writer_class()  # a missing package is one line, before any FLOP is reserved
     lock = []  # the run directory's lock, held by rank 0 for the whole run (only rank 0 writes there)
     # Rank 0's PreparedRun, whole: its recorder holds a lock and its counting model is not worth sending, so neither
     # travels to the other ranks.
     prepared_on_main = []
+    finished = []
     run_progress = Progress()
 
     def prepare() -> PreparedRun:
@@ -118,7 +85,9 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
             shared = dist.on_main(prepare)
             prepared = prepared_on_main[0] if prepared_on_main else shared
             run_progress.checkpoint = prepared.resume_point.step or None
-            return Trainer(config, dist, prepared, run_progress, stop, hooks, show_bar=progress).run()
+            result = Trainer(config, dist, prepared, run_progress, stop, hooks, show_bar=progress).run()
+            finished.append(True)  # every step done: the record's `finished` time
+            return result
     except OSError as e:
         if e.filename is None or not Path(e.filename).resolve().is_relative_to(config.run_dir.resolve()):
             raise  # not one of the run's own files
@@ -131,7 +100,7 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
         if prepared_on_main and not (config.run_dir / CONFIG_NAME).exists():
             prepared_on_main[0].recorder.discard()  # failed before config.json (a model or data that did not load)
         elif prepared_on_main:
-            prepared_on_main[0].recorder.settle()  # from now on only what the run spent counts
+            prepared_on_main[0].recorder.settle(bool(finished))  # from now on only what the run spent counts
         if lock:
             lock[0].release()
 
@@ -168,16 +137,23 @@ class Trainer:
         self.run_dir, self.recorder = config.run_dir, prepared.recorder  # the recorder: on rank 0 only
         self.per_step = prepared.flop_plan.per_step
         self.flops_used = prepared.resume_point.flops_used
+        self.board = NoBoard()  # --tensorboard's event files (rank 0), fed each metrics.jsonl line
 
     def run(self) -> RunResult:
         self.setup()
         self.write_run_files()
-        if self.prepared.resume_point.step == 0:
-            self.log({"step": 0, "train_loss": None, **self.evaluate(0),
-                      "lr": self.config.lr * lr_factor(0, self.config), "grad_norm": None, "flops": 0,
-                      "tokens_per_s": None})
-        self.train()
-        return self.finish()
+        start = self.prepared.resume_point.step
+        if self.dist.is_main:  # from the first step this process logs on: 0, or the checkpoint's step + 1
+            self.board = open_board(self.config, start + 1 if start else 0, self.per_step)
+        try:
+            if start == 0:
+                self.log({"step": 0, "train_loss": None, **self.evaluate(0),
+                          "lr": self.config.lr * lr_factor(0, self.config), "grad_norm": None, "flops": 0,
+                          "tokens_per_s": None})
+            self.train()
+            return self.finish()
+        finally:
+            self.board.close()
 
     def setup(self) -> None:
         config, dist = self.config, self.dist
@@ -187,6 +163,7 @@ class Trainer:
         self.run_data = load_run_data(config, self.tokenizer)
         self.trainable = lora.trainable_parameters(self.model)
         self.optimizer, self.scheduler = build_optimizer(config, self.trainable)
+        self.scaler, self.skipped_steps = self.precision.grad_scaler(self.device), 0  # float16's loss scaling
         if self.prepared.resume_point.step:
             self.resume_from_checkpoint()
         self.loss_module = summed_token_loss(self.model, dist, self.device)
@@ -202,7 +179,9 @@ class Trainer:
         if state["data_position"]["n_windows"] != len(self.run_data.train):
             raise RunDirError(f"{self.run_dir}: the checkpoint was trained on {state['data_position']['n_windows']} "
                               f"windows, the data now gives {len(self.run_data.train)}: the data file changed")
-        restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        restore_checkpoint(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                           scaler=self.scaler)
+        self.skipped_steps = state.get("skipped_steps", 0)
 
     def write_run_files(self) -> None:
         """config.json (every setting, the data, the model, the FLOP plan) and metrics.jsonl (the lines a resumed run
@@ -265,7 +244,9 @@ class Trainer:
         # DDP averages the processes' gradients; scaling each process's summed loss by world_size / (the global
         # batch's tokens) makes that average the gradient of the mean loss over every token of the global batch,
         # exactly what a single process computes.
-        (loss_sum * dist.world_size / max(tokens, 1)).backward()
+        # float16: backward through the loss times the dynamic scale, then the true gradients for clipping.
+        self.scaler.scale(loss_sum * dist.world_size / max(tokens, 1)).backward()
+        self.scaler.unscale_(self.optimizer)
         grad_norm = float(nn.utils.clip_grad_norm_(self.trainable,
                                                    config.grad_clip if config.grad_clip > 0 else math.inf))
         # One collective for the loss and for a stop request (a signal to any process), so all decide alike.
@@ -274,17 +255,19 @@ class Trainer:
         loss_total, stop_requests = reduced.tolist()
         train_loss = loss_total / max(tokens, 1)
         self.flops_used += self.per_step
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+        skipped = overflow_skipped(self.scaler, train_loss, grad_norm)  # float16: skipped and counted, not stopped
+        if not skipped and not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             if dist.is_main:  # it was computed
                 self.recorder.add("train", self.per_step, steps=1, step=step, per_step_flops=self.per_step)
             raise diverged(self.run_dir, step, f"training loss {train_loss}, gradient norm {grad_norm}",
                            self.run_progress)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.scaler, self.optimizer, self.scheduler)
+        self.skipped_steps += skipped
         seconds = time.perf_counter() - began
-        entry = {"step": step, "train_loss": train_loss, "val_loss": None, "lr": lr, "grad_norm": grad_norm,
-                 "flops": step * self.per_step, "tokens_per_s": config.batch * config.ctx / seconds}
+        entry = {"step": step, "train_loss": train_loss, "val_loss": None, "lr": lr,
+                 "grad_norm": None if skipped else grad_norm,
+                 "flops": step * self.per_step, "tokens_per_s": config.batch * config.ctx / seconds,
+                 "skipped": skipped, "skipped_steps": self.skipped_steps}
         return entry, stop_requests > 0
 
     def evaluate(self, step: int) -> dict:
@@ -303,6 +286,7 @@ class Trainer:
         """Append the step's metrics line and book the step (rank 0), then call the hooks (every process)."""
         if self.dist.is_main:
             append_line(self.run_dir / METRICS_NAME, json.dumps(entry))
+            self.board.log(entry)  # the same dict: TensorBoard cannot disagree with metrics.jsonl
             self.run_progress.logged = entry["step"]
             if entry["train_loss"] is not None:
                 self.recorder.add("train", self.per_step, steps=1, step=entry["step"], per_step_flops=self.per_step)
@@ -317,7 +301,8 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             step=step, data_position=data_position(step, len(self.run_data.train), self.config.batch),
-                            flops_used=self.flops_used, trajectory=self.config.trajectory_values())
+                            flops_used=self.flops_used, trajectory=self.config.trajectory_values(),
+                            scaler=self.scaler, skipped_steps=self.skipped_steps)
         self.run_progress.checkpoint = step
 
     def finish(self) -> RunResult:

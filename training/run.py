@@ -4,7 +4,9 @@
                           trainable parameters, the step this (resumed) process started at
     <run>/metrics.jsonl   one JSON line per step: step, train_loss, val_loss (null between evaluations), lr,
                           grad_norm (before clipping), flops (training FLOPs so far), tokens_per_s (window
-                          positions, padding included); step 0 holds the untrained model's val loss
+                          positions, padding included), skipped (float16: the gradients overflowed, so the step
+                          changed no weight; its grad_norm is null), skipped_steps (how many so far); step 0 holds
+                          the untrained model's val loss
     <run>/loss_curve.png  train and validation loss against steps
     <run>/flops.json      the run's record in the FLOP budget ledger (the `ledger` package)
     <run>/checkpoint.pt   the latest resumable state: trainable weights, optimizer, scheduler, data position, RNG
@@ -20,12 +22,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import lora
 from qwen_mini import load_model_and_tokenizer
+
+from .config import TrainConfig
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -39,6 +45,43 @@ MODEL_DIR = "model"
 class RunDirError(ValueError):
     """A run directory that is missing, incomplete or does not match the run being started."""
 
+
+
+# Steps averaged for the "final train loss" of summaries (one step's loss is noisy).
+FINAL_TRAIN_STEPS = 10
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    config: TrainConfig
+    steps_done: int
+    per_step_flops: int
+    flops_used: int  # training + validation FLOPs the ledger counts for this run (steps redone after a crash too)
+    metrics: list[dict]
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model, on rank 0
+    tokenizer: object = field(default=None, repr=False)
+    counted: bool = True  # in the ledger of its --runs-dir (False: --no-budget outside it)
+    gqa: str = "real"  # how its FLOPs count attention
+
+    @property
+    def val_losses(self) -> list[tuple[int, float]]:
+        return [(m["step"], m["val_loss"]) for m in self.metrics if m.get("val_loss") is not None]
+
+    def summary_row(self) -> dict:
+        train = [m["train_loss"] for m in self.metrics if m.get("train_loss") is not None]
+        val = self.val_losses
+        return {
+            "run": self.run_dir.name, "run_dir": str(self.run_dir), "lr": self.config.lr,
+            "rank": None if self.config.full else self.config.rank, "ctx": self.config.ctx,
+            "steps": self.steps_done,
+            "final_train_loss": sum(train[-FINAL_TRAIN_STEPS:]) / len(train[-FINAL_TRAIN_STEPS:]) if train else None,
+            "initial_val_loss": val[0][1] if val and val[0][0] == 0 else None,
+            "final_val_loss": val[-1][1] if val else None,
+            "best_val_loss": min(v for _, v in val) if val else None,
+            "per_step_flops": self.per_step_flops, "flops_used": self.flops_used, "counted": self.counted,
+            "gqa": self.gqa,
+        }
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
     """The run's config.json as a dict."""

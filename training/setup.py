@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 import lora
-from common.devices import device_from_flag
+from common.devices import device_from_flag, dtype_from_flag
 from data.lotka_volterra import trajectories_shape
 from qwen_mini import load_model_and_tokenizer
 from qwen_mini.config import TINY_MODEL_SEED, ConfigError as ModelConfigError, config_for_model
@@ -30,7 +31,8 @@ def check_settings(config: TrainConfig, world_size: int = 1) -> None:
     if config.batch % world_size:
         raise ConfigError(f"--batch {config.batch} must be divisible by the number of processes ({world_size}): "
                           "each process takes an equal slice of every batch")
-    resolve_device(config.device, Distributed())  # an accelerator this machine lacks: refused here, not on first use
+    # An accelerator this machine lacks, or a dtype it cannot run: refused here, not on first use.
+    resolve_precision(config, resolve_device(config.device, Distributed()))
     try:
         config_for_model(config.model).check_positions(config.ctx, model=config.model)
     except ModelConfigError as e:
@@ -54,20 +56,50 @@ def resolve_device(name: str, dist: Distributed) -> torch.device:
 class Precision:
     frozen_dtype: torch.dtype  # weights that are not trained (LoRA's base model)
     autocast_dtype: torch.dtype | None  # None: no autocast, everything in float32
+    loss_scaling: bool = False  # float16: dynamic loss scaling (GradScaler), whose overflow steps are skipped
 
     def autocast(self, device: torch.device):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """float16's dynamic loss scaler; for other precisions a disabled one, whose calls do nothing extra."""
+        return torch.amp.GradScaler(device.type, enabled=self.loss_scaling)
+
+
+def overflow_skipped(scaler: torch.amp.GradScaler, train_loss: float, grad_norm: float) -> bool:
+    """Whether float16's loss scaling skips this step: gradients that overflow under a finite loss are the scale's
+    doing, not divergence, unless the scale is below 1 already (then they overflow unscaled: divergence)."""
+    return (scaler.is_enabled() and math.isfinite(train_loss) and not math.isfinite(grad_norm)
+            and scaler.get_scale() >= 1)
+
+
+def optimizer_step(scaler: torch.amp.GradScaler, optimizer, scheduler) -> None:
+    """The optimizer's step (which the scaler skips where the gradients overflowed), the scale's update, and the
+    schedule's step, which follows every step, skipped or not; then the gradients are cleared."""
+    scaler.step(optimizer)
+    scaler.update()
+    with warnings.catch_warnings():  # a skipped optimizer step is not the misuse torch warns about
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
 
 def resolve_precision(config: TrainConfig, device: torch.device) -> Precision:
-    """float32: everything in float32. bfloat16 (the default on CUDA): matmuls under bf16 autocast; a LoRA run also
-    keeps its frozen base weights in bf16 (half the memory), while trained parameters and AdamW's state always stay
-    float32."""
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    """float32: everything in float32. bfloat16 (auto's choice on CUDA GPUs that have it): matmuls under bf16
+    autocast; a LoRA run also keeps its frozen base weights in bf16 (half the memory). float16 (auto's choice on older
+    CUDA GPUs): matmuls under fp16 autocast over float32 weights, with dynamic loss scaling (a step whose gradients
+    overflow is skipped and counted). Trained parameters and AdamW's state always stay float32. The names resolve in
+    `common.devices.dtype_from_flag` (bfloat16 on MPS: ConfigError)."""
+    try:
+        dtype = dtype_from_flag(config.dtype, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if dtype == "float32":
         return Precision(torch.float32, None)
+    if dtype == "float16":
+        return Precision(torch.float32, torch.float16, loss_scaling=True)
     return Precision(torch.float32 if config.full else torch.bfloat16, torch.bfloat16)
 
 
