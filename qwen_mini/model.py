@@ -174,7 +174,9 @@ def partial_attention(q, k, v, mask):
     returns the log-sum-exp): at decode sizes the step is a chain of small ops, each paying its dispatch."""
     if q.device.type == "cpu" and q.dim() == 4 and not torch.compiler.is_compiling() \
             and _current_dispatch_mode() is None:
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+        # Every key visible (decode steps in lockstep, no padding): no bias, which the kernel would read as much as k.
+        bias = None if bool(mask.all()) else \
+            torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
         return out.float(), lse.float()[..., None]
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
