@@ -111,8 +111,9 @@ def main(argv=None):
     p.add_argument("--fc-horizon", type=positive_int, default=50, help="forecast task: forecast steps")
     p.add_argument("--fc-temperature", type=positive_float, default=0.8,
                    help="forecast task: sampling temperature (default: %(default)s)")
-    p.add_argument("--tokenizer", default=str(SHARED_TOKENIZER) if SHARED_TOKENIZER.is_dir() else "Qwen/Qwen2.5-0.5B",
-                   help="Qwen2.5 tokenizer (directory or hub id) for the forecast task (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer (directory or hub id) for the forecast task (default: models/lv-tiny's character "
+                        "tokenizer for --config lv-tiny, else Qwen2.5's: the shared fixture when present, else the hub)")
     p.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],
                    help="HF generate's cache implementation")
     p.add_argument("--autocast", action="store_true",
@@ -126,6 +127,9 @@ def main(argv=None):
     p.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)  # internal: run one case
     p.add_argument("--task", choices=(*TASKS, "machine"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.tokenizer is None:  # the model's own vocabulary: lv-tiny's 32 characters, or Qwen2.5's
+        args.tokenizer = str(ROOT / "models" / "lv-tiny") if args.config == "lv-tiny" else \
+            str(SHARED_TOKENIZER) if SHARED_TOKENIZER.is_dir() else "Qwen/Qwen2.5-0.5B"
     try:  # every process resolves auto alike (the subprocesses get the same flags)
         args.dtype = dtype_from_flag(args.dtype, torch.device(args.device))
     except (ValueError, RuntimeError) as e:

@@ -18,7 +18,8 @@ from training.stopping import Interrupted, StopSignals
 
 from .budget import Booking, budgeted_evaluate, check_run_record
 from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, DTYPES, SPLITS, ForecastConfig
-from .evaluate import OutputBusy, Protocol, format_table, lock_output, select_trajectories, write_outputs
+from .evaluate import (OutputBusy, Protocol, check_output_names, format_table, lock_output, select_trajectories,
+                       write_outputs)
 from .forecast import check_samples_fit
 from .grammar import max_forecast_tokens
 from .source import from_model, from_run, parse_dtype, pick_device
@@ -171,6 +172,9 @@ def runs_dir_of(args) -> Path:
     path = Path(args.run) / RECORD_NAME if args.run else None
     record = read_record(path) if path is not None and record_present(path) else None  # one that lies: refused now
     if args.runs_dir is not None:
+        if Path(args.runs_dir).exists() and not Path(args.runs_dir).is_dir() and not args.no_budget:
+            raise ValueError(f"--runs-dir {args.runs_dir}: not a directory (the runs directory whose FLOP ledger "
+                             "counts this forecast)")
         return Path(args.runs_dir)
     recorded = recorded_runs_dir(record) if record is not None else None
     return recorded if recorded is not None else Path(DEFAULT_RUNS_DIR)
@@ -226,6 +230,7 @@ def forecast(args, signals: StopSignals) -> int:
         if args.run is not None:
             check_run_record(Path(args.run))
         ensure_writable_dir(out)
+        check_output_names(out)
     except OSError as e:
         print(f"error: cannot write the output: {os_error_text(e)}", file=sys.stderr)
         return EXIT_USAGE

@@ -4,6 +4,7 @@ plots."""
 from __future__ import annotations
 
 import csv
+import errno
 import fnmatch
 import json
 import math
@@ -292,6 +293,16 @@ def lock_output(out_dir: Path, what: str) -> FileLock:
     except LockHeld as e:
         raise OutputBusy(f"{out_dir} is being written by another forecast ({describe_holder(e.holder)}): wait for "
                          "it, or pass another --out") from None
+
+
+def check_output_names(out_dir: Path) -> None:
+    """Refuse (IsADirectoryError naming it) a directory or other non-file in `out_dir` under the name of a file the
+    forecast writes: it would stop the writing after every forecast was computed."""
+    for name in (FORECAST_METRICS, *(p for p in OUTPUT_PATTERNS if "*" not in p)):
+        path = out_dir / name
+        if path.exists() and not path.is_file():
+            raise IsADirectoryError(errno.EISDIR, "not a regular file, where the forecast writes its file of that name",
+                                    str(path))
 
 
 def earlier_outputs(out_dir: Path) -> set[str]:

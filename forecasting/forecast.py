@@ -231,10 +231,10 @@ def check_samples_fit(trajectories: int, num_samples: int, new_tokens: int, hori
     held = held_samples_bytes(trajectories, num_samples, new_tokens, horizon, n_vars)
     if held > memory_gb * 2 ** 30:
         most = int(memory_gb * 2 ** 30 // held_samples_bytes(trajectories, 1, new_tokens, horizon, n_vars))
+        fewer = f"use at most {most} samples, fewer" if most >= 1 else "use fewer"  # not "at most 0 samples"
         raise ValueError(f"--num-samples {num_samples} for {trajectories} trajectories holds about "
-                         f"{held / 2 ** 30:.1f} GiB of samples until they are scored, over --memory-budget "
-                         f"{memory_gb:g} GiB: use at most {most} samples, fewer trajectories (--limit), or a larger "
-                         "--memory-budget")
+                         f"{held / 2 ** 30:.2g} GiB of samples until they are scored, over --memory-budget "
+                         f"{memory_gb:g} GiB: {fewer} trajectories (--limit), or a larger --memory-budget")
 
 
 def grammar_candidates(allow_negative: bool = False) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from common.args import positive_int
 from common.exit_codes import EXIT_OK, EXIT_USAGE
 
@@ -61,6 +63,9 @@ def job_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Jo
         parser.error(f"--{slurm_only[0].replace('_', '-')} needs --launcher slurm")
     if args.gpus and args.launcher != "local":
         parser.error("--gpus is for --launcher local; SLURM gives each job its GPUs (--slurm-gpus-per-job)")
+    if args.gpus and not torch.cuda.is_available():  # else each job would train on the CPU, silently
+        parser.error(f"--gpus {','.join(args.gpus)}: no CUDA device is available to this torch {torch.__version__}; "
+                     "leave out --gpus (--jobs N runs jobs on the CPU)")
     jobs = args.jobs if args.jobs is not None else (len(args.gpus) if args.gpus else 1)
     parallelism = args.slurm_array_parallelism if args.slurm_array_parallelism is not None else args.jobs
     return JobOptions(jobs=jobs, gpus=tuple(args.gpus or ()), launcher=args.launcher,

@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         config.check_positions(args.ctx)
         model, adapters = build_model(config, args)
         if args.runs is not None and not args.runs.is_dir():
-            raise UsageError(f"--runs {args.runs}: no such directory")
+            what = "not a directory" if args.runs.exists() else "no such directory"
+            raise UsageError(f"--runs {args.runs}: {what}")
         gqa = Ledger(args.runs).convention(args.gqa) if args.runs is not None else (args.gqa or "real")
         report = count_forward(model, args.batch, args.ctx, gqa=gqa, costs=dict(args.cost))
         if args.runs is not None:

@@ -30,6 +30,7 @@ from common.fileio import write_json_atomic
 from training.config import TrainConfig
 from training.loop import train_run
 from training.rundir import holds_run
+from training.stopping import Interrupted
 
 from .plan import JOBS_DIR, Plan, PlanError, StudyRun, is_complete
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -195,7 +196,7 @@ def run_local(specs: list[dict], options: JobOptions, folder: Path, log) -> list
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+    raise Interrupted(signum)  # train.py's line "stopped by SIGTERM" and exit status 143, as a run's own stop has
 
 
 def _log_path(folder: Path, spec: dict) -> Path:

@@ -32,7 +32,8 @@ from training.run import CONFIG_NAME, METRICS_NAME, PLOT_NAME, read_metrics, rea
 from . import report_figures as figs
 from .report_figures import slug
 from .report_flops import RULES, component_table, reconciliation, step_setting
-from .report_results import FINE_TUNED, ZERO_SHOT, StageResult, best_baseline, results_section, stage_results
+from .report_results import (FINE_TUNED, ZERO_SHOT, StageResult, best_baseline, moved_out, results_section,
+                             stage_results, summary_fault)
 from .plan import STUDY_FILE
 from .selection import best_finite, choose_best
 
@@ -94,6 +95,9 @@ class Group:
     best: RunInfo | None = None
 
 
+REPORTED_SETTINGS = ("lr", "rank", "batch", "ctx", "steps")
+
+
 def collect_runs(runs_dir: Path, records: dict[Path, Record]) -> tuple[list[RunInfo], list[str]]:
     """The training runs under `runs_dir`, and one line per run directory that could not be read."""
     runs, unreadable = [], []
@@ -106,6 +110,9 @@ def collect_runs(runs_dir: Path, records: dict[Path, Record]) -> tuple[list[RunI
             config = read_run_config(run_dir)
             if not isinstance(config, dict):
                 raise ValueError(f"{config_path}: not a JSON object (a {type(config).__name__})")
+            missing = [key for key in REPORTED_SETTINGS if key not in config]
+            if missing:  # what the tables and the FLOP section show of every run
+                raise ValueError(f"{config_path}: not a train.py run config (missing {', '.join(missing)})")
             metrics = read_metrics(run_dir, drop_torn_tail=True)
         except (ValueError, OSError) as e:
             unreadable.append(f"run {label}: {e}")
@@ -393,7 +400,7 @@ def write_report(runs_dir, out=None, max_flops: int | None = None, warn=None) ->
     warn = warn or (lambda line: print(f"report.py: warning: {line}", file=sys.stderr))
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise ReportError(f"{runs_dir}: no such directory")
+        raise ReportError(f"{runs_dir}: {'not a directory' if runs_dir.exists() else 'no such directory'}")
     out = Path(out) if out is not None else runs_dir
     records = read_records(runs_dir)
     runs, unreadable = collect_runs(runs_dir, {r.run_dir.resolve(): r for r in records})
@@ -447,7 +454,11 @@ def forecast_results(studies: list[tuple[Path, dict]], records: list[Record], ru
             unreadable.append(f"forecast {out}: no metrics.json")
             return None
         summary = read_json(path, unreadable, "forecast")
-        return summary if isinstance(summary, dict) else None
+        fault = summary_fault(summary) if summary is not None else None
+        if fault is not None:
+            unreadable.append(f"forecast {path}: {fault}")
+            return None
+        return summary
 
     results, in_studies = [], set()
     for _, study in studies:
@@ -459,7 +470,7 @@ def forecast_results(studies: list[tuple[Path, dict]], records: list[Record], ru
             if stage.get("of") != "base":
                 results += stage_results(stage, bases, read_summary)
     for record in records:  # forecast.py --run outside a study: the run's own record holds its forecasts
-        outs = dict.fromkeys(e["out"] for e in record.forecasts if isinstance(e, dict) and e.get("out"))
+        outs = dict.fromkeys(moved_out(e, record) for e in record.forecasts if isinstance(e, dict) and e.get("out"))
         for out in outs:
             if str(Path(out).resolve()) not in in_studies and record.by_kind["train"]:
                 stage = {"name": record_label(record, runs_dir), "forecasts": [out], "runs": [str(record.run_dir)]}

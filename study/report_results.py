@@ -18,6 +18,7 @@ from pathlib import Path
 
 from forecasting.evaluate import NAMED_SAMPLES, ranked_trajectories
 from forecasting.metrics import SPECIES
+from ledger import Record
 
 from .report_figures import plot_horizon, slug
 
@@ -177,3 +178,36 @@ def results_section(result: StageResult, out: Path, figures: Path, loss_curve: P
         if link is not None:
             lines += [f"*{caption}*", "", link, ""]
     return lines
+
+
+def moved_out(entry: dict, record: Record) -> str:
+    """A booked forecast's directory now: one inside the run's directory moves with it, so the report of a runs
+    directory copied or moved elsewhere shows its own forecasts, not the original's (the record holds absolute
+    paths: `out`, and `source`, the run's directory then)."""
+    out, source = Path(str(entry["out"])), entry.get("source")
+    if isinstance(source, str) and out.is_relative_to(source) and Path(source).resolve() != record.run_dir.resolve():
+        return str(record.run_dir / out.relative_to(source))
+    return str(out)
+
+
+def summary_fault(summary) -> str | None:
+    """What makes a forecast's metrics.json unusable for the report (None: nothing): the shape forecast.py writes,
+    {"metrics": {method: {species: {score: number or null, "mae_by_step": [numbers]}}}, "trajectories": [...]}."""
+    if not isinstance(summary, dict):
+        return f"not a JSON object (a {type(summary).__name__})"
+    if not isinstance(summary.get("metrics"), dict):
+        return f"metrics must be a JSON object, got {summary.get('metrics')!r:.60}"
+    if not isinstance(summary.get("trajectories", []), list):
+        return f"trajectories must be a list, got {summary.get('trajectories')!r:.60}"
+    for method, values in summary["metrics"].items():
+        if not isinstance(values, dict):
+            continue  # a note, not a method's scores
+        for species in SPECIES:
+            scores = values.get(species)
+            if scores is not None and not isinstance(scores, dict):
+                return f"metrics.{method}.{species} must be a JSON object, got {scores!r:.60}"
+            for key, value in (scores or {}).items():
+                items = value if key.endswith("_by_step") and isinstance(value, list) else [value]
+                if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in items):
+                    return f"metrics.{method}.{species}.{key} must be a number, got {value!r:.60}"
+    return None

@@ -14,6 +14,7 @@ import errno
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +27,13 @@ import forecast
 import forecasting.cli
 import report as report_cli
 import study.report
+import training.loop
 import training.setup
 from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from forecasting.evaluate import FILES_KEY, OUTPUT_LOCK, lock_output
-from test_faults import REPO, TINY, copy_run, data, finished, lines_of, snapshot, train  # noqa: F401 (fixtures)
+from forecasting.forecast import check_samples_fit
+from test_faults import (REPO, TINY, copy_run, data, finished, flags, lines_of, snapshot,  # noqa: F401 (fixtures)
+                         train)
 from training.stopping import Interrupted
 
 EVALUATE = importlib.import_module("forecasting.evaluate")  # the module (the package exports a function of its name)
@@ -287,3 +291,102 @@ def test_a_full_disk_or_sigterm_while_the_report_is_written_leaves_no_temporary_
     assert lines_of(capsys.readouterr().err)[-1] == "report.py: stopped by SIGTERM; report.md was not written"
     assert not (out / "report.md").exists() and not leftovers(out)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# ---- the second hostile pass (issue 22): outputs that cannot be, damaged files the report reads ---------------------
+
+def test_a_tensorboard_dir_where_a_file_stands_is_refused_before_the_run_directory(tmp_path, data, monkeypatch,
+                                                                                   capsys):
+    monkeypatch.setattr(training.loop, "summary_writer_class", lambda: None)  # the package is not what is tested
+    run, blocker = tmp_path / "runs" / "tb", tmp_path / "a_file"
+    blocker.write_text("keep\n")
+    for where in (blocker, blocker / "sub"):
+        status, lines = train(capsys, *flags(run, data, "--steps", "1", "--tensorboard", "--tensorboard-dir", where))
+        assert status == EXIT_USAGE and lines == [
+            f"train.py: error: --tensorboard-dir {blocker}: exists and is not a directory, so the TensorBoard event "
+            f"files cannot go to {where}"]
+        assert not (tmp_path / "runs").exists() and blocker.read_text() == "keep\n"  # no run directory, no record
+    with pytest.raises(SystemExit) as exit_:  # without --tensorboard it would be ignored: refused instead
+        train(capsys, *flags(run, data, "--steps", "1", "--tensorboard-dir", tmp_path / "tb"))
+    assert exit_.value.code == EXIT_USAGE and not (tmp_path / "runs").exists() and not (tmp_path / "tb").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "train.py: error: --tensorboard-dir says where --tensorboard writes: it needs --tensorboard")
+
+
+def test_an_out_holding_a_directory_named_like_an_output_file_or_a_dangling_link_is_refused_before_forecasting(
+        tmp_path, finished, capsys):
+    run = copy_run(finished, tmp_path)
+    record = (run / "flops.json").read_bytes()
+    (run / "forecast" / "metrics.json").mkdir(parents=True)
+    status, lines = run_forecast(capsys, run, run / "forecast")
+    assert status == EXIT_USAGE and lines[-1] == (
+        f"error: cannot write the output: {run / 'forecast' / 'metrics.json'}: not a regular file, where the "
+        "forecast writes its file of that name")
+    (run / "dangling").symlink_to(tmp_path / "gone")
+    status, lines = run_forecast(capsys, run, run / "dangling")
+    assert status == EXIT_USAGE and lines[-1] == (
+        f"error: cannot write the output: {run / 'dangling'}: a symbolic link to {tmp_path / 'gone'}, which does "
+        "not exist")
+    assert (run / "flops.json").read_bytes() == record and not (tmp_path / "gone").exists()  # nothing spent
+
+
+def test_a_memory_budget_too_small_for_one_sample_does_not_advise_zero_samples():
+    with pytest.raises(ValueError) as refused:
+        check_samples_fit(2, 1, 100, 50, 2, 1e-9)
+    assert "at most 0" not in str(refused.value) and "use fewer trajectories (--limit)" in str(refused.value)
+
+
+REPORT_DAMAGE = [  # (case, file of the run's forecast or of the run, damage, the fault its warning names)
+    ("metrics a number", "forecast/metrics.json", lambda m: m.update(metrics=5),
+     "metrics must be a JSON object, got 5"),
+    ("metrics.json a list", "forecast/metrics.json", lambda m: [], "not a JSON object (a list)"),
+    ("a score a string", "forecast/metrics.json", lambda m: m["metrics"]["model"]["prey"].update(mse="abc"),
+     "metrics.model.prey.mse must be a number, got 'abc'"),
+    ("a species a number", "forecast/metrics.json", lambda m: m["metrics"]["model"].update(prey=7),
+     "metrics.model.prey must be a JSON object, got 7"),
+    ("trajectories a string", "forecast/metrics.json", lambda m: m.update(trajectories="x"),
+     "trajectories must be a list, got 'x'"),
+    ("ctx a list", "config.json", lambda c: c.update(ctx=[1]), "not a train.py run config (ctx must be a whole number"),
+    ("rank null", "config.json", lambda c: c.update(rank=None), "rank must be a whole number, got None"),
+    ("ctx and steps gone", "config.json", lambda c: [c.pop("ctx"), c.pop("steps")] and c,
+     "not a train.py run config (missing ctx, steps)"),
+    ("config.json a number", "config.json", lambda c: 5, "not a train.py run config (a JSON int, not an object)"),
+]
+
+
+@pytest.mark.parametrize("case,name,damage,fault", REPORT_DAMAGE, ids=[c[0] for c in REPORT_DAMAGE])
+def test_the_report_names_a_damaged_forecast_or_run_config_and_goes_on(forecast_done, capsys, case, name, damage,
+                                                                       fault):
+    run, _ = forecast_done
+    path = run / name
+    value = json.loads(path.read_text())
+    damaged = damage(value)
+    path.write_text(json.dumps(value if damaged is None else damaged))
+    before = snapshot(run)
+    assert report_cli.main([str(run.parent), "--out", str(run.parent.parent / "report")]) == EXIT_OK
+    [line] = lines_of(capsys.readouterr().err)
+    assert line.startswith("report.py: warning: ") and str(path) in line and fault in line
+    assert snapshot(run) == before
+
+
+def test_a_runs_dir_that_is_a_file_is_named_as_not_a_directory(tmp_path, finished, capsys):
+    target = tmp_path / "runs.txt"
+    target.write_text("keep\n")
+    status = forecast.main([str(a) for a in ["--run", finished, "--runs-dir", target, "--out", tmp_path / "out",
+                                             *QUICK]])
+    assert status == EXIT_USAGE and lines_of(capsys.readouterr().err) == [
+        f"error: --runs-dir {target}: not a directory (the runs directory whose FLOP ledger counts this forecast)"]
+    assert not (tmp_path / "out").exists()
+    assert report_cli.main([str(target)]) == EXIT_USAGE
+    assert lines_of(capsys.readouterr().err) == [f"report.py: error: {target}: not a directory"]
+    assert flops_cli.main(["--runs", str(target)]) == EXIT_USAGE
+    assert lines_of(capsys.readouterr().err) == [f"flops.py: error: --runs {target}: not a directory"]
+    assert target.read_text() == "keep\n"
+
+
+def test_the_report_of_a_copied_runs_dir_reads_the_copys_forecasts_not_the_originals(forecast_done, capsys):
+    """flops.json books each forecast with its absolute --out: the copy's report must not show the original's."""
+    run, out = forecast_done  # a copy of a run whose forecast was made elsewhere
+    shutil.rmtree(out)
+    assert report_cli.main([str(run.parent), "--out", str(run.parent.parent / "report")]) == EXIT_OK
+    assert lines_of(capsys.readouterr().err) == [f"report.py: warning: forecast {out}: no metrics.json"]

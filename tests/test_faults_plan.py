@@ -8,13 +8,22 @@ the runs directory was never created (nothing ran, nothing was reserved).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import study.jobs
 import train as train_cli
 from common.exit_codes import EXIT_USAGE
+from study.jobs import JobOptions, run_local
 from test_faults import lines_of
+from training.cli import failure_status
+from training.stopping import Interrupted
 
 STAGE = '[[stage]]\nname = "grid"\nsteps = 2\n'
 FORECAST_STAGE = '[[stage]]\nname = "test"\nforecast = "grid"\n'
@@ -45,6 +54,9 @@ CASES = [
     ("split is bogus", plan_text(forecast='split = "bogus"'), ["[forecast]", "split", "'bogus'", "train, val, test"]),
     ("a forecast stage's temperature is a string", plan_text(stages=STAGE + FORECAST_STAGE + 'temperature = "hot"\n'),
      ["stage 2 (test)", "temperature", "'hot'", "a number"]),
+    ("a value [train] gives, refused by its rule, is named in [train]", plan_text(train="rank = -1"),
+     ["[train]", "rank", "-1", "positive integer"]),
+    ("[train] dtype is bogus", plan_text(train='dtype = "bogus"'), ["[train]", "dtype", "'bogus'", "float32"]),
     ("[stage] instead of [[stage]]", plan_text(stages='[stage]\nname = "grid"\n'), ["[[stage]]", "'grid'"]),
     ("[train] is a value, not a table", 'train = 5\n[study]\nname = "s"\n' + STAGE, ["train", "5", "[train]"]),
     ("from names a list", plan_text(stages=STAGE + '[[stage]]\nname = "next"\nfrom = ["grid"]\n'),
@@ -106,3 +118,34 @@ def test_a_damaged_study_json_is_one_line_and_kept(tmp_path, capsys, damage):
     assert line.startswith(f"train.py: error: {runs / 's' / 'study.json'}: ")
     assert "move it away to start the study again" in line
     assert (runs / "s" / "study.json").read_bytes() == damage
+
+
+def test_gpus_on_a_machine_without_cuda_is_refused_not_run_on_the_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan, runs = tmp_path / "plan.toml", tmp_path / "runs"
+    plan.write_text(plan_text())
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(["--plan", str(plan), "--runs-dir", str(runs), "--gpus", "0"])
+    assert exit_.value.code == EXIT_USAGE and not runs.exists()
+    assert lines_of(capsys.readouterr().err)[-1].startswith("train.py: error: --gpus 0: no CUDA device is available")
+
+
+def test_sigterm_to_a_driver_of_jobs_stops_them_and_is_exit_143_naming_sigterm(tmp_path, monkeypatch, capsys):
+    """The driver's SIGTERM handler: its jobs get a SIGTERM and are waited for; train.py says SIGTERM, exits 143."""
+    children = []
+
+    def start(spec, gpu, folder, log):  # a job that only a signal ends
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        process.log_file = open(folder / "job.log", "a")
+        children.append(process)
+        return process
+    monkeypatch.setattr(study.jobs, "_start_local", start)
+    monkeypatch.setattr(study.jobs.time, "sleep", lambda seconds: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Interrupted) as stopped:
+        run_local([{"run": "grid/a"}], JobOptions(jobs=1), tmp_path, print)
+    assert [c.returncode for c in children] == [-signal.SIGTERM]  # stopped and waited for, not left running
+    assert failure_status(stopped.value, "train.py", "the same command") == 143
+    assert lines_of(capsys.readouterr().err) == [
+        "train.py: stopped by SIGTERM (the newest checkpoint is the one written before); to continue, run the same "
+        "command"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import report as report_cli
+from conftest import tiny_plan
 import train
 from conftest import LV_H5
 from data.dataset import IGNORE_INDEX
@@ -127,20 +128,7 @@ def test_runs_at_different_context_lengths_are_compared_on_the_largest_n_both_re
 
 # ---- the report of a tiny study ------------------------------------------------------------------------------------
 
-TINY_PLAN = """
-[study]
-name = "tiny"
-gqa = "mha"
-
-[train]
-model = "tiny"
-batch = 2
-ctx = 32
-val_batches = 1
-eval_every = 2
-checkpoint_every = 2
-rank = 2
-
+TINY_PLAN = tiny_plan("tiny", None, """
 [forecast]
 limit = 3
 horizon = 3
@@ -170,7 +158,7 @@ steps = 6
 [[stage]]
 name = "test"
 forecast = "final"
-"""
+""", eval_every=2, checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")

@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None, run_plan=None, plan_arguments=None) -> i
     given = [dest for dest in plan_only if getattr(args, dest) != parser.get_default(dest)]
     if args.plan is None and given:
         parser.error(f"--{given[0].replace('_', '-')} dispatches the runs of a study plan: it needs --plan")
+    if args.plan is None and args.tensorboard_dir is not None and not args.tensorboard:
+        parser.error("--tensorboard-dir says where --tensorboard writes: it needs --tensorboard")
     try:
         configs = [] if args.plan is not None else configs_from_args(args, plan_only)
     except ConfigError as e:

@@ -84,16 +84,17 @@ class TrainConfig:
         def positive(name):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", key=name)
 
         def non_negative(name, kind=int):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, kind)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value!r}")
+                raise ConfigError(f"{name} must be >= 0, got {value!r}", key=name)
 
         positive("ctx")
         if self.ctx < 2:  # checked first: the default stride (ctx // 2) follows from it
-            raise ConfigError(f"ctx must be >= 2 (the loss predicts token t+1 from tokens <= t), got {self.ctx}")
+            raise ConfigError(f"ctx must be >= 2 (the loss predicts token t+1 from tokens <= t), got {self.ctx}",
+                              key="ctx")
         for name in ("batch", "steps", "eval_every", "val_batches", "stride", "max_flops"):
             positive(name)
         for name in ("checkpoint_every", "decimals", "warmup"):
@@ -103,22 +104,24 @@ class TrainConfig:
         if self.stride > self.ctx:
             raise ConfigError(f"stride {self.stride} > ctx {self.ctx} would skip tokens between windows")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}", key="lr")
         if self.lora_dropout >= 1:
-            raise ConfigError(f"lora_dropout must be < 1, got {self.lora_dropout}")
+            raise ConfigError(f"lora_dropout must be < 1, got {self.lora_dropout}", key="lora_dropout")
         if not self.full:
             positive("rank")
             if not math.isfinite(self.alpha):
-                raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}")
+                raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}", key="alpha")
             check_targets(self.targets, error=ConfigError)
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
+                              key="schedule")
         if self.split_mode not in SPLIT_MODES:
-            raise ConfigError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {self.split_mode!r}")
+            raise ConfigError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {self.split_mode!r}",
+                              key="split_mode")
         if self.gqa is not None and self.gqa not in GQA_MODES:
-            raise ConfigError(f"gqa must be one of {', '.join(GQA_MODES)}, got {self.gqa!r}")
+            raise ConfigError(f"gqa must be one of {', '.join(GQA_MODES)}, got {self.gqa!r}", key="gqa")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", key="dtype")
         if self.warmup >= self.steps and self.schedule == "cosine":
             raise ConfigError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps}) for a cosine decay")
 

@@ -42,7 +42,7 @@ from qwen_mini.loading import all_finite
 
 from .budget import PreparedRun, counting_model, eval_pass_flops, prepare_run
 from .checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import Distributed
 from .plot import plot_losses
 from .run import (ADAPTER_DIR, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, MODEL_DIR, PLOT_NAME, RunDirError,
@@ -68,6 +68,7 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
     check_settings(config, dist.world_size)
     if config.tensorboard:
         summary_writer_class()  # a missing package is one line, before any FLOP is reserved
+        check_tensorboard_dir(config)
     lock = []  # the run directory's lock, held by rank 0 for the whole run (only rank 0 writes there)
     # Rank 0's PreparedRun, whole: its recorder holds a lock and its counting model is not worth sending, so neither
     # travels to the other ranks.
@@ -103,6 +104,18 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
             prepared_on_main[0].recorder.settle(bool(finished))  # from now on only what the run spent counts
         if lock:
             lock[0].release()
+
+
+def check_tensorboard_dir(config: TrainConfig) -> None:
+    """Refuse (ConfigError) event files that could not be written because a file stands where their directory would
+    be: before the run directory is made, not after config.json."""
+    for directory in (config.tensorboard_path, *config.tensorboard_path.parents):
+        if directory.exists():
+            if not directory.is_dir():
+                flag = "--tensorboard-dir " if config.tensorboard_dir is not None else ""
+                raise ConfigError(f"{flag}{directory}: exists and is not a directory, so the TensorBoard event files "
+                                  f"cannot go to {config.tensorboard_path}")
+            return
 
 
 @dataclass

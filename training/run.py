@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from torch import nn
 import lora
 from qwen_mini import load_model_and_tokenizer
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -83,6 +83,10 @@ class RunResult:
             "gqa": self.gqa,
         }
 
+
+SETTING_NAMES = frozenset(f.name for f in fields(TrainConfig))
+
+
 def read_run_config(run_dir: str | os.PathLike) -> dict:
     """The run's config.json as a dict."""
     run_dir = Path(run_dir)
@@ -96,9 +100,15 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirError(f"{path}: unreadable run config ({e})") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{path}: not a train.py run config (a JSON {type(config).__name__}, not an object)")
     missing = [key for key in ("model", "full") if key not in config]
-    if not isinstance(config, dict) or missing:
-        raise RunDirError(f"{path}: not a train.py run config (missing {', '.join(missing) or 'everything'})")
+    if missing:
+        raise RunDirError(f"{path}: not a train.py run config (missing {', '.join(missing)})")
+    try:  # the settings it records, by TrainConfig's rules: a hand-edited "ctx": [1] is named, not used
+        TrainConfig(**{key: value for key, value in config.items() if key in SETTING_NAMES})
+    except ConfigError as e:
+        raise RunDirError(f"{path}: not a train.py run config ({e})") from None
     return config
 
 
