@@ -135,14 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def requested_samples(args) -> list[int]:
-    """--sample and --samples-idx together: trajectory indices in the data file."""
+    """--sample and --samples-idx together: trajectory indices in the data file, each once, in the order first given
+    (a trajectory named twice is forecast, scored and billed once)."""
     samples = list(args.sample or [])
     if args.samples_idx:
         try:
             samples += [int(s) for s in args.samples_idx.split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"--samples-idx must be a comma list of integers, got {args.samples_idx!r}") from None
-    return samples
+    return list(dict.fromkeys(samples))
 
 
 def requested_baselines(args) -> list[str]:
