@@ -33,6 +33,7 @@ from training.rundir import holds_run
 from training.stopping import Interrupted
 
 from .plan import JOBS_DIR, Plan, PlanError, StudyRun, is_complete
+
 LAUNCHERS = ("local", "slurm", "submitit-local")
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: what a job process imports from
 POLL_SECONDS = 0.2
