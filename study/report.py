@@ -32,8 +32,8 @@ from training.run import CONFIG_NAME, METRICS_NAME, PLOT_NAME, read_metrics, rea
 from . import report_figures as figs
 from .report_figures import slug
 from .report_flops import RULES, component_table, reconciliation, step_setting
-from .report_results import (FINE_TUNED, ZERO_SHOT, StageResult, best_baseline, moved_out, results_section,
-                             stage_results, summary_fault)
+from .report_results import (FINE_TUNED, ZERO_SHOT, StageResult, best_baseline, moved_out, moved_study,
+                             results_section, stage_results, summary_fault)
 from .plan import STUDY_FILE
 from .selection import best_finite, choose_best
 
@@ -135,7 +135,7 @@ def read_studies(runs_dir: Path, unreadable: list[str]) -> list[tuple[Path, dict
     for path in sorted(runs_dir.rglob(STUDY_FILE)):
         study = read_json(path, unreadable, "study")
         if isinstance(study, dict):
-            studies.append((path, study))
+            studies.append((path, moved_study(path, study)))
         elif study is not None:
             unreadable.append(f"study {path}: not a JSON object")
     return studies
@@ -470,7 +470,8 @@ def forecast_results(studies: list[tuple[Path, dict]], records: list[Record], ru
             if stage.get("of") != "base":
                 results += stage_results(stage, bases, read_summary)
     for record in records:  # forecast.py --run outside a study: the run's own record holds its forecasts
-        outs = dict.fromkeys(moved_out(e, record) for e in record.forecasts if isinstance(e, dict) and e.get("out"))
+        outs = dict.fromkeys(moved_out(e, record, runs_dir) for e in record.forecasts
+                             if isinstance(e, dict) and e.get("out"))
         for out in outs:
             if str(Path(out).resolve()) not in in_studies and record.by_kind["train"]:
                 stage = {"name": record_label(record, runs_dir), "forecasts": [out], "runs": [str(record.run_dir)]}

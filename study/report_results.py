@@ -180,13 +180,17 @@ def results_section(result: StageResult, out: Path, figures: Path, loss_curve: P
     return lines
 
 
-def moved_out(entry: dict, record: Record) -> str:
-    """A booked forecast's directory now: one inside the run's directory moves with it, so the report of a runs
-    directory copied or moved elsewhere shows its own forecasts, not the original's (the record holds absolute
-    paths: `out`, and `source`, the run's directory then)."""
-    out, source = Path(str(entry["out"])), entry.get("source")
+def moved_out(entry: dict, record: Record, runs_dir: Path) -> str:
+    """A booked forecast's directory now, for a runs directory or a run copied or moved elsewhere (the record holds
+    absolute paths: `out`; `source`, the run's directory then; `runs_dir`, the runs directory then): one inside the
+    run's directory moves with the run, one inside the old runs directory with `runs_dir`; so the report of a copy
+    shows its own forecasts, not the original's."""
+    out, source, booked_under = Path(str(entry["out"])), entry.get("source"), record.data.get("runs_dir")
     if isinstance(source, str) and out.is_relative_to(source) and Path(source).resolve() != record.run_dir.resolve():
         return str(record.run_dir / out.relative_to(source))
+    if isinstance(booked_under, str) and out.is_relative_to(booked_under) \
+            and Path(booked_under).resolve() != runs_dir.resolve():
+        return str(runs_dir / out.relative_to(booked_under))
     return str(out)
 
 
@@ -211,3 +215,28 @@ def summary_fault(summary) -> str | None:
                 if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in items):
                     return f"metrics.{method}.{species}.{key} must be a number, got {value!r:.60}"
     return None
+
+
+def moved_study(path: Path, study: dict) -> dict:
+    """study.json (at `path`) with the run and forecast paths of a study directory that was copied or moved since:
+    they are absolute, written under <runs_dir>/<name> then, and are read under the directory study.json is in
+    now, so a copy's report shows its own runs and forecasts, never the original's."""
+    runs_dir, name, stages = study.get("runs_dir"), study.get("name"), study.get("stages")
+    if not isinstance(runs_dir, str) or not isinstance(name, str) or not isinstance(stages, list):
+        return study
+    old, new = Path(runs_dir) / name, path.parent
+    if old.resolve() == new.resolve():
+        return study
+
+    def move(value):
+        if isinstance(value, str) and Path(value).is_relative_to(old):
+            return str(new / Path(value).relative_to(old))
+        return value
+
+    def moved(stage):
+        if not isinstance(stage, dict):
+            return stage
+        lists = {k: [move(v) for v in stage[k]] for k in ("runs", "forecasts") if isinstance(stage.get(k), list)}
+        return {**stage, **lists, **({"best": move(stage["best"])} if "best" in stage else {})}
+
+    return {**study, "stages": [moved(stage) for stage in stages]}

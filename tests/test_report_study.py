@@ -229,6 +229,25 @@ def test_report_flop_section(tiny_study):
     assert "% of budget" in text
 
 
+def test_the_report_of_a_copied_study_reads_the_copys_runs_and_forecasts(tiny_study, tmp_path, capsys):
+    """study.json holds absolute paths: a copy of the runs directory must report its own forecasts and runs."""
+    runs, _, _ = tiny_study
+    copy, out = tmp_path / "R", tmp_path / "out"
+    shutil.copytree(runs, copy, ignore=shutil.ignore_patterns("*.pt"))
+    final = next((copy / "tiny" / "test").glob("*/metrics.json"))
+    summary = json.loads(final.read_text())
+    summary["metrics"]["model"]["prey"]["mse"] = 123.456  # the copy's forecast now differs from the original's
+    final.write_text(json.dumps(summary))
+    assert report_cli.main([str(copy), "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    text = (out / "report.md").read_text()
+    assert "| fine-tuned | 123.5 |" in text
+    links = [(out / link).resolve() for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
+    assert links and all(p.is_file() and (p.is_relative_to(copy.resolve()) or p.is_relative_to(out.resolve()))
+                         for p in links), [p for p in links if not (p.is_file() and (p.is_relative_to(copy.resolve())
+                                                                       or p.is_relative_to(out.resolve())))]
+
+
 def test_report_names_runs_it_cannot_read(tiny_study, tmp_path, capsys):
     runs, _, _ = tiny_study
     copy = tmp_path / "R"
