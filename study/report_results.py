@@ -180,18 +180,25 @@ def results_section(result: StageResult, out: Path, figures: Path, loss_curve: P
     return lines
 
 
+def rebased(value, old: Path, new: Path):
+    """A path recorded under directory `old` (absolute, as records and study.json hold them), read under `new`, the
+    place `old` was copied or moved to; anything else (not a str, outside `old`, or `old` still where it was) as it
+    is."""
+    if isinstance(value, str) and Path(value).is_relative_to(old) and old.resolve() != new.resolve():
+        return str(new / Path(value).relative_to(old))
+    return value
+
+
 def moved_out(entry: dict, record: Record, runs_dir: Path) -> str:
     """A booked forecast's directory now, for a runs directory or a run copied or moved elsewhere (the record holds
     absolute paths: `out`; `source`, the run's directory then; `runs_dir`, the runs directory then): one inside the
     run's directory moves with the run, one inside the old runs directory with `runs_dir`; so the report of a copy
     shows its own forecasts, not the original's."""
-    out, source, booked_under = Path(str(entry["out"])), entry.get("source"), record.data.get("runs_dir")
-    if isinstance(source, str) and out.is_relative_to(source) and Path(source).resolve() != record.run_dir.resolve():
-        return str(record.run_dir / out.relative_to(source))
-    if isinstance(booked_under, str) and out.is_relative_to(booked_under) \
-            and Path(booked_under).resolve() != runs_dir.resolve():
-        return str(runs_dir / out.relative_to(booked_under))
-    return str(out)
+    out = str(entry["out"])
+    for old, new in ((entry.get("source"), record.run_dir), (record.data.get("runs_dir"), runs_dir)):
+        if isinstance(old, str) and (moved := rebased(out, Path(old), new)) != out:
+            return moved
+    return out
 
 
 def summary_fault(summary) -> str | None:
@@ -225,18 +232,12 @@ def moved_study(path: Path, study: dict) -> dict:
     if not isinstance(runs_dir, str) or not isinstance(name, str) or not isinstance(stages, list):
         return study
     old, new = Path(runs_dir) / name, path.parent
-    if old.resolve() == new.resolve():
-        return study
-
-    def move(value):
-        if isinstance(value, str) and Path(value).is_relative_to(old):
-            return str(new / Path(value).relative_to(old))
-        return value
 
     def moved(stage):
         if not isinstance(stage, dict):
             return stage
-        lists = {k: [move(v) for v in stage[k]] for k in ("runs", "forecasts") if isinstance(stage.get(k), list)}
-        return {**stage, **lists, **({"best": move(stage["best"])} if "best" in stage else {})}
+        lists = {k: [rebased(v, old, new) for v in stage[k]] for k in ("runs", "forecasts")
+                 if isinstance(stage.get(k), list)}
+        return {**stage, **lists, **({"best": rebased(stage["best"], old, new)} if "best" in stage else {})}
 
     return {**study, "stages": [moved(stage) for stage in stages]}
