@@ -1,6 +1,6 @@
 """The series families of the synthetic pretraining mixture (`data.synthetic`): KernelSynth Gaussian-process draws,
-AR(p) processes, sums of sinusoids, other ODE systems and Lotka-Volterra at other scales, and the post-processing
-they share (non-negative, varied levels, capped headroom over the history). Each family is a function
+AR(p) processes, sums of sinusoids, other ODE systems and classic Lotka-Volterra over a broad prior, and the
+post-processing they share (non-negative, varied levels, capped headroom over the history). Each family is a function
 (n, rng, time) -> (n, steps, 2) float64; `GENERATORS` names them. `data/synthetic.py` documents what each draws."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from data.lotka_volterra import rk4
+from data.lotka_volterra import lv_rhs, rk4
 
 ODE_SYSTEMS = ("oscillator", "van_der_pol", "fitzhugh_nagumo", "sir", "brusselator")
 LEVEL_RANGE = (1e-2, 1e2)  # each channel's maximum, log-uniform
@@ -405,18 +405,19 @@ def ode(n: int, rng: np.random.Generator, time: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-# ---- Lotka-Volterra at other scales ----------------------------------------------------------------------------
+# ---- classic Lotka-Volterra, broad prior -----------------------------------------------------------------------
 
-LV_TYPICAL = (1.5, 0.6)  # the users' typical prey and predator equilibria (data.lotka_volterra: "lv" prior)
+LV_TYPICAL = (1.5, 0.6)
+LV_PERIOD_STEPS = (4.0, 300.0)  # the classic system's near-equilibrium period, log-uniform  # the users' typical prey and predator equilibria (data.lotka_volterra: "lv" prior)
 
 
 def lotka_volterra(n: int, rng: np.random.Generator, time: np.ndarray) -> np.ndarray:
     """The lv component (see the module docstring): x = X* e^u, y = Y* e^v with u' = a (1 - e^v), v' = c (e^u - 1);
-    near-equilibrium period 2 pi / sqrt(a c) of 4-9 steps or 50-300 steps (equally often), a/c 1/4-4, (u, v)
-    starting uniformly in [-1.2, 1.2]^2, X*, Y* = the users' typical levels x 0.05-20 (log-uniform)."""
+    near-equilibrium period 2 pi / sqrt(a c) of 4-300 steps (log-uniform: the users' 15-32 is one sixth of it),
+    a/c 1/4-4, (u, v) starting uniformly in [-1.2, 1.2]^2, X*, Y* = the users' typical levels x 0.05-20
+    (log-uniform)."""
     dt = time[1] - time[0]
-    short = rng.random(n) < 0.5
-    period = np.where(short, _loguniform(rng, 4.0, 9.0, n), _loguniform(rng, 50.0, 300.0, n)) * dt
+    period = _loguniform(rng, LV_PERIOD_STEPS[0], LV_PERIOD_STEPS[1], n) * dt
     ratio = _loguniform(rng, 0.25, 4.0, n)
     a = 2 * np.pi / period * np.sqrt(ratio)
     c = 2 * np.pi / period / np.sqrt(ratio)
@@ -433,4 +434,30 @@ def lotka_volterra(n: int, rng: np.random.Generator, time: np.ndarray) -> np.nda
     return _observation_noise(x, rng)
 
 
-GENERATORS = {"kernelsynth": kernelsynth, "ar": ar, "sines": sines, "ode": ode, "lv": lotka_volterra}
+# ---- predator-prey (Rosenzweig-MacArthur) over a broad prior --------------------------------------------------
+
+# The equations of data.lotka_volterra (logistic prey, Holling type II predator), every quantity drawn over a range
+# wider than the users' calibrated "varied" prior (alpha, gamma 0.1-0.3, beta 0.2-0.5, efficiency 0.3-0.7,
+# handling 0-0.25, K 3-16, start 0.8-1.2, noise 0-1 %), which sits inside it: the users' dynamics are a corner of
+# this family, not its centre. Log-uniform for the positive quantities, uniform for handling and noise.
+PREDPREY_LOG_RANGES = {"alpha": (0.05, 0.8), "gamma": (0.05, 0.8), "beta": (0.1, 1.5), "efficiency": (0.2, 1.0),
+                       "capacity": (3.0, 40.0), "x0": (0.2, 3.0), "y0": (0.2, 3.0)}
+PREDPREY_RANGES = {"handling": (0.0, 0.4), "noise": (0.0, 0.03)}
+
+
+def predator_prey(n: int, rng: np.random.Generator, time: np.ndarray) -> np.ndarray:
+    """The predprey component (see the module docstring of data.synthetic and PREDPREY_*RANGES)."""
+    draw = {k: _loguniform(rng, low, high, n) for k, (low, high) in PREDPREY_LOG_RANGES.items()}
+    draw.update({k: rng.uniform(low, high, n) for k, (low, high) in PREDPREY_RANGES.items()})
+
+    def rhs(s):
+        return lv_rhs(s, draw["alpha"], draw["beta"], draw["gamma"], draw["efficiency"] * draw["beta"],
+                      1.0 / draw["capacity"], draw["handling"])
+
+    x = np.clip(rk4(rhs, np.stack([draw["x0"], draw["y0"]], axis=-1), time, LV_SUBSTEPS), 0.0, None)
+    x = headroom(x)
+    return x * np.exp(draw["noise"][:, None, None] * rng.standard_normal(x.shape))
+
+
+GENERATORS = {"kernelsynth": kernelsynth, "ar": ar, "sines": sines, "ode": ode, "lv": lotka_volterra,
+              "predprey": predator_prey}

@@ -2,8 +2,9 @@
 
 Not the users' calibrated Lotka-Volterra prior (`data.lotka_volterra.PRIORS`): a mixture of generic series families,
 so a base pretrained on it knows what series look like in LLMTIME text, and even knows the predator-prey family, but
-not the users' dynamics (their periods and amplitudes). Written in the project's own h5 schema, so
-`data.lotka_volterra.load` and `train.py --data` read the file unchanged:
+not the users' dynamics (their parameters; the logistic prey and saturating predation the calibrated prior fits to
+them): the broad classic-LV draws put one in six at the users' periods, at other levels and orbit sizes. Written in
+the project's own h5 schema, so `data.lotka_volterra.load` and `train.py --data` read the file unchanged:
 
     /trajectories  float32 (N, steps, 2), finite, >= 0     (channel 0 and channel 1 of each series)
     /time          float64 (steps,), 0..t_end               (default: 100 steps over 0..200, the users' grid)
@@ -27,9 +28,15 @@ Components (the keys of a mix; every parameter is drawn per trajectory from the 
                  Van der Pol (Lienard form), FitzHugh-Nagumo, SIR / SIRS epidemics (S, I), Brusselator. Each
                  system's time scale is set so its oscillation period (or infectious period) spans a random
                  number of steps.
-    lv           classic Lotka-Volterra at other scales than the users': near-equilibrium period 4-9 steps or
-                 50-300 steps (the users' series have dominant periods of 15-32 steps), equilibria 0.05x-20x the
-                 users' typical levels, orbits from small to large (no logistic prey, no saturation).
+    lv           classic Lotka-Volterra over a broad prior, not the users' calibrated one: near-equilibrium period
+                 4-300 steps log-uniform (the users' series have dominant periods of 15-32 steps: one draw in six
+                 lands there), equilibria 0.05x-20x the users' typical levels, orbits from small to large (no
+                 logistic prey, no saturation).
+    predprey     the users' model family (logistic prey, saturating Holling type II predator: Rosenzweig-MacArthur,
+                 the equations of data/lotka_volterra.py) over a broad prior: rates 0.05-0.8, attack 0.1-1.5,
+                 efficiency 0.2-1, carrying capacity 3-40, handling 0-0.4, starts 0.2-3, noise 0-3 % (the users'
+                 calibrated ranges are a corner of these; series_families.PREDPREY_*RANGES): dominant periods
+                 10-64 steps (5-95 %), 39 % damped to an equilibrium or without a clear period (the users': 2 %).
 
 Non-negative, varied in scale. The users' series are non-negative (prey 0.002-13.7, predator 4e-5-4.8), so every
 series here is too: signed families (kernelsynth, ar, sines, oscillator, Van der Pol, FitzHugh-Nagumo) go through
@@ -68,11 +75,15 @@ from data.lotka_volterra import LVData, load, validate
 from data.lotka_volterra import save as save_lv
 from data.series_families import GENERATORS, HEADROOM_FIT_STEPS, largest_remainder
 
-COMPONENTS = ("kernelsynth", "ar", "sines", "ode", "lv")  # /component codes 0..4
+COMPONENTS = ("kernelsynth", "ar", "sines", "ode", "lv", "predprey")  # /component codes 0..5
 # The default mixture (normalised weights): mostly generic series (GP draws, AR, sinusoids: 70 %), some dynamical
-# systems (20 %) and a little of the LV family at other scales (10 %).
+# systems (20 %) and a little classic Lotka-Volterra over a broad prior (10 %).
 DEFAULT_MIX = {"kernelsynth": 0.35, "ar": 0.15, "sines": 0.2, "ode": 0.2, "lv": 0.1}
 DEFAULT_STEPS, DEFAULT_T_END = 100, 200.0
+# The shuffle's generator is seeded by (seed, SHUFFLE_STREAM), apart from every component's (seed, code). Fixed at 5
+# (the component count when the first base was pretrained): a component added since must not reorder the series
+# an existing recipe trains on.
+SHUFFLE_STREAM = 5
 
 
 @dataclass
@@ -149,7 +160,7 @@ def generate(n: int, seed: int = 0, mix: dict | None = None, *, steps: int = DEF
             rng = np.random.default_rng([seed, code])
             parts.append(GENERATORS[name](counts[name], rng, time))
             codes.append(np.full(counts[name], code, dtype=np.int8))
-    order = np.random.default_rng([seed, len(COMPONENTS)]).permutation(n)
+    order = np.random.default_rng([seed, SHUFFLE_STREAM]).permutation(n)
     trajectories = np.concatenate(parts)[order].astype(np.float32)
     component = np.concatenate(codes)[order]
     attrs = {"generator": "data.synthetic.generate", "seed": seed, "steps": steps, "t_end": float(t_end),

@@ -87,3 +87,24 @@ def choose_best(run_dirs: list[Path]) -> Choice | None:
         scores = [best_val_loss(m) for m in histories]
     ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
     return Choice(min(ranked)[1], criterion, scores) if ranked else None
+
+
+def forecast_score(method_metrics: dict | None) -> float | None:
+    """One method's validation-split forecast score from a forecast's metrics.json entry: the geometric mean over
+    the variables of the point forecast's MSE (each species weighs the same whatever its scale: the prey's MSE is
+    ~10x the predator's). None when a variable has no finite, positive MSE."""
+    variables = [v for k, v in (method_metrics or {}).items() if isinstance(v, dict) and "mse" in v]
+    mses = [v["mse"] for v in variables]
+    if not mses or not all(_finite(m) and m > 0 for m in mses):
+        return None
+    return math.exp(sum(math.log(m) for m in mses) / len(mses))
+
+
+def choose_by_forecast(metrics: dict, methods: list[str], what: str) -> Choice | None:
+    """The best of `methods` (keys of a forecast's metrics.json "metrics": "model", "untrained", ...) by
+    `forecast_score`, the first of equals; None if none has a finite score. `what` describes the forecast (split,
+    trajectories, samples) for the criterion."""
+    scores = [forecast_score(metrics.get(m)) for m in methods]
+    ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
+    criterion = f"lowest geometric mean over the species of the forecast MSE on {what}"
+    return Choice(min(ranked)[1], criterion, scores) if ranked else None

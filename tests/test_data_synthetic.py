@@ -55,12 +55,14 @@ def test_the_mix_is_honoured_and_recorded(made):
     for code, name in enumerate(names):
         assert abs((codes == code).sum() - N * weights[name]) <= 1, name
     assert json.loads(data.attrs["counts"]) == {k: int((codes == i).sum()) for i, k in enumerate(names)}
-    assert len(set(codes[:N // 2])) == len(names)  # shuffled: the ordered split's train part has every component
+    present = sum(w > 0 for w in weights.values())
+    assert len(set(codes[:N // 2])) == present  # shuffled: the ordered split's train part has every component
     # Unnormalised weights; missing components weigh 0.
     other = syn.generate(101, seed=0, mix={"ar": 3, "sines": 1}, steps=20)
     counts = np.bincount(other.component, minlength=len(names))
-    assert counts.tolist() == [0, 76, 25, 0, 0]
-    assert syn.allocate(7, {k: 1 for k in names}) == {"kernelsynth": 2, "ar": 2, "sines": 1, "ode": 1, "lv": 1}
+    assert counts.tolist() == [0, 76, 25, 0, 0, 0]
+    assert syn.allocate(7, {k: 1 for k in names}) == {"kernelsynth": 2, "ar": 1, "sines": 1, "ode": 1, "lv": 1,
+                                                      "predprey": 1}
     assert sum(syn.allocate(40000, None).values()) == 40000
 
 
@@ -166,3 +168,18 @@ def test_the_file_loads_unchanged_and_encodes_as_llmtime(made):
         values, report = decode(text, scaler, decimals=2)
         assert report.ok and values.shape == (100, 2)
         np.testing.assert_allclose(values, trajectory, rtol=0, atol=0.0051 * scaler.scale.max())
+
+
+def test_predprey_holds_the_users_calibrated_prior_in_a_corner_of_a_broad_one():
+    from data.lotka_volterra import PRIORS
+
+    users = PRIORS["varied"]
+    broad = {**fam.PREDPREY_LOG_RANGES, **fam.PREDPREY_RANGES}
+    for key, (low, high) in users.items():
+        assert broad[key][0] <= low and high <= broad[key][1], key  # the users' ranges inside
+        assert broad[key][1] - broad[key][0] > high - low, key  # and the broad one wider
+    x = syn.generate(600, seed=2, mix={"predprey": 1}).trajectories
+    assert np.isfinite(x).all() and (x >= 0).all()
+    period = syn.dominant_period(x[..., 0].astype(np.float64))
+    in_users_band = (period >= 15) & (period <= 32)
+    assert 0.2 < in_users_band.mean() < 0.8  # the users' periods are common, not all there is

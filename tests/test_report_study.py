@@ -22,7 +22,7 @@ from qwen_mini.config import QwenConfig
 from qwen_mini.loss import causal_lm_loss, token_losses
 from qwen_mini.model import Qwen
 from study.plan import PlanError, best_run, load_plan, stage_runs
-from study.selection import choose_best
+from study.selection import choose_best, choose_by_forecast, forecast_score
 from test_study import write_plan
 from training.validation import last_target_counts, last_targets_mask
 
@@ -125,6 +125,23 @@ def test_runs_at_different_context_lengths_are_compared_on_the_largest_n_both_re
     choice = choose_best([short, long])
     assert choice.index == 1 and choice.scores == [3.4, 3.3] and "last 16 targets" in choice.criterion
 
+
+
+def test_a_validation_forecast_picks_by_the_geometric_mean_of_the_species_mse():
+    # Fine-tuned: sqrt(0.04 * 0.01) = 0.02. Zero-shot: sqrt(0.09 * 0.001) = 0.0094868...: it wins although its prey
+    # MSE is worse (0.09 > 0.04): the predator's 10x smaller error counts as much as the prey's.
+    metrics = {"model": {"n_trajectories": 5, "prey": {"mse": 0.04}, "predator": {"mse": 0.01}},
+               "untrained": {"n_trajectories": 5, "prey": {"mse": 0.09}, "predator": {"mse": 0.001}}}
+    choice = choose_by_forecast(metrics, ["model", "untrained"], "5 validation trajectories")
+    assert choice.index == 1 and "5 validation trajectories" in choice.criterion
+    assert choice.scores == pytest.approx([0.02, 0.0948683298e-1])
+    # A NaN (or zero, or missing) MSE never wins; the first of equals does; nothing finite: no choice.
+    metrics["untrained"]["predator"]["mse"] = math.nan
+    assert choose_by_forecast(metrics, ["model", "untrained"], "x").index == 0
+    assert forecast_score({"prey": {"mse": 0.0}, "predator": {"mse": 1.0}}) is None
+    assert forecast_score(None) is None
+    assert choose_by_forecast({"a": {"prey": {"mse": 1.0}}, "b": {"prey": {"mse": 1.0}}}, ["a", "b"], "x").index == 0
+    assert choose_by_forecast({"model": metrics["untrained"]}, ["model", "untrained"], "x") is None
 
 # ---- the report of a tiny study ------------------------------------------------------------------------------------
 

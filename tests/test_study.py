@@ -293,7 +293,7 @@ def test_shipped_plans_fit_the_budget(name, tmp_path):
     if name == "coursework":
         assert plan.gqa == "mha" and estimate.total > 0.9e17  # uses the budget, as the reports' plans do
     else:
-        assert (ROOT / plan.train["model"]).is_dir()  # the shipped lv-tiny: runs offline
+        assert (ROOT / plan.train["model"]).is_dir()  # the shipped series-tiny: runs offline
 
 
 def test_a_compiled_forecast_books_what_its_fixed_shape_steps_compute(tmp_path, capsys):
