@@ -33,16 +33,16 @@ from study.selection import choose_by_forecast
 
 BASE = MODEL_DIR  # the shipped pretrained base
 # What the small model needs beyond the real command's flags (--rank 8 --ctx 768): adapters on every projection
-# (q/v alone lowered the users' validation loss 11 % in 150 steps, all seven 19 %), a learning rate for its size, and
-# few steps, so the demo stays within minutes on a CPU.
+# (on the users' file, with a candidate base, q/v alone lowered the validation loss 11 % in 150 steps, all seven
+# 19 %), a learning rate for its size, and few steps, so the demo stays within minutes on a CPU.
 STEPS, WARMUP = 150, 10  # warmup: at most a tenth of --steps
 TRAIN = ["--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lr", "2e-3",
          "--batch", "8", "--schedule", "cosine", "--eval-every", "50", "--val-batches", "2"]
 # The point forecast is the median of 10 samples (LLMTIME's): one greedy path puts a sharp peak a few steps off, which
 # squared error punishes twice; the median of samples hedges where the timing is uncertain (10, not 20: two models
-# forecast 150 trajectories each, and the demo stays within 4 minutes). Rows per generate call
-# come from forecast.py's memory budget (all rows in one call here: the samples share their prompt's keys and
-# values); jump-forward, which pays at small batches, costs time at this one. The zero-shot model ("untrained": the
+# forecast 150 trajectories each, and the demo stays within 4 minutes). Rows per generate call come from
+# forecast.py's memory budget (all rows in one call here: the samples share their prompt's keys and values);
+# jump-forward, which pays at small batches, costs time at this one. The zero-shot model ("untrained": the
 # base before the LoRA) forecasts the same trajectories, so the printed table and the report show what the
 # fine-tuning changed.
 SAMPLES = ["--num-samples", "10", "--temperature", "1.0"]

@@ -1,1 +1,2 @@
-"""Models shipped with the project (models/lv-tiny) and the recipe that makes them (models/recipe.py)."""
+"""Models shipped with the project (models/series-tiny, the demo's base; models/lv-tiny, for comparison) and the
+recipes that make them (models/recipe.py)."""

@@ -355,7 +355,8 @@ def findings(groups: list[Group], runs: list[RunInfo], results: list[StageResult
                 ref = result.methods[best][species]["mse"]
                 parts.append(f"{'better' if mse < ref else 'worse'} than the best baseline {best} ({ref:.4g}"
                              + (f", {100 * (mse - ref) / ref:+.1f} %)" if ref else ")"))
-            lines.append(f"- **{result.name}**, {species}: the fine-tuned model's " + "; ".join(parts) + ".")
+            where = f" (`{result.out.name}`)" if result.out.name not in ("forecast", result.name) else ""
+            lines.append(f"- **{result.name}**{where}, {species}: the fine-tuned model's " + "; ".join(parts) + ".")
     return lines + [""]
 
 

@@ -36,8 +36,10 @@ def test_demo_on_a_users_file_is_complete_and_deterministic(tmp_path, capsys):
     assert config["model_dir"] == str(demo.BASE)
     assert (runs / "report.md").is_file() and (runs / "demo" / "adapter").is_dir()
     assert "zero-shot base" in out and "seasonal naive" in out  # the demo's closing table
+    report = (runs / "report.md").read_text()
+    assert "- **demo** (`forecast_val`), prey:" in report  # the validation forecast's findings say they are its
     if fine_tuned_wins:  # the report's zero-shot row next to the fine-tuned one
-        assert "| zero-shot |" in (runs / "report.md").read_text()
+        assert "| zero-shot |" in report and "- **demo**, prey:" in report
     assert not list(tmp_path.glob("*.json"))  # nothing written outside --runs-dir
 
 
