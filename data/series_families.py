@@ -407,8 +407,8 @@ def ode(n: int, rng: np.random.Generator, time: np.ndarray) -> np.ndarray:
 
 # ---- classic Lotka-Volterra, broad prior -----------------------------------------------------------------------
 
-LV_TYPICAL = (1.5, 0.6)
-LV_PERIOD_STEPS = (4.0, 300.0)  # the classic system's near-equilibrium period, log-uniform  # the users' typical prey and predator equilibria (data.lotka_volterra: "lv" prior)
+LV_TYPICAL = (1.5, 0.6)  # the users' typical prey and predator equilibria (data.lotka_volterra: "lv" prior)
+LV_PERIOD_STEPS = (4.0, 300.0)  # the classic system's near-equilibrium period, log-uniform
 
 
 def lotka_volterra(n: int, rng: np.random.Generator, time: np.ndarray) -> np.ndarray:
