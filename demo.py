@@ -28,6 +28,7 @@ import forecast
 import report
 import train
 from common.args import positive_int
+from forecasting.evaluate import method_rows
 from models.recipe import MODEL_DIR
 from study.selection import choose_by_forecast
 
@@ -80,17 +81,11 @@ def choose(validation: dict):
 
 
 def summary_table(metrics: dict, fine_tuned: bool) -> str:
-    """The test split's rows the demo is about: fine-tuned, zero-shot, baselines; MSE and median MSE per species.
+    """The test split's rows the demo is about: fine-tuned, zero-shot, baselines (forecast.py's point-metric rows).
     `fine_tuned`: the forecast was the fine-tuned run's (its "untrained" baseline is the zero-shot base), else the
     base's own (its "model" is the zero-shot base)."""
     rows = {"model": "fine-tuned (LoRA)", "untrained": "zero-shot base"} if fine_tuned else {"model": "zero-shot base"}
-    lines = [f"{'method':<20} {'prey MSE':>10} {'prey medMSE':>12} {'pred MSE':>10} {'pred medMSE':>12}"]
-    for key, name in {**rows, **BASELINE_ROWS}.items():
-        if key in metrics:
-            m = metrics[key]
-            lines.append(f"{name:<20} {m['prey']['mse']:>10.4g} {m['prey']['median_trajectory_mse']:>12.4g} "
-                         f"{m['predator']['mse']:>10.4g} {m['predator']['median_trajectory_mse']:>12.4g}")
-    return "\n".join(lines)
+    return "\n".join(method_rows(metrics, {**rows, **BASELINE_ROWS}))
 
 
 def main(argv=None) -> int:

@@ -410,20 +410,33 @@ def format_table(summary: dict) -> str:
              f"{summary['parse_failures']} ({100 * summary['parse_failure_rate']:.1f} % of samples); generation "
              f"{summary['generated_tokens']} tokens in {summary['generation_seconds']:.2f} s = "
              f"{summary['tokens_per_s']:.0f} tokens/s"]
-    header = f"{'method':<12}" + "".join(f"{f'{species} {m}':>{w}}" for species in ("prey", "pred")
-                                         for m, w in (("MSE", 11), ("MAE", 10), ("R2", 11), ("medMSE", 12)))
-    lines += [header, "-" * len(header)]
-    for name, m in summary["metrics"].items():
-        if m is None:
-            lines.append(f"{name:<12}  (no trajectory to score)")
-            continue
-        cells = "".join(f"{m[s]['mse']:>11.4g}{m[s]['mae']:>10.4g}{m[s]['r2']:>11.4g}"
-                        f"{m[s]['median_trajectory_mse']:>12.4g}" for s in ("prey", "predator"))
-        lines.append(f"{name:<12}{cells}")
+    lines += method_rows(summary["metrics"])
     lines.append("medMSE: median over trajectories of each one's MSE; R2 over all scored values of the species")
     lines += probabilistic_table(summary["metrics"])
     lines += [f"note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)
+
+
+def method_rows(metrics: dict[str, dict | None], names: dict[str, str] | None = None) -> list[str]:
+    """format_table's point-metric block: a header and one row per method (MSE, MAE, R2, median trajectory MSE per
+    species). `names`: the rows to show, in order, and what to call them (metrics.json key -> name; default: every
+    method under its key, in a 12-character column); a method that is missing is left out."""
+    width = 12 if names is None else max([12] + [len(name) + 1 for key, name in names.items() if key in metrics])
+    names = names if names is not None else {key: key for key in metrics}
+    header = f"{'method':<{width}}" + "".join(f"{f'{species} {m}':>{w}}" for species in ("prey", "pred")
+                                              for m, w in (("MSE", 11), ("MAE", 10), ("R2", 11), ("medMSE", 12)))
+    lines = [header, "-" * len(header)]
+    for key, name in names.items():
+        if key not in metrics:
+            continue
+        m = metrics[key]
+        if m is None:
+            lines.append(f"{name:<{width}}  (no trajectory to score)")
+            continue
+        cells = "".join(f"{m[s]['mse']:>11.4g}{m[s]['mae']:>10.4g}{m[s]['r2']:>11.4g}"
+                        f"{m[s]['median_trajectory_mse']:>12.4g}" for s in ("prey", "predator"))
+        lines.append(f"{name:<{width}}{cells}")
+    return lines
 
 
 PROBABILISTIC_COLUMNS = (("CRPS", "crps"), ("WQL", "wql"), ("cov80", "coverage_80"), ("MASE", "mase"),
