@@ -68,3 +68,14 @@ def test_demo_refuses_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--data", str(tmp_path), "--runs-dir", str(tmp_path)])
     assert exit_info.value.code == 2 and f"--data {tmp_path}: a directory, not an h5 file" in capsys.readouterr().err
+
+
+def test_demo_stops_with_one_line_when_neither_model_scores(tmp_path, capsys, monkeypatch):
+    # Both validation forecasts NaN (or nothing scored): the demo forecasts nothing more and says why.
+    data = tmp_path / "mine.h5"
+    save(data, simulate(n=20, steps=100, seed=3))
+    monkeypatch.setattr(demo, "choose_by_forecast", lambda metrics, methods, what: None)
+    runs = tmp_path / "runs"
+    assert demo.main(["--data", str(data), "--runs-dir", str(runs), "--steps", "1"]) == 1
+    assert "neither model has a finite validation forecast score" in capsys.readouterr().err
+    assert not (runs / "demo" / "forecast").exists() and (runs / "demo" / "forecast_val" / "metrics.json").is_file()
