@@ -102,7 +102,10 @@ def flags(run: Path, data: str, *more) -> list:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file's bytes, but an atomic write's temporary file (`.<name>.<random>.tmp`, common.fileio): a snapshot
+    taken while a process writes would otherwise hold a file that is renamed away a moment later."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))}
 
 
 def assert_kept(before: dict[str, bytes], directory: Path, extended=()) -> None:
