@@ -306,6 +306,12 @@ def draw_params(n: int, rng: np.random.Generator, ranges: dict[str, tuple[float,
             "inv_capacity": 1.0 / draw["capacity"], "handling": draw["handling"], "noise": draw["noise"]}
 
 
+def observe(trajectories: np.ndarray, noise: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Trajectories (N, T, V) observed with multiplicative log-normal noise: x * exp(noise * e), e ~ N(0, 1) per
+    value, `noise` (N,) each trajectory's standard deviation; stays >= 0."""
+    return trajectories * np.exp(noise[:, None, None] * rng.standard_normal(trajectories.shape))
+
+
 def simulate(n: int = DEFAULT_N, steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED, t_end: float = DEFAULT_T_END,
              substeps: int = DEFAULT_SUBSTEPS, *, prior: str = DEFAULT_PRIOR,
              **ranges: tuple[float, float]) -> LVData:
@@ -325,7 +331,7 @@ def simulate(n: int = DEFAULT_N, steps: int = DEFAULT_STEPS, seed: int = DEFAULT
     state = np.stack([params["x0"], params["y0"]], axis=-1)
     trajectories = rk4(lambda s: lv_rhs(s, *rates, *extra), state, time, substeps)
     if params["noise"].any():  # drawn after the parameters, so the noise never changes them
-        trajectories = trajectories * np.exp(params["noise"][:, None, None] * rng.standard_normal(trajectories.shape))
+        trajectories = observe(trajectories, params["noise"], rng)
     attrs = {"generator": "data.lotka_volterra.simulate", "prior": prior, "seed": int(seed), "t_end": float(t_end),
              "substeps": int(substeps), "ranges": json.dumps(ranges)}
     return LVData(trajectories.astype(np.float32), time, params, attrs=attrs)

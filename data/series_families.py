@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from data.lotka_volterra import lv_rhs, rk4
+from data.lotka_volterra import lv_rhs, observe, rk4
 
 ODE_SYSTEMS = ("oscillator", "van_der_pol", "fitzhugh_nagumo", "sir", "brusselator")
 LEVEL_RANGE = (1e-2, 1e2)  # each channel's maximum, log-uniform
@@ -388,8 +388,7 @@ SIGNED_ODES = ("oscillator", "van_der_pol", "fitzhugh_nagumo")
 def _observation_noise(x, rng):
     """Multiplicative noise exp(sigma e), sigma 0-2 % for half the trajectories: stays >= 0."""
     n = x.shape[0]
-    sigma = np.where(rng.random(n) < 0.5, 0.0, rng.uniform(0, 0.02, n))
-    return x * np.exp(sigma[:, None, None] * rng.standard_normal(x.shape))
+    return observe(x, np.where(rng.random(n) < 0.5, 0.0, rng.uniform(0, 0.02, n)), rng)
 
 
 def ode(n: int, rng: np.random.Generator, time: np.ndarray) -> np.ndarray:
@@ -456,7 +455,7 @@ def predator_prey(n: int, rng: np.random.Generator, time: np.ndarray) -> np.ndar
 
     x = np.clip(rk4(rhs, np.stack([draw["x0"], draw["y0"]], axis=-1), time, LV_SUBSTEPS), 0.0, None)
     x = headroom(x)
-    return x * np.exp(draw["noise"][:, None, None] * rng.standard_normal(x.shape))
+    return observe(x, draw["noise"], rng)
 
 
 GENERATORS = {"kernelsynth": kernelsynth, "ar": ar, "sines": sines, "ode": ode, "lv": lotka_volterra,
