@@ -85,6 +85,11 @@ def choose_best(run_dirs: list[Path]) -> Choice | None:
         criterion = ("lowest validation loss over whole windows (the context lengths differ and the runs recorded no "
                      "last-N losses: not compared on the same positions)")
         scores = [best_val_loss(m) for m in histories]
+    return lowest(scores, criterion)
+
+
+def lowest(scores: list[float | None], criterion: str) -> Choice | None:
+    """The Choice of the lowest score (the first of equals; None scores never win), or None if every one is None."""
     ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
     return Choice(min(ranked)[1], criterion, scores) if ranked else None
 
@@ -104,7 +109,5 @@ def choose_by_forecast(metrics: dict, methods: list[str], what: str) -> Choice |
     """The best of `methods` (keys of a forecast's metrics.json "metrics": "model", "untrained", ...) by
     `forecast_score`, the first of equals; None if none has a finite score. `what` describes the forecast (split,
     trajectories, samples) for the criterion."""
-    scores = [forecast_score(metrics.get(m)) for m in methods]
-    ranked = [(s, i) for i, s in enumerate(scores) if s is not None]
-    criterion = f"lowest geometric mean over the species of the forecast MSE on {what}"
-    return Choice(min(ranked)[1], criterion, scores) if ranked else None
+    return lowest([forecast_score(metrics.get(m)) for m in methods],
+                  f"lowest geometric mean over the species of the forecast MSE on {what}")
