@@ -44,11 +44,10 @@ TRAIN = ["--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
 # forecast 150 trajectories each, and the demo stays within 4 minutes). Temperature 0.5, chosen on the users'
 # file's validation split (all 150, median of 10) for the fine-tuned model: prey MSE 0.235 vs 0.287 at 1.0,
 # predator 0.0305 vs 0.0333; the zero-shot base does better at 1.0 there (0.412 / 0.0388 vs 0.507 / 0.0463), and
-# the README gives its row at both. Rows per generate call come from
-# forecast.py's memory budget (all rows in one call here: the samples share their prompt's keys and values);
-# jump-forward, which pays at small batches, costs time at this one. The zero-shot model ("untrained": the
-# base before the LoRA) forecasts the same trajectories, so the printed table and the report show what the
-# fine-tuning changed.
+# the README gives its row at both. Rows per generate call come from forecast.py's memory budget (all rows in one
+# call here: the samples share their prompt's keys and values); jump-forward, which pays at small batches, costs
+# time at this one. The zero-shot model ("untrained": the base before the LoRA) forecasts the same trajectories, so
+# the printed table and the report show what the fine-tuning changed.
 TEMPERATURE = "0.5"
 SAMPLES = ["--num-samples", "10", "--temperature", TEMPERATURE]
 FORECAST_BASE = [*SAMPLES, "--baselines", "persistence,seasonal_naive,lv_fit"]
