@@ -444,6 +444,19 @@ PREDPREY_LOG_RANGES = {"alpha": (0.05, 0.8), "gamma": (0.05, 0.8), "beta": (0.1,
 PREDPREY_RANGES = {"handling": (0.0, 0.4), "noise": (0.0, 0.03)}
 
 
+def predprey_prior_text() -> str:
+    """The predprey ranges in words, from PREDPREY_*RANGES (what a README says about them cannot go stale)."""
+    r = {**PREDPREY_LOG_RANGES, **PREDPREY_RANGES}
+
+    def span(key, scale=1.0):
+        return f"{r[key][0] * scale:g}-{r[key][1] * scale:g}"
+
+    rates = span("alpha") if r["alpha"] == r["gamma"] else f"{span('alpha')} (prey) and {span('gamma')} (predator)"
+    starts = span("x0") if r["x0"] == r["y0"] else f"{span('x0')} (prey) and {span('y0')} (predator)"
+    return (f"rates {rates}, attack {span('beta')}, efficiency {span('efficiency')}, carrying capacity "
+            f"{span('capacity')}, handling {span('handling')}, starts {starts}, noise {span('noise', 100)} %")
+
+
 def predator_prey(n: int, rng: np.random.Generator, time: np.ndarray) -> np.ndarray:
     """The predprey component (see the module docstring of data.synthetic and PREDPREY_*RANGES)."""
     draw = {k: _loguniform(rng, low, high, n) for k, (low, high) in PREDPREY_LOG_RANGES.items()}

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from common.fileio import sha256_file
+from data.series_families import predprey_prior_text
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--full", "--ctx", "1024", "--batch", "8", "--schedule", "cosine", "--dtype", "bfloat16", "--seed", "0",
@@ -84,10 +85,9 @@ SERIES_TINY = Recipe(
         "sums of sinusoids with trends and envelopes, other ODE systems (oscillators, Van der Pol, "
         "FitzHugh-Nagumo, SIR/SIRS, Brusselator), classic Lotka-Volterra over a broad prior (near-equilibrium "
         "periods of 4-300 steps, log-uniform, of which the users' 15-32 is one sixth; levels 0.05-20x theirs) and "
-        "(stage 2) `predprey`: logistic prey and a saturating predator with rates 0.05-0.8, attack 0.1-1.5, "
-        "carrying capacity 3-40, handling 0-0.4, starts 0.2-3, noise 0-3 %, ranges that hold the users' "
-        "calibrated ones (`data/lotka_volterra.py` `varied`) in a corner; every series non-negative, 100 steps "
-        "over t = 0..200"),
+        "(stage 2) `predprey`: logistic prey and a saturating predator with " + predprey_prior_text() + ", ranges "
+        "that hold the users' calibrated ones (`data/lotka_volterra.py` `varied`) in a corner; every series "
+        "non-negative, 100 steps over t = 0..200"),
     datasets={"synth.h5": {"n": 60000, "seed": 1, "mix": SERIES_MIX},
               "synth2.h5": {"n": 60000, "seed": 2, "mix": SERIES_MIX_2}},
     stages=[{"out": "run", "model": "init", "data": "synth.h5",

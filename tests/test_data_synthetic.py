@@ -183,3 +183,13 @@ def test_predprey_holds_the_users_calibrated_prior_in_a_corner_of_a_broad_one():
     period = syn.dominant_period(x[..., 0].astype(np.float64))
     in_users_band = (period >= 15) & (period <= 32)
     assert 0.2 < in_users_band.mean() < 0.8  # the users' periods are common, not all there is
+
+
+def test_predprey_prior_text_reads_the_ranges_it_describes(monkeypatch):
+    text = fam.predprey_prior_text()
+    assert "rates 0.05-0.8," in text and "carrying capacity 3-40," in text and text.endswith("noise 0-3 %")
+    # the model README's words follow the ranges, also where prey and predator differ
+    monkeypatch.setitem(fam.PREDPREY_LOG_RANGES, "gamma", (0.07, 0.9))
+    monkeypatch.setitem(fam.PREDPREY_RANGES, "noise", (0.0, 0.05))
+    text = fam.predprey_prior_text()
+    assert "rates 0.05-0.8 (prey) and 0.07-0.9 (predator)," in text and text.endswith("noise 0-5 %")
