@@ -43,6 +43,8 @@ from qwen_mini import PRESETS, QwenConfig  # noqa: E402
 # the real one while a run stays within minutes on 2 cores.
 BENCH_CONFIGS = {
     "medium": dict(PRESETS["qwen2.5-0.5b"], num_hidden_layers=4),
+    # bench/gpu_check.py --cpu-smoke: one layer, so that torch.compile's tracing takes seconds, not tens of them
+    "tiny-1layer": dict(PRESETS["tiny"], num_hidden_layers=1),
     **PRESETS,
 }
 # The Qwen2.5 tokenizer for the forecast task: the shared fixture when this checkout sits beside it, else the hub.
@@ -84,7 +86,7 @@ def run_case(args) -> dict:
     return result
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="medium", help="medium (default, CPU), qwen2.5-0.5b, tiny")
     p.add_argument("--device", default="cpu")
@@ -126,6 +128,13 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)  # internal: run one case
     p.add_argument("--task", choices=(*TASKS, "machine"), help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """bench.py's flags with their defaults resolved (the tokenizer, --dtype auto); bench/gpu_check.py builds its
+    cases' settings here too."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.tokenizer is None:  # the model's own vocabulary: lv-tiny's 32 characters, or Qwen2.5's
         args.tokenizer = str(ROOT / "models" / "lv-tiny") if args.config == "lv-tiny" else \
@@ -134,6 +143,11 @@ def main(argv=None):
         args.dtype = dtype_from_flag(args.dtype, torch.device(args.device))
     except (ValueError, RuntimeError) as e:
         p.error(str(e))
+    return args, p
+
+
+def main(argv=None):
+    args, p = parse_args(argv)
     if args.impl:
         run_case(args)
         return
