@@ -7,7 +7,8 @@ zero-shot model, and write the report. A few minutes on 2 CPU cores.
     python demo.py --data lotka_volterra_data.h5    # the same demo on your own file
     python demo.py --runs-dir DIR                   # everything under DIR (default: runs)
 
-It is exactly these commands, with a fresh run directory each time (earlier demo runs are kept):
+It is exactly these commands, with a fresh run directory each time (earlier demo runs are kept; a demo stopped before
+its test forecast, by Ctrl-C say, is continued by the same command, in its own directory):
     python train.py --model models/series-tiny --rank 8 --ctx 768 {TRAIN} [--data FILE] --out runs/demo
     python forecast.py --run runs/demo {VALIDATION} --out runs/demo/forecast_val
     python forecast.py --run runs/demo {FORECAST}
@@ -20,6 +21,7 @@ and the demo says so.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,10 +29,17 @@ from pathlib import Path
 import forecast
 import report
 import train
-from common.args import positive_int
-from forecasting.evaluate import method_rows
+from common.args import positive_int, seed_int
+from common.exit_codes import EXIT_INTERRUPTED, EXIT_OK
+from common.fileio import UnreadableFile, read_json
+from data.dataset import TooShort, check_forecast_fits
+from data.lotka_volterra import DataError, trajectories_shape
+from forecasting.config import ForecastConfig
+from forecasting.evaluate import FORECAST_METRICS, method_rows
 from models.recipe import MODEL_DIR
 from study.selection import choose_by_forecast
+from training.run import ADAPTER_DIR, CONFIG_NAME
+from training.rundir import holds_run
 
 BASE = MODEL_DIR  # the shipped pretrained base
 # What the small model needs beyond the real command's flags (--rank 8 --ctx 768): adapters on every projection
@@ -64,12 +73,33 @@ for _key, _flags in (("{TRAIN}", [f"--steps {STEPS} --warmup {WARMUP}", *TRAIN])
     __doc__ = __doc__.replace(_key, " ".join(_flags))
 
 
+def numbered(base: Path):
+    """base, base-2, base-3, ...: one demo directory per demo."""
+    yield base
+    yield from (base.with_name(f"{base.name}-{n}") for n in itertools.count(2))
+
+
 def fresh_dir(base: Path) -> Path:
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+    return next(d for d in numbered(base) if not d.exists())
+
+
+def unfinished_demo(base: Path, data: str | None, seed: int, steps: int) -> Path | None:
+    """The newest demo directory if its demo stopped before its test forecast and trained (or began to train) with
+    these settings: the same command continues it there instead of starting again."""
+    existing = list(itertools.takewhile(Path.exists, numbered(base)))
+    if not existing:
+        return None
+    newest = existing[-1]
+    if (newest / "forecast" / FORECAST_METRICS).is_file():
+        return None  # finished: a new demo goes beside it
+    if not (newest / CONFIG_NAME).is_file():
+        return None if holds_run(newest) else newest  # stopped before training began: nothing of it to differ
+    try:
+        saved = read_json(newest / CONFIG_NAME)
+    except (OSError, UnreadableFile):
+        return None
+    same = isinstance(saved, dict) and (saved.get("data"), saved.get("seed"), saved.get("steps")) == (data, seed, steps)
+    return newest if same else None
 
 
 def read_metrics(forecast_dir: Path) -> dict:
@@ -97,24 +127,49 @@ def main(argv=None) -> int:
     p.add_argument("--data", metavar="H5", help="a Lotka-Volterra h5 file (default: the built-in simulated set)")
     p.add_argument("--runs-dir", default="runs", help="where the demo's run, forecasts and report go "
                                                       "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="training and sampling seed (default: %(default)s)")
     p.add_argument("--steps", type=positive_int, default=STEPS, help="LoRA training steps (default: %(default)s)")
     args = p.parse_args(argv)
     if args.data is not None and not Path(args.data).is_file():
         p.error(f"--data {args.data}: " + ("a directory, not an h5 file" if Path(args.data).is_dir() else "no such file"))
-    run = fresh_dir(Path(args.runs_dir) / "demo")
+    if args.data is not None:  # before any FLOP: data the forecasts could not use is refused, not trained on first
+        try:
+            check_forecast_fits(trajectories_shape(args.data)[1], ForecastConfig.context, ForecastConfig.horizon,
+                                f"--data {args.data}")
+        except (DataError, TooShort) as e:
+            p.error(str(e))
+    try:
+        return run_demo(args)
+    except KeyboardInterrupt:  # between the commands (each reports its own stop and returns its status)
+        print("[demo] stopped by Ctrl-C; run the same command again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run_demo(args) -> int:
+    """The demo's commands, in a fresh run directory or in the one of a stopped demo with these settings; the first
+    that fails ends it, with its exit status (130 for a Ctrl-C)."""
+    base = Path(args.runs_dir) / "demo"
+    run = unfinished_demo(base, args.data, args.seed, args.steps)
+    if run is not None:
+        print(f"[demo] continuing the stopped demo in {run}/ (same --data, --seed and --steps)", flush=True)
+    run = run or fresh_dir(base)
     data = ["--data", args.data] if args.data else []
     seed = ["--seed", str(args.seed)]
     steps = ["--model", str(BASE), "--rank", "8", "--ctx", "768", "--steps", str(args.steps),
              "--warmup", str(min(WARMUP, args.steps // 10)), *TRAIN, *seed, *data,
              "--runs-dir", args.runs_dir, "--out", str(run)]
-    print(f"[demo] LoRA-fine-tuning the pretrained {BASE.name}: python train.py {' '.join(steps)}", flush=True)
-    if train.main(steps) != 0:
-        return 1
+    if not (run / ADAPTER_DIR).is_dir():
+        steps += ["--resume"] if holds_run(run) else []
+        print(f"[demo] LoRA-fine-tuning the pretrained {BASE.name}: python train.py {' '.join(steps)}", flush=True)
+        status = train.main(steps)
+        if status != EXIT_OK:
+            return status
     validation = [*VALIDATION, *seed, "--out", str(run / "forecast_val")]
-    print(f"[demo] fine-tuned or zero-shot? python forecast.py --run {run} {' '.join(validation)}", flush=True)
-    if forecast.main(["--run", str(run), *validation]) != 0:
-        return 1
+    if not (run / "forecast_val" / FORECAST_METRICS).is_file():
+        print(f"[demo] fine-tuned or zero-shot? python forecast.py --run {run} {' '.join(validation)}", flush=True)
+        status = forecast.main(["--run", str(run), *validation])
+        if status != EXIT_OK:
+            return status
     choice = choose(read_metrics(run / "forecast_val"))
     if choice is None:
         print("[demo] error: neither model has a finite validation forecast score", file=sys.stderr)
@@ -128,11 +183,13 @@ def main(argv=None) -> int:
         test = ["--model", str(BASE), *FORECAST_BASE, *seed, *data, "--runs-dir", args.runs_dir,
                 "--out", str(run / "forecast")]
     print(f"[demo] forecasting the test split: python forecast.py {' '.join(test)}", flush=True)
-    if forecast.main(test) != 0:
-        return 1
+    status = forecast.main(test)
+    if status != EXIT_OK:
+        return status
     print(f"[demo] writing the report of every run in {args.runs_dir}: python report.py {args.runs_dir}", flush=True)
-    if report.main([args.runs_dir]) != 0:
-        return 1
+    status = report.main([args.runs_dir])
+    if status != EXIT_OK:
+        return status
     print(f"\n[demo] test split, {CANDIDATES[chosen]} chosen on validation:\n"
           + summary_table(read_metrics(run / "forecast")["metrics"], chosen == "model"))
     print(f"\n[demo] done. Training run: {run}/ (metrics.jsonl, loss curve PNG, adapter/, flops.json)\n"

@@ -25,6 +25,10 @@ def bounded(kind, low, high=None, low_open=False):
 
 positive_int, non_negative_int = bounded(int, 1), bounded(int, 0)
 positive_float, non_negative_float = bounded(float, 0, low_open=True), bounded(float, 0)
+# A seed: a whole number from 0 to the largest int64, what numpy's generators, torch.manual_seed and an h5 file's
+# attributes all take (a larger one fails in whichever of them meets it first, after work was done).
+MAX_SEED = 2 ** 63 - 1
+seed_int = bounded(int, 0, MAX_SEED)
 
 
 def flop_count(text: str) -> int:
@@ -36,3 +40,19 @@ def flop_count(text: str) -> int:
     if not value.is_finite() or value <= 0 or value != value.to_integral_value():
         raise argparse.ArgumentTypeError(f"expected a positive whole FLOP count such as 1e17, got {text!r}")
     return int(value)
+
+
+class _Unset(list):
+    """The value a flag the command line did not give keeps in `typed_dests`' probe (a list, so that an `append`
+    action copies it into a new list rather than failing)."""
+
+
+def typed_dests(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> set[str]:
+    """The dests of the flags the command line `argv` (None: sys.argv) gives, whatever their values: a flag typed
+    with its default value is given too, which comparing the parsed value with parser.get_default cannot tell. Parse
+    `argv` with `parser` first (its errors are reported there): here it is parsed again into a namespace that holds a
+    marker for every dest, and argparse fills in a default only where a dest is missing."""
+    unset = _Unset()
+    dests = vars(parser.parse_args(argv))
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{dest: unset for dest in dests}))
+    return {dest for dest, value in vars(probe).items() if value is not unset}

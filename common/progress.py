@@ -1,6 +1,6 @@
-"""Progress of a long loop (training steps, forecast batches): a tqdm bar on a terminal; in a log (a file, a pipe,
-CI) one plain line every tenth of the work or every 30 seconds, whichever comes first, instead of carriage-return
-updates that a log shows as one endless line."""
+"""Progress of a long loop (training steps, forecast steps inside a generate call): a tqdm bar on a terminal; in a
+log (a file, a pipe, CI) one plain line every tenth of the work or every 30 seconds, whichever comes first, with the
+rate and the time left, instead of carriage-return updates that a log shows as one endless line."""
 from __future__ import annotations
 
 import sys
@@ -18,6 +18,7 @@ class LineProgress:
     def __init__(self, iterable=None, *, total=None, initial=0, desc="", unit="it", stream=None, clock=time.monotonic):
         self.iterable, self.total = iterable, total if total is not None else _length(iterable)
         self.n, self.desc, self.unit, self.stream, self.clock = initial, desc, unit, stream or sys.stderr, clock
+        self.initial = initial
         self.postfix: dict = {}
         self.started = self.last_time = clock()
         self.last_n = initial
@@ -47,10 +48,14 @@ class LineProgress:
 
     def _line(self) -> None:
         now = self.clock()
+        elapsed = now - self.started
         share = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 and self.n > self.initial else None
+        speed = f", {rate:.3g} {self.unit}/s" if rate else ""
+        eta = f", ETA {max(self.total - self.n, 0) / rate:.0f} s" if rate and self.total is not None else ""
         extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
         print(f"{self.desc}: {self.n}/{self.total if self.total is not None else '?'} {self.unit}{share}, "
-              f"{now - self.started:.0f} s{extra}", file=self.stream, flush=True)
+              f"{elapsed:.0f} s{speed}{eta}{extra}", file=self.stream, flush=True)
         self.last_time, self.last_n = now, self.n
 
 

@@ -97,6 +97,21 @@ class EvalExample:
     prompt: str  # LLMTIME text of the context, ending with the step separator
 
 
+class TooShort(ValueError):
+    """Trajectories shorter than a forecast's context + horizon: the data's fault, to be refused before any work."""
+
+
+def check_forecast_fits(n_steps: int, n_context: int, horizon: int, what: str) -> None:
+    """Raise TooShort unless trajectories of `n_steps` steps (`what` names them: a file, a trajectory) hold a
+    forecast's context of `n_context` steps and its horizon after it (ValueError if either is not > 0)."""
+    if n_context <= 0 or horizon <= 0:
+        raise ValueError(f"{what}: a context of {n_context} and a horizon of {horizon}: both must be > 0")
+    if n_context + horizon > n_steps:
+        raise TooShort(f"{what} has {n_steps} steps: cannot take a context of {n_context} and a horizon of {horizon} "
+                       f"({n_context + horizon} steps; both must fit): forecast with a context and a horizon that "
+                       f"add up to at most {n_steps}, or give data with longer trajectories")
+
+
 def make_eval_example(trajectory: np.ndarray, index: int, n_context: int = DEFAULT_CONTEXT,
                       horizon: int = DEFAULT_HORIZON, decimals: int = 2) -> EvalExample:
     """Split trajectory (T, V) into its first `n_context` steps (the prompt) and the next `horizon` (the target).
@@ -104,9 +119,7 @@ def make_eval_example(trajectory: np.ndarray, index: int, n_context: int = DEFAU
     trajectory = np.asarray(trajectory, dtype=np.float64)
     if trajectory.ndim != 2:
         raise ValueError(f"trajectory {index}: expected shape (T, V), got {trajectory.shape}")
-    if n_context <= 0 or horizon <= 0 or n_context + horizon > len(trajectory):
-        raise ValueError(f"trajectory {index} has {len(trajectory)} steps: cannot take a context of {n_context} and "
-                         f"a horizon of {horizon} (both must be > 0 and fit)")
+    check_forecast_fits(len(trajectory), n_context, horizon, f"trajectory {index}")
     # Copies: the example must not change if the caller later edits its array.
     context, target = trajectory[:n_context].copy(), trajectory[n_context:n_context + horizon].copy()
     scaler = Scaler.fit(context)

@@ -30,7 +30,7 @@ STEP_SEP = ";"
 VAR_SEP = ","
 DEFAULT_PERCENTILE = 95.0
 # A history whose percentile level is at or below this is treated as all zeros (no division by ~0).
-_ZERO_LEVEL = 1e-12
+ZERO_LEVEL = 1e-12
 
 
 @dataclass
@@ -62,8 +62,16 @@ class Scaler:
             raise ValueError(f"Scaler.fit: percentile must be in (0, 100], got {percentile}")
         magnitude = np.abs(history)
         level = np.percentile(magnitude, percentile, axis=0)
-        level = np.where(level > _ZERO_LEVEL, level, magnitude.max(axis=0))
-        return cls(np.where(level > _ZERO_LEVEL, level, 1.0))
+        level = np.where(level > ZERO_LEVEL, level, magnitude.max(axis=0))
+        return cls(np.where(level > ZERO_LEVEL, level, 1.0))
+
+    @staticmethod
+    def below_zero_level(history: np.ndarray) -> np.ndarray:
+        """(V,) bool: the variables whose history is not all zeros but at most ZERO_LEVEL in size, which `fit`
+        treats as all zeros (scale 1.0): their text shows only zeros, so a forecast of them says nothing."""
+        history = np.asarray(history, dtype=np.float64)
+        top = np.abs(history.reshape(len(history), -1)).max(axis=0)
+        return (top > 0) & (top <= ZERO_LEVEL)
 
     @classmethod
     def fixed(cls, value: float, n_vars: int) -> "Scaler":

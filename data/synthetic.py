@@ -71,6 +71,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from common.args import MAX_SEED, positive_float, positive_int, seed_int
 from data.lotka_volterra import LVData, load, validate
 from data.lotka_volterra import save as save_lv
 from data.series_families import GENERATORS, HEADROOM_FIT_STEPS, largest_remainder
@@ -148,8 +149,8 @@ def generate(n: int, seed: int = 0, mix: dict | None = None, *, steps: int = DEF
     the same data, and a component's series depend only on the seed and its own count."""
     if int(n) != n or n < 1 or int(steps) != steps or steps < 2 or not t_end > 0:
         raise ValueError(f"generate needs n >= 1, steps >= 2 and t_end > 0, got n={n}, steps={steps}, t_end={t_end}")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"generate needs a whole seed >= 0, got {seed!r}")
+    if int(seed) != seed or not 0 <= seed <= MAX_SEED:  # checked first: an h5 attribute holds at most an int64
+        raise ValueError(f"generate needs a whole seed from 0 to 2**63 - 1, got {seed!r}")
     n, steps, seed = int(n), int(steps), int(seed)
     weights = check_mix(mix)
     counts = allocate(n, weights)
@@ -280,14 +281,14 @@ def component_summary(data: SyntheticData) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, required=True, help="trajectories")
-    p.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default %(default)s)")
+    p.add_argument("--n", type=positive_int, required=True, help="trajectories")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed, >= 0 (default %(default)s)")
     p.add_argument("--mix", default=None, metavar="NAME=W,...",
                    help=f"component weights (normalised; a missing component weighs 0), from "
                         f"{', '.join(COMPONENTS)} (default " + ",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items())
                         + ")")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="samples per series (default %(default)s)")
-    p.add_argument("--t-end", type=float, default=DEFAULT_T_END, help="last time point (default %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="samples per series (default %(default)s)")
+    p.add_argument("--t-end", type=positive_float, default=DEFAULT_T_END, help="last time point (default %(default)s)")
     p.add_argument("--out", required=True, help="output h5 path")
     p.add_argument("--compare", metavar="H5", help="also print periods and value ranges against this h5 file")
     args = p.parse_args(argv)

@@ -4,7 +4,8 @@ The FLOPs go into the ledger record of the run the forecast uses (`<run>/flops.j
 into `flops.json` in the forecast's output directory; either must lie inside the runs directory (else refused unless
 `no_budget`). The reservation is an upper bound: every prompt prefilled at its batch's padded width, every row
 decoding the grammar's longest forecast, for the model and (when it runs) the untrained baseline; it is settled to
-what ran when the forecast ends.
+what ran when the forecast ends. A forecast that scores no trajectory at all is an error (`NothingScored`), after its
+FLOPs are booked.
 """
 from __future__ import annotations
 
@@ -18,19 +19,25 @@ from ledger.records import RECORD_NAME, record_present
 
 from .config import DEFAULT_MEMORY_GB
 from .evaluate import MODEL, Evaluation, Protocol, Selection, evaluate
-from .forecast import generation_plan
+from .config import ForecastConfig
+from .forecast import check_call_fits, generation_plan, grammar_candidates, shortest_prompt
 from .grammar import max_forecast_tokens
 from .metering import FlopsSoFar
-from .source import ForecastSource
+from .source import ForecastSource, planned_model
+
+
+class NothingScored(RuntimeError):
+    """A forecast none of whose trajectories could be scored (every one has a sample that failed to parse)."""
 
 
 @dataclass(frozen=True)
 class Booking:
     """Where and how a forecast's FLOPs are booked."""
     runs_dir: Path
-    max_flops: int
+    max_flops: int | None  # None: the runs directory's cap (ledger.cap)
     gqa: str | None = None  # None: the ledger's convention
     no_budget: bool = False
+    change_max_flops: bool = False  # max_flops becomes the runs directory's cap (ledger.Ledger)
 
 
 def record_dir_of(run_dir, out) -> Path:
@@ -58,15 +65,49 @@ def generated_methods(source: ForecastSource, baselines) -> list[str]:
     return [MODEL] + (["untrained"] if "untrained" in baselines and source.load_untrained is not None else [])
 
 
+def prompt_tokens(source: ForecastSource, selection: Selection, protocol: Protocol) -> list[int]:
+    """Each selected trajectory's prompt length in tokens, as `evaluate` will write it."""
+    return [len(source.tokenizer.encode(make_eval_example(source.data.trajectories[i], i, protocol.context,
+                                                          protocol.horizon, protocol.decimals).prompt))
+            for i in selection.indices]
+
+
+def longest_forecast(source: ForecastSource, protocol: Protocol) -> int:
+    return max_forecast_tokens(protocol.horizon, source.data.trajectories.shape[2], protocol.decimals,
+                               protocol.int_digits, protocol.allow_negative)
+
+
+def check_fits(source: ForecastSource, selection: Selection, protocol: Protocol, memory_gb: float,
+               prompts: list[int] | None = None) -> None:
+    """GenerationTooLarge (forecasting.forecast.check_call_fits) when the longest prompt with the longest forecast
+    exceeds the model's positions, or one such row exceeds `memory_gb`: before anything is reserved."""
+    prompts = prompt_tokens(source, selection, protocol) if prompts is None else prompts
+    check_call_fits(source.model.config, source.model.lm_head.weight.element_size(), max(prompts),
+                    longest_forecast(source, protocol), memory_gb,
+                    grammar_candidates(protocol.allow_negative) if protocol.constrained else None)
+
+
+def check_fits_unloaded(run_dir, spec: str | None, config: ForecastConfig) -> None:
+    """`check_call_fits` before any weight or data is loaded, on lower bounds (one variable whatever the data, every
+    prompt number as short as it can be, two bytes a value): what is refused here could never fit. `check_fits`
+    checks the real prompts once they are known."""
+    architecture, run_decimals = planned_model(run_dir, spec)
+    if architecture is None:
+        return
+    decimals = run_decimals if config.decimals is None else config.decimals
+    check_call_fits(architecture, 2, shortest_prompt(config.context, 1, decimals),
+                    max_forecast_tokens(config.horizon, 1, decimals, config.int_digits, config.allow_negative),
+                    config.memory_gb, grammar_candidates(config.allow_negative) if config.constrained else None,
+                    at_least=True)
+
+
 def forecast_bound(source: ForecastSource, selection: Selection, protocol: Protocol, *, baselines,
                    batch: int | None, gqa: str, jump_forward: bool = False, compile: bool = False,
                    memory_gb: float = DEFAULT_MEMORY_GB) -> int:
     """The most FLOPs `evaluate` can spend on these trajectories: exact prefills, the longest forecasts."""
-    examples = [make_eval_example(source.data.trajectories[i], i, protocol.context, protocol.horizon,
-                                  protocol.decimals) for i in selection.indices]
-    prompts = [len(source.tokenizer.encode(ex.prompt)) for ex in examples]
-    longest = max_forecast_tokens(protocol.horizon, source.data.trajectories.shape[2], protocol.decimals,
-                                  protocol.int_digits, protocol.allow_negative)
+    prompts = prompt_tokens(source, selection, protocol)
+    check_fits(source, selection, protocol, memory_gb, prompts)
+    longest = longest_forecast(source, protocol)
     one = generation_plan(source.model, prompts, [longest] * len(prompts), batch=batch, memory_gb=memory_gb,
                           num_samples=protocol.num_samples, constrained=protocol.constrained,
                           allow_negative=protocol.allow_negative, gqa=gqa, jump_forward=jump_forward,
@@ -80,7 +121,7 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
     """`evaluate`, with its FLOPs reserved (BudgetExceeded, MixedConventions, OutsideRunsDir before any forecast),
     booked call by call and settled. Returns (evaluation, the record it was booked into)."""
     record_dir = record_dir_of(run_dir, out)
-    ledger = Ledger(booking.runs_dir, booking.max_flops)
+    ledger = Ledger(booking.runs_dir, booking.max_flops, change_max_flops=booking.change_max_flops)
     inside = ledger.contains(record_dir)
     if not inside and not booking.no_budget:
         where = f"--run {run_dir}" if run_dir is not None else f"the output directory {out}"
@@ -94,6 +135,7 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
     name = record_dir.resolve().name  # `--out .` names the directory it is
     what = f"forecast.py {source.label} -> {out}"
     if booking.no_budget:
+        check_fits(source, selection, protocol, memory_gb)
         recorder = ledger.recorder(record_dir, run_name=name, gqa=gqa)
     else:
         bound = forecast_bound(source, selection, protocol, baselines=baselines, batch=batch, gqa=gqa,
@@ -105,7 +147,23 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
                               memory_gb=memory_gb,
                               progress=progress, gqa=gqa, on_flops=booker(recorder, source, selection, out),
                               jump_forward=jump_forward, compile=compile)
+    evaluation.forecaster = {"model": source.model_name, "run": None if run_dir is None else str(run_dir)}
+    check_scored(evaluation, source.label)
     return evaluation, record_dir
+
+
+def check_scored(evaluation: Evaluation, label: str) -> None:
+    """NothingScored when no trajectory has a complete forecast from every generated method: a metrics.json of no
+    numbers would mark the forecast done (a plan skips it) and a report would show nothing as a result."""
+    if evaluation.scored.any():
+        return
+    n = len(evaluation.examples)
+    failed = {method: sum(f.parse_failures for f in forecasts) for method, forecasts in evaluation.forecasts.items()}
+    samples = n * evaluation.protocol.num_samples
+    counts = ", ".join(f"{label if m == MODEL else m}: {k} of {samples} samples" for m, k in failed.items())
+    raise NothingScored(f"no trajectory could be scored: {n} of {n} have a forecast that failed to parse ({counts}); "
+                        "nothing was written (the FLOPs spent are booked). Check --temperature, --top-p and "
+                        "--unconstrained")
 
 
 def booker(recorder: Recorder, source: ForecastSource, selection: Selection, out):

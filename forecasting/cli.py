@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import signal
 import sys
 from pathlib import Path
@@ -10,17 +12,17 @@ from pathlib import Path
 from common.args import bounded
 from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
 from common.fileio import ensure_writable_dir, os_error_text
-from ledger import (BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir, RECORD_NAME, is_inside,
+from ledger import (BudgetExceeded, Ledger, LedgerError, MixedConventions, OutsideRunsDir, RECORD_NAME, is_inside,
                     read_record, record_present, recorded_runs_dir)
-from ledger.flags import MAX_FLOPS_HELP, add_budget_arguments
+from ledger.flags import CHANGE_MAX_FLOPS_HELP, MAX_FLOPS_HELP, add_budget_arguments
 from qwen_mini.generate import NonFiniteLogits
 from training.stopping import Interrupted, StopSignals
 
-from .budget import Booking, budgeted_evaluate, check_run_record
-from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, DTYPES, SPLITS, ForecastConfig
+from .budget import Booking, NothingScored, budgeted_evaluate, check_fits, check_fits_unloaded, check_run_record
+from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, DTYPES, SPLITS, ForecastConfig, ForecastConfigError
 from .evaluate import (OutputBusy, Protocol, check_output_names, format_table, lock_output, select_trajectories,
                        write_outputs)
-from .forecast import check_samples_fit
+from .forecast import GenerationTooLarge, check_samples_fit
 from .grammar import max_forecast_tokens
 from .source import from_model, from_run, parse_dtype, pick_device
 
@@ -47,10 +49,15 @@ Writes metrics.json (point and probabilistic scores: CRPS, WQL, coverage_80, MAS
 per_trajectory.csv, samples.npz (every method's forecasts: any score can be recomputed, forecasting.scores),
 trajectory_<index>.png, error_vs_horizon.png and error_distribution.png to --out. FLOPs (prefill once per prompt, every KV-cache decode step; the untrained baseline's too) are reserved
 before the first forecast and booked into the FLOP ledger of --runs-dir: into the run's flops.json, or for a plain
---model into flops.json in --out, which then must lie inside --runs-dir (default RUNS_DIR/forecasts/<model>).
-Exit status: 0 done, 1 the forecast failed (non-finite logits: NaN or infinity from the model; the output could not
-be written, e.g. a full disk), 2 bad arguments, run directory, model, data or an output location that cannot be
-written (or a record outside --runs-dir), 3 refused by the FLOP budget or by the ledger's gqa convention, 130 / 143
+--model into flops.json in --out, which then must lie inside --runs-dir (default RUNS_DIR/forecasts/<model>) and not be
+a training run's directory (metrics.json names the model and run that forecast: "forecaster"). The default --out
+names the selection: _val / _first<N> for another split or --limit, the --sample indices (the first five, then
+_and_<K>_more_<hash>), so two selections never share a folder. The ledger's cap is the runs directory's (--max-flops).
+Exit status: 0 done, 1 the forecast failed (non-finite logits: NaN or infinity from the model; no trajectory could be
+scored, every forecast failing to parse; the output could not be written, e.g. a full disk), 2 bad arguments, run
+directory, model, data (a run's data file that is gone) or an output location that cannot be written (or a record
+outside --runs-dir), or a forecast that cannot fit --memory-budget or the model's positions, 3 refused by the FLOP
+budget or by the ledger's gqa convention or cap (another --max-flops than the runs directory's), 130 / 143
 stopped by Ctrl-C / SIGTERM (nothing written: the files appear together at the end, metrics.json last).
 One forecast at a time writes into an --out: a second one is refused (2), naming the first.
 """
@@ -68,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_argument_group("which trajectories")
     which.add_argument("--data", metavar="H5", help="h5 file (default: the run's data, else the built-in simulated "
                        "set)")
-    which.add_argument("--split", default=d.split, choices=SPLITS,
-                       help="the split to forecast (default: %(default)s)")
+    which.add_argument("--split", choices=SPLITS,
+                       help=f"the split to forecast (default: {d.split}; not with --sample)")
     which.add_argument("--limit", type=bounded(int, 1), help="only the first N trajectories of the split")
     which.add_argument("--sample", type=bounded(int, 0), nargs="+", metavar="INDEX",
                        help="trajectory index(es) in the h5 file, whatever their split (the split is reported; "
-                            "a training-split one is warned about)")
+                            "a training-split one is warned about; so neither --split nor --limit)")
     which.add_argument("--samples-idx", metavar="I,J,...", help="comma list of indices: the same as --sample")
 
     protocol = p.add_argument_group("protocol")
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--dtype", default=d.dtype, choices=DTYPES,
                      help="float32 or bfloat16: the model weights; float16: float32 weights under fp16 autocast "
                           "(for GPUs without bfloat16); no bfloat16 on mps (default: %(default)s, as stored)")
-    how.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default: %(default)s)")
+    how.add_argument("--seed", type=int, default=d.seed, help="sampling seed, 0 to 2**63 - 1 (default: %(default)s)")
     how.add_argument("--jump-forward", action="store_true",
                      help="append the tokens the grammar forces (separator after the last decimal, ...) without "
                           "sampling and feed them with the next step: fewer forward passes, the same tokens")
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument_group("FLOP ledger"),
         runs_dir=f"the runs directory whose ledger counts this forecast (default: the one the run was trained under, "
                  f"else {DEFAULT_RUNS_DIR})",
-        max_flops=MAX_FLOPS_HELP,
+        max_flops=MAX_FLOPS_HELP, change_max_flops=CHANGE_MAX_FLOPS_HELP,
         gqa="how attention is counted: real grouped-query k/v or mha (default: the ledger's)",
         no_budget="no reservation or budget check (allows a record outside --runs-dir, counted nowhere)")
     how.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -157,15 +164,73 @@ def requested_baselines(args) -> list[str]:
     return baselines
 
 
+# ForecastConfig fields whose flag is not --<field> (a refusal names the flag the user typed).
+FLAG_OF = {"memory_gb": "--memory-budget", "constrained": "--unconstrained"}
+
+
 def forecast_config(args) -> ForecastConfig:
-    """The settings the flags ask for (the baselines checked)."""
-    return ForecastConfig(split=args.split, limit=args.limit, context=args.context, horizon=args.horizon,
+    """The settings the flags ask for (the baselines checked); a value ForecastConfig refuses is a ValueError naming
+    its flag. --split with --sample is refused: --sample picks by index, whatever the split."""
+    if (args.sample or args.samples_idx) and args.split is not None:
+        raise ValueError(f"--split {args.split} with --sample: --sample picks trajectories by their index in the data "
+                         "file, whatever their split (each one's split is reported); give one or the other")
+    try:
+        return settings_of(args)
+    except ForecastConfigError as e:
+        flag = FLAG_OF.get(e.key, f"--{e.key.replace('_', '-')}") if e.key else "forecast settings"
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def settings_of(args) -> ForecastConfig:
+    return ForecastConfig(split=args.split or ForecastConfig.split, limit=args.limit, context=args.context,
+                          horizon=args.horizon,
                           decimals=args.decimals, constrained=not args.unconstrained, int_digits=args.int_digits,
                           allow_negative=args.allow_negative, num_samples=args.num_samples,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                           baselines=requested_baselines(args), batch=args.batch, memory_gb=args.memory_budget,
                           device=args.device,
                           dtype=args.dtype, jump_forward=args.jump_forward, compile=args.compile)
+
+
+NAMED_SAMPLES = 5  # --sample indices a default output folder spells out; more are counted and hashed
+
+
+def out_for_selection(base: Path, config: ForecastConfig, samples: list[int]) -> Path:
+    """The default output folder of a selection: `base` for the whole test split; _<split> and _first<N> for another
+    split or a --limit; the --sample indices (the first NAMED_SAMPLES, then _and_<K>_more_<sha256 of them all>). Two
+    selections never share a folder, so one never overwrites the other or removes its plots."""
+    if samples:
+        suffix = "_" + "_".join(map(str, samples[:NAMED_SAMPLES]))
+        if len(samples) > NAMED_SAMPLES:
+            digest = hashlib.sha256(",".join(map(str, samples)).encode()).hexdigest()[:8]
+            suffix += f"_and_{len(samples) - NAMED_SAMPLES}_more_{digest}"
+    else:
+        suffix = ("" if config.split == "test" else f"_{config.split}") + \
+            ("" if config.limit is None else f"_first{config.limit}")
+    return base.with_name(base.name + suffix)
+
+
+def check_not_another_run(out: Path, run: str | None, label: str) -> None:
+    """ValueError when --out is a training run's directory (not the forecasting run's own): the forecast would be
+    booked into that run's record and read as that run's results; or a model's weights directory (a run's model/ or
+    adapter/), where its files would sit among the weights. A subdirectory of a run is fine: its own record and
+    metrics.json ("forecaster") name the model that forecast."""
+    from lora import ADAPTER_WEIGHTS_NAME
+    from training.run import CONFIG_NAME
+
+    weights = [name for name in ("model.safetensors", ADAPTER_WEIGHTS_NAME) if (out / name).exists()]
+    if weights:
+        raise ValueError(f"--out {out} holds a model's weights ({weights[0]}): a forecast's files do not belong "
+                         "among them; pass another --out")
+    try:
+        config = json.loads((out / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and "split" in config and "model" in config and \
+            (run is None or out.resolve() != Path(run).resolve()):
+        raise ValueError(f"--out {out} is the directory of training run {out}: the forecast of {label} would be "
+                         "booked into that run's record and read as its results; pass another --out (a "
+                         "subdirectory of it is fine: its metrics.json names the model that forecast)")
 
 
 def runs_dir_of(args) -> Path:
@@ -201,8 +266,11 @@ def forecast(args, signals: StopSignals) -> int:
             raise ValueError(f"--out must name a directory, got {args.out!r}")
         if config.num_samples > 1 and config.temperature <= 0:
             raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+        if args.change_max_flops and args.max_flops is None:
+            raise ValueError("--change-max-flops needs --max-flops: the cap it makes the runs directory's")
         device = pick_device(config.device)
         dtype = parse_dtype(config.dtype, device)
+        check_fits_unloaded(args.run, args.model, config)
         if args.run:
             source = from_run(args.run, data_path=args.data, decimals=config.decimals, context=config.context,
                               device=device, dtype=dtype)
@@ -218,16 +286,22 @@ def forecast(args, signals: StopSignals) -> int:
         check_samples_fit(len(selection.indices), config.num_samples,
                           max_forecast_tokens(config.horizon, n_vars, source.decimals, config.int_digits,
                                               config.allow_negative), config.horizon, n_vars, config.memory_gb)
+        protocol = Protocol.of(config, source.decimals)
+        check_fits(source, selection, protocol, config.memory_gb)
         runs_dir = runs_dir_of(args)
+        if not args.no_budget:  # a cap that differs from the runs directory's: refused before any output or FLOP
+            Ledger(runs_dir, args.max_flops, change_max_flops=args.change_max_flops).cap()
+    except MixedConventions as e:  # CapConflict: the runs directory's cap is another
+        print(f"forecast.py: refused by the FLOP ledger: {e}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
     except (ValueError, OSError) as e:  # RunDirError, DataError, CheckpointError, LedgerError ... are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    protocol = Protocol.of(config, source.decimals)
     # A plain model's forecasts live in the runs directory by default: their flops.json is its ledger's record.
     default_out = source.default_out if args.run else runs_dir / "forecasts" / source.default_out.name
-    out = Path(args.out) if args.out is not None else default_out.with_name(
-        default_out.name + "".join(f"_{i}" for i in samples[:5]))
+    out = Path(args.out) if args.out is not None else out_for_selection(default_out, config, samples)
     try:  # before the forecasts, which may take long: not after them
+        check_not_another_run(out, args.run, source.label)
         if args.run is not None:
             check_run_record(Path(args.run))
         ensure_writable_dir(out)
@@ -235,11 +309,11 @@ def forecast(args, signals: StopSignals) -> int:
     except OSError as e:
         print(f"error: cannot write the output: {os_error_text(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except LedgerError as e:
+    except ValueError as e:  # LedgerError, another run's directory
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"forecasting {selection.label} of {source.data.path} with {source.label} on {device}", file=sys.stderr)
-    booking = Booking(runs_dir, args.max_flops, args.gqa, args.no_budget)
+    booking = Booking(runs_dir, args.max_flops, args.gqa, args.no_budget, args.change_max_flops)
     try:
         with lock_output(out, f"forecast.py {source.label} -> {out}"):
             evaluation, record_dir = budgeted_evaluate(source, selection, protocol, out=out, run_dir=args.run,
@@ -261,9 +335,12 @@ def forecast(args, signals: StopSignals) -> int:
     except (OutsideRunsDir, LedgerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except NonFiniteLogits as e:
+    except (NonFiniteLogits, NothingScored) as e:
         print(f"error: {source.label}: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except GenerationTooLarge as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if signals.signum is not None:  # it came while the files were moved into place: they are complete
         stop = Interrupted(signals.signum)
         print(f"error: stopped by {stop.name} as the forecast was written: {out} holds it in full", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.args import MAX_SEED
 from common.devices import DTYPES  # noqa: F401  (re-exported: the --dtype choices)
 from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT, DEFAULT_HORIZON
@@ -16,6 +17,11 @@ SPLITS = ("train", "val", "test")
 DEFAULT_DECIMALS = 2  # LLMTIME decimals of a plain model (a run forecasts with the decimals it trained with)
 DEFAULT_MEMORY_GB = 4.0  # what a forecast's generate calls may hold (KV cache, logits): safe on a 24 GiB CPU box
 DEFAULT_RUNS_DIR = "runs"  # the ledger a forecast books into when neither --runs-dir nor the run's record names one
+# Upper limits past which a value is a typo, refused before anything is counted or loaded (a plan's count of 1e9
+# samples would run for hours; a seed past int64 fails in torch after the reservation; 1e300 GB overflows floats):
+MAX_SAMPLES = 10_000  # samples per trajectory (LLMTIME draws 20)
+MAX_DIGITS = 15  # decimals and integer digits: float64 holds 15-17 significant digits, the rest would be noise
+MAX_MEMORY_GB = 2.0 ** 20  # a pebibyte
 
 
 class ForecastConfigError(SettingsError):
@@ -59,14 +65,25 @@ class ForecastConfig:
             if value is not None and value < low:
                 raise ForecastConfigError(f"{name} must be >= {low}, got {value!r}", key=name)
 
+        def at_most(name, high, what=None):
+            value = getattr(self, name)
+            if value is not None and value > high:
+                raise ForecastConfigError(f"{name} must be at most {what or high}, got {value!r}", key=name)
+
         for name in ("limit", "context", "horizon", "int_digits", "num_samples", "batch"):
             at_least(name, 1)
-        at_least("decimals", 0)
+        for name in ("decimals", "seed"):
+            at_least(name, 0)
+        at_most("num_samples", MAX_SAMPLES)
+        at_most("decimals", MAX_DIGITS)
+        at_most("int_digits", MAX_DIGITS)
+        at_most("seed", MAX_SEED, "2**63 - 1")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ForecastConfigError(f"temperature must be a finite number >= 0, got {self.temperature!r}",
                                       key="temperature")
-        if not (math.isfinite(self.memory_gb) and self.memory_gb > 0):
-            raise ForecastConfigError(f"memory_gb must be a finite number > 0, got {self.memory_gb!r}", key="memory_gb")
+        if not (math.isfinite(self.memory_gb) and 0 < self.memory_gb <= MAX_MEMORY_GB):
+            raise ForecastConfigError(f"memory_gb must be a number > 0 and at most {MAX_MEMORY_GB:.0f} (GiB), got "
+                                      f"{self.memory_gb!r}", key="memory_gb")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ForecastConfigError(f"top_p must be in (0, 1], got {self.top_p!r}", key="top_p")
         for name, allowed in (("split", SPLITS), ("dtype", DTYPES)):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data.dataset import EvalExample, make_eval_example
+from data.llmtime import ZERO_LEVEL, Scaler
 from data.lotka_volterra import LVData, Split
 from common.fileio import FileLock, LockHeld, StagedFiles, atomic_write, describe_holder, write_json_atomic
 
@@ -130,6 +131,7 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
     generation: dict[str, GenerationStats] = field(default_factory=dict)  # per generated method, FLOPs included
     periods: list[int | None] | None = None  # seasonal_naive's period per trajectory (None: none found)
+    forecaster: dict = field(default_factory=dict)  # {"model": spec, "run": run dir or None}: who forecast
 
     def saved_forecasts(self) -> SavedForecasts:
         """Every method's forecasts with what they are scored on: samples.npz's content."""
@@ -162,6 +164,7 @@ class Evaluation:
                       for name, s in self.generation.items()},
             "metrics": self.metrics,
             "notes": self.notes,
+            "forecaster": self.forecaster,
         }
         if self.lv_fit is not None:
             fit, n = self.lv_fit, len(self.lv_fit.loss)
@@ -199,6 +202,7 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
                       num_samples=protocol.num_samples, temperature=protocol.temperature, top_p=protocol.top_p,
                       seed=protocol.seed, int_digits=protocol.int_digits, allow_negative=protocol.allow_negative,
                       progress=progress, gqa=gqa, jump_forward=jump_forward, compile=compile)
+    notes = zero_level_notes(examples)
     stats = GenerationStats()
     generated = {MODEL: stats}
 
@@ -209,7 +213,6 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
         return dict(stats=generated[method], label=method, on_flops=report)
 
     forecasts = {MODEL: forecast_examples(model, tokenizer, examples, **counted(MODEL), **generation)}
-    notes = []
     if "untrained" in baselines:
         if load_untrained is None:
             notes.append("untrained baseline skipped: --model forecasts with a model as it is, and there is no run "
@@ -244,6 +247,17 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
         notes.append(f"no *_gmean_relative scores: they are relative to {REFERENCE}, which was not run")
     return Evaluation(protocol, selection, data, split, examples, forecasts, predictions, targets, scored, metrics,
                       stats, lv_fit, notes, generated, periods)
+
+
+def zero_level_notes(examples: list[EvalExample]) -> list[str]:
+    """A note when some contexts hold a variable too small for the LLMTIME scaler (`Scaler.below_zero_level`): its
+    prompt shows only zeros, whatever the model then forecasts."""
+    tiny = [ex.index for ex in examples if Scaler.below_zero_level(ex.context).any()]
+    if not tiny:
+        return []
+    return [f"{len(tiny)} of {len(examples)} trajectories (e.g. {', '.join(map(str, tiny[:3]))}) have a variable "
+            f"whose context is not all zero but at most {ZERO_LEVEL:g} in size: the LLMTIME scaler treats it as zero, "
+            "so the prompt shows it as zeros (scale the data up to forecast it)"]
 
 
 def contexts_of(examples: list[EvalExample]) -> np.ndarray:
@@ -382,6 +396,7 @@ def write_plots(out_dir: Path, evaluation: Evaluation) -> list[Path]:
                                  per_trajectory_errors(evaluation.predictions[MODEL], evaluation.targets),
                                  evaluation.scored)
     named = [i for i in NAMED_SAMPLES if i in row_of]
+    label = forecaster_label(evaluation.forecaster)
     for index in dict.fromkeys([*evaluation.selection.plot_indices, *named, *ranked.values()]):
         row = row_of[index]
         ex = evaluation.examples[row]
@@ -390,16 +405,25 @@ def write_plots(out_dir: Path, evaluation: Evaluation) -> list[Path]:
         title = (f"trajectory {index} ({evaluation.split.which(index)} split): context {len(ex.context)} steps, "
                  f"forecast {len(ex.target)}")
         written.append(plot_trajectory(out_dir / f"trajectory_{index}.png", evaluation.data.time, ex.context,
-                                       ex.target, evaluation.predictions[MODEL][row], band, others, title))
+                                       ex.target, evaluation.predictions[MODEL][row], band, others, title,
+                                       model_label=label))
     scored = {name: m for name, m in evaluation.metrics.items() if m is not None}
     if scored:
-        written.append(plot_error_vs_horizon(out_dir / "error_vs_horizon.png", scored))
+        written.append(plot_error_vs_horizon(out_dir / "error_vs_horizon.png", scored, model_label=label))
         mask = evaluation.scored
         if mask.sum() >= MIN_HISTOGRAM:  # a histogram of one or two trajectories shows nothing
             errors = {name: per_trajectory_errors(p[mask], evaluation.targets[mask])
                       for name, p in evaluation.predictions.items()}
-            written.append(plot_error_distribution(out_dir / "error_distribution.png", errors))
+            written.append(plot_error_distribution(out_dir / "error_distribution.png", errors, model_label=label))
     return written
+
+
+def forecaster_label(forecaster: dict) -> str | None:
+    """What the plots call the forecast's model: "fine-tuned" for a trained run's, "zero-shot" for a plain model's
+    (forecast.py --model: the model as given, untouched here); None when the forecaster is unknown."""
+    if not forecaster:
+        return None
+    return "fine-tuned" if forecaster.get("run") else "zero-shot"
 
 
 def format_table(summary: dict) -> str:

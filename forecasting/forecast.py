@@ -97,7 +97,9 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
     one trajectory's samples exceed the rows, some of its samples (`call_plan`). Greedy when temperature is 0;
     otherwise `num_samples` draws per trajectory from one torch.Generator seeded with `seed`. With `constrained`
     every sample parses to exactly the horizon; without, whatever the model writes is decoded and the failures are
-    reported in each Forecast's `reports`. `label` names the progress bar (one step per batch). Each call's FLOPs
+    reported in each Forecast's `reports`. `label` names the progress bar, which counts the forecast steps the rows
+    complete inside each call (`ProgressConstraint`; a line per tenth in a log): a long call is not silent. Each
+    call's FLOPs
     (counted with `gqa`) are added to `stats` and handed to `on_flops` (e.g. to book them in the ledger); while the
     call runs, on_flops also gets its `FlopsSoFar` (forecasting.metering), so a killed forecast has booked them.
     `jump_forward` and `compile` choose how `qwen_mini.generate` decodes; neither changes the tokens."""
@@ -120,8 +122,11 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
     rows_each = rows_per_call(model, longest_prompt, max_new_tokens, num_samples, batch=batch, memory_gb=memory_gb,
                               head_rows=head_rows)
     texts: list[list[str]] = [[] for _ in examples]  # by position: the same trajectory may be asked for twice
-    for start, stop, samples in progress_bar(call_plan(len(examples), num_samples, rows_each), desc=label,
-                                             unit="batch", disable=not progress):
+    calls = call_plan(len(examples), num_samples, rows_each)
+    bar = progress_bar(total=len(calls) * horizon, desc=label, unit="steps", disable=not progress)
+    for number, (start, stop, samples) in enumerate(calls, start=1):
+        if len(calls) > 1:
+            bar.set_postfix(call=f"{number}/{len(calls)}")
         chunk = examples[start:stop]
         rows = len(chunk) * samples
         input_ids, attention_mask = tokenizer.encode_batch([ex.prompt for ex in chunk])
@@ -138,6 +143,7 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
         counter = generation_counter(model, len(chunk), input_ids.shape[1], rows, gqa=gqa, head_rows=head_rows)
         constraint = hook if on_flops is None else ReportingConstraint(  # FLOPs so far reach on_flops as it runs
             hook, decode, lambda forwards: counter.at(forwards + 1), on_flops)
+        constraint = ProgressConstraint(constraint, hook, bar, horizon)
         tokens = generate(model, input_ids.to(device), attention_mask.to(device), num_samples=samples,
                           max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, generator=generator, stop_token_ids=[hook.stop_id],
@@ -146,6 +152,7 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats.seconds += time.perf_counter() - began
+        constraint.finish()
         flops = counter.at(tokens.shape[1])
         if decode.cache_slots:  # compiled: what the fixed-shape steps computed, padding and all
             flops = replace(flops, decode=static_decode_flops(
@@ -160,7 +167,36 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
                 stats.new_tokens += 1  # the stop token was generated too
             stats.new_tokens += len(row)
             texts[start + row_index // samples].append(tokenizer.decode(row, skip_special_tokens=True))
+    bar.close()
     return [to_forecast(ex, ex_texts, decimals) for ex, ex_texts in zip(examples, texts)]
+
+
+class ProgressConstraint:
+    """A token constraint for `generate` (NumberGrammar, StepCounter, or one wrapping them) that moves `bar` by the
+    forecast steps the call's rows complete, on average, as it runs (`grammar.steps`: the per-row count of completed
+    steps, out of `horizon` each): progress inside one call, which may run for minutes. It only reads; the tokens are
+    the wrapped constraint's. `finish()` at the call's end moves the bar to the call's full `horizon` (rows that
+    stopped early without the grammar)."""
+
+    def __init__(self, constraint, grammar, bar, horizon: int):
+        self.constraint, self.grammar, self.bar, self.horizon = constraint, grammar, bar, horizon
+        self.shown = 0
+
+    def allowed(self):
+        return self.constraint.allowed()
+
+    def read(self, tokens) -> None:
+        self.constraint.read(tokens)
+        steps = self.grammar.steps
+        done = int(steps.clamp(max=self.horizon).sum()) // len(steps)
+        if done > self.shown:
+            self.bar.update(done - self.shown)
+            self.shown = done
+
+    def finish(self) -> None:
+        if self.shown < self.horizon:
+            self.bar.update(self.horizon - self.shown)
+            self.shown = self.horizon
 
 
 def call_plan(trajectories: int, num_samples: int, rows: int) -> list[tuple[int, int, int]]:
@@ -190,8 +226,12 @@ class CallMemory:
 
 def call_memory(model, prompt_len: int, new_tokens: int, head_rows: int | None = None) -> CallMemory:
     """`CallMemory` of generating `new_tokens` after prompts of `prompt_len` tokens with `model` (shapes only)."""
-    c = model.config
-    element = model.lm_head.weight.element_size()
+    return architecture_memory(model.config, model.lm_head.weight.element_size(), prompt_len, new_tokens, head_rows)
+
+
+def architecture_memory(c, element: int, prompt_len: int, new_tokens: int, head_rows: int | None = None
+                        ) -> CallMemory:
+    """`call_memory` from a model's config (QwenConfig) and the bytes of one weight, before any weight is loaded."""
     kv_position = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element  # keys + values
     width = 1 + JUMP_TOKENS  # tokens a row feeds per step, at most
     prefill_token = (4 * c.hidden_size + 3 * c.intermediate_size + c.num_attention_heads * c.head_dim) * element
@@ -205,14 +245,47 @@ def call_memory(model, prompt_len: int, new_tokens: int, head_rows: int | None =
 def rows_per_call(model, prompt_len: int, new_tokens: int, num_samples: int, *, batch: int | None = None,
                   memory_gb: float = DEFAULT_MEMORY_GB, head_rows: int | None = None) -> int:
     """Rows of each generate call: `batch` when given, else as many as `memory_gb` holds (`call_memory`): all
-    samples of as many trajectories as fit, else as many samples of one trajectory as fit (at least one)."""
+    samples of as many trajectories as fit, else as many samples of one trajectory as fit. GenerationTooLarge when
+    not even one prompt and one row fit (`check_call_fits`)."""
     if batch is not None:
         return batch
     memory, budget = call_memory(model, prompt_len, new_tokens, head_rows), memory_gb * 2 ** 30
     trajectories = int(budget // memory.of(1, num_samples))
     if trajectories >= 1:
         return trajectories * num_samples
-    return max(1, int((budget - memory.per_prompt) // memory.per_row))
+    check_call_fits(model.config, model.lm_head.weight.element_size(), prompt_len, new_tokens, memory_gb, head_rows)
+    return int((budget - memory.per_prompt) // memory.per_row)
+
+
+class GenerationTooLarge(ValueError):
+    """A forecast whose generate calls cannot fit the memory budget or the model's positions."""
+
+
+def check_call_fits(config, element: int, prompt_len: int, new_tokens: int, memory_gb: float,
+                    head_rows: int | None = None, at_least: bool = False) -> None:
+    """GenerationTooLarge unless a prompt of `prompt_len` tokens and `new_tokens` generated after it fit the model's
+    positions (max_position_embeddings; RoPE past them is a model it never was) and one such row fits `memory_gb`
+    (`architecture_memory`): a generate call holds at least that, whatever the batch. `at_least`: the prompt
+    length is a lower bound (before the tokenizer has read the prompts), and the message says so."""
+    prompt = f"{'at least ' if at_least else ''}{prompt_len:,}"
+    positions = prompt_len + new_tokens
+    if positions > config.max_position_embeddings:
+        raise GenerationTooLarge(
+            f"a prompt of {prompt} tokens and a forecast of up to {new_tokens:,} take {positions:,} positions, more "
+            f"than the {config.max_position_embeddings:,} of the model (max_position_embeddings in its config.json): "
+            "use a shorter --context or --horizon, or fewer --decimals")
+    need = architecture_memory(config, element, prompt_len, new_tokens, head_rows).of(1, 1)
+    if need > memory_gb * 2 ** 30:
+        raise GenerationTooLarge(
+            f"one prompt of {prompt} tokens and one row of its forecast ({new_tokens:,} tokens) hold about "
+            f"{need / 2 ** 30:.3g} GiB in a generate call, over --memory-budget {memory_gb:g} GiB: use a shorter "
+            "--context or --horizon, fewer --decimals, or a larger --memory-budget")
+
+
+def shortest_prompt(context: int, n_vars: int, decimals: int) -> int:
+    """Tokens of the shortest prompt of `context` steps, one token per character as LLMTIME numbers are tokenized:
+    every number one integer digit (and its point and decimals), one separator after it."""
+    return context * n_vars * (1 + (decimals + 1 if decimals else 0) + 1)
 
 
 def held_samples_bytes(trajectories: int, num_samples: int, new_tokens: int, horizon: int, n_vars: int) -> int:

@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from data.lotka_volterra import LVData, Split, load_or_simulate, split_indices
-from qwen_mini import load_model_and_tokenizer
-from qwen_mini.config import TINY_MODEL_SEED
+from data.lotka_volterra import DataError, LVData, Split, load_or_simulate, split_indices
+from qwen_mini import QwenConfig, load_model_and_tokenizer
+from qwen_mini.config import TINY_MODEL_SEED, config_for_model
 from common.devices import device_from_flag, dtype_from_flag
 from common.fileio import sha256_file
 
@@ -33,6 +33,7 @@ class ForecastSource:
     split_origin: str  # where the split came from, for the report
     load_untrained: Callable[[], torch.nn.Module] | None  # the base model before training; None: the model is it
     default_out: Path  # output directory when --out is not given
+    model_name: str = ""  # the model that forecasts: a run's --model, or the plain model's spec (metrics.json says it)
     notes: list[str] = field(default_factory=list)  # mismatches worth telling the user (also written to the output)
     autocast_dtype: torch.dtype | None = None  # float16: generation under fp16 autocast over float32 weights
 
@@ -73,26 +74,23 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
              context: int | None = None, device=None, dtype: torch.dtype | None = None) -> ForecastSource:
     """A trained run: its model (adapter merged), its data file and train/val/test split, its decimals. Another
     data file (`data_path`) is split afresh the way the run's data was (ordered, or random with its seed), with a
-    note saying so."""
-    from training.run import load_base_model, load_run
+    note saying so. The data is found before the weights are loaded: a run whose data file is gone is refused first."""
+    from training.run import load_base_model, load_run, read_run_config
 
     dtype, autocast_dtype = weights_and_autocast(dtype)
-    model, tokenizer, config = load_run(run_dir, device=device, dtype=dtype)
-    run_data = config.get("data") or config.get("data_source")
-    if run_data and not Path(run_data).is_file():
-        run_data = None  # the default simulated set, cached elsewhere now: load_or_simulate rebuilds the same one
-    source_note = []
-    if data_path is not None and (run_data is None or Path(data_path).resolve() != Path(run_data).resolve()):
-        data = load_or_simulate(data_path)
+    config = read_run_config(run_dir)
+    data_file, own_data, source_note = run_data_file(run_dir, config, data_path)
+    if not own_data:
+        data = load_or_simulate(data_file)
         recorded = config.get("split", {})
         split = split_indices(len(data), seed=recorded.get("seed", DEFAULT_SPLIT_SEED),
                               mode=recorded.get("mode", "random"))  # a record without a mode was random
         origin = f"{split.describe()} over {data.path} (not the run's data)"
-        trained_on = run_data or "the default simulated set"
-        source_note.append(f"--data {data_path} is not the data run {run_dir} trained on ({trained_on}); its "
-                           f"trajectories are split afresh as the run's were: {split.describe()}")
+        source_note.append(f"--data {data_path} is not the data run {run_dir} trained on "
+                           f"({trained_data(config) or 'the default simulated set'}); its trajectories are split "
+                           f"afresh as the run's were: {split.describe()}")
     else:
-        data = load_or_simulate(run_data if data_path is None else data_path)
+        data = load_or_simulate(data_file)
         if "split" not in config:
             raise ValueError(f"{run_dir}: the run config records no train/val/test split")
         split = Split.from_dict(config["split"])
@@ -105,6 +103,7 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
                                f"{recorded_sha[:12]}... recorded then): the run's test split may now hold other "
                                "trajectories, even ones it trained on")
         origin = f"the run's ({split.describe()})"
+    model, tokenizer, _ = load_run(run_dir, device=device, dtype=dtype)
     run_decimals = config.get("decimals", DEFAULT_DECIMALS)
     if decimals is not None and decimals != run_decimals:
         source_note.append(f"--decimals {decimals} differs from the {run_decimals} the run trained with")
@@ -119,10 +118,47 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
         return base.eval()
 
     source = ForecastSource(model, tokenizer, str(run_dir), run_decimals if decimals is None else decimals, data,
-                            split, origin, load_untrained, Path(run_dir) / "forecast", autocast_dtype=autocast_dtype)
+                            split, origin, load_untrained, Path(run_dir) / "forecast", model_name=config["model"],
+                            autocast_dtype=autocast_dtype)
     for message in source_note:
         source.note(message)
     return source
+
+
+SIMULATED_PREFIX = "lv_simulated_"  # data.lotka_volterra.default_data_path's names: the built-in set's cache
+
+
+def trained_data(config: dict) -> str | None:
+    """The data file a run trained on, as its config records it; None: the built-in simulated set (runs recorded
+    before config.json had "data" name its cache in "data_source")."""
+    if "data" in config:
+        return config["data"]
+    source = config.get("data_source")
+    return None if source is None or Path(source).name.startswith(SIMULATED_PREFIX) else source
+
+
+def run_data_file(run_dir, config: dict, data_path: str | None) -> tuple[str | None, bool, list[str]]:
+    """(the data file to forecast (None: the built-in simulated set), whether it is the run's own data, so that its
+    recorded split applies, notes). `data_path` (--data) is the run's data when it is the same file or has the
+    sha256 recorded at training (a moved copy). A run whose data file is gone is refused (DataError) naming it: the
+    simulated set in its place would be another data set under the same name."""
+    trained_on = trained_data(config)
+    if data_path is None:
+        if trained_on is not None and not Path(trained_on).is_file():
+            raise DataError(f"run {run_dir} trained on {trained_on}, which is not there any more (moved or deleted): "
+                            f"pass --data with where it is now (the run's own split is kept when its sha256 is the "
+                            f"recorded one)")
+        return trained_on, True, []
+    if trained_on is not None and Path(trained_on).is_file() and \
+            Path(data_path).resolve() == Path(trained_on).resolve():
+        return data_path, True, []
+    recorded_sha = config.get("data_sha256")
+    if recorded_sha and Path(data_path).is_file() and sha256_file(data_path) == recorded_sha:
+        moved = [] if trained_on is None else [
+            f"--data {data_path} holds the data run {run_dir} trained on (moved from {trained_on}: the same sha256), "
+            "so the run's own split is used"]
+        return data_path, True, moved
+    return data_path, False, []
 
 
 def from_model(spec: str, *, data_path: str | None = None, decimals: int | None = None, device=None,
@@ -137,7 +173,26 @@ def from_model(spec: str, *, data_path: str | None = None, decimals: int | None 
     name = Path(str(spec).rstrip("/")).name or str(spec)
     return ForecastSource(model.eval(), tokenizer, str(spec), DEFAULT_DECIMALS if decimals is None else decimals,
                           data, split, f"{split.describe()}, as train.py splits it by default", None,
-                          Path("forecasts") / name, autocast_dtype=autocast_dtype)
+                          Path("forecasts") / name, model_name=str(spec), autocast_dtype=autocast_dtype)
+
+
+def planned_model(run_dir=None, spec: str | None = None) -> tuple[QwenConfig | None, int]:
+    """(the architecture of the model a forecast of `run_dir` or `spec` will load, read without its weights; the
+    decimals it forecasts with by default). The architecture is None where it cannot be read so (a damaged run, a hub
+    id out of reach): checks that need it then wait for the loaded model, whose loader says what is wrong."""
+    from training.run import MODEL_DIR, read_run_config
+
+    try:
+        if run_dir is None:
+            return config_for_model(spec), DEFAULT_DECIMALS
+        config = read_run_config(run_dir)
+        decimals = config.get("decimals", DEFAULT_DECIMALS)
+        if config["full"]:
+            return QwenConfig.from_hf(Path(run_dir) / MODEL_DIR / "config.json"), decimals
+        local = config.get("model_dir")
+        return config_for_model(local if local and Path(local).is_dir() else config["model"]), decimals
+    except (ValueError, OSError, KeyError, RuntimeError):
+        return None, DEFAULT_DECIMALS
 
 
 def pick_device(name: str) -> torch.device:

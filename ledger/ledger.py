@@ -20,7 +20,9 @@ A runs directory inside another one's ledger (a parent holding `.ledger.lock`) i
 outer ledger counts its records, and only a reservation made there can keep the outer cap.
 
 Every record of a ledger counts attention the same way (`gqa`: real grouped-query attention, or "mha", the
-coursework's multi-head simplification); a job that would mix them is refused with `MixedConventions`.
+coursework's multi-head simplification); a job that would mix them is refused with `MixedConventions`. Likewise a
+runs directory has one cap (`ledger.cap`: recorded by the first job that reserves with a cap of its own); a job asking
+for another is refused with `CapConflict` unless it asks to change it.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from common.fileio import FileLock, LockHeld, os_error_text
 from qwen_mini.flop_report import format_flops
 from qwen_mini.flops import GQA_MODES
 
+from .cap import CHANGE_FLAG, Cap, read_cap, record_cap
 from .records import (DEFAULT_BUDGET, KINDS, RECORD_NAME, LedgerError, Record, count, log10_text, new_record, now,
-                      read_record, read_records, record_present, reservation_lock, utc_now)
+                      read_record, read_records, record_paths, record_present, reservation_lock, utc_now)
 
 LOCK_NAME = ".ledger.lock"
 LOCK_WAIT = 60.0  # seconds a job waits for the ledger lock (others hold it for milliseconds)
@@ -47,6 +50,11 @@ class BudgetExceeded(RuntimeError):
 
 class MixedConventions(RuntimeError):
     """A job whose attention-counting convention differs from the ledger's."""
+
+
+class CapConflict(MixedConventions):
+    """A job whose FLOP cap differs from the one its runs directory recorded (one cap per runs directory, as one gqa
+    convention): refused like a mixed convention."""
 
 
 class OutsideRunsDir(ValueError):
@@ -114,12 +122,69 @@ def totals(records: list[Record]) -> Totals:
 
 
 class Ledger:
-    """The ledger of `runs_dir` under a cap of `max_flops`."""
+    """The ledger of `runs_dir`. `max_flops`: the cap this job asks for (None: the directory's recorded cap, else
+    DEFAULT_BUDGET); one that differs from the recorded cap is refused (CapConflict) when the ledger is drawn on,
+    unless `change_max_flops`: then it becomes the directory's cap with the job's reservation."""
 
-    def __init__(self, runs_dir, max_flops=DEFAULT_BUDGET, lock_wait: float = LOCK_WAIT):
+    def __init__(self, runs_dir, max_flops=None, lock_wait: float = LOCK_WAIT, *, change_max_flops: bool = False):
         self.runs_dir = Path(runs_dir)
-        self.max_flops = count("max_flops", max_flops)
+        self.requested = count("max_flops", max_flops) if max_flops is not None else None
+        if self.requested == 0:
+            raise ValueError("max_flops must be > 0, got 0")
+        self.change_max_flops = change_max_flops
         self.lock_wait = lock_wait
+
+    # ---- the cap ----------------------------------------------------------------------------------------------------
+    def recorded_cap(self) -> Cap | None:
+        """The cap recorded for the runs directory (`ledger.cap`), None when no job has set one."""
+        return read_cap(self.runs_dir)
+
+    @property
+    def max_flops(self) -> int:
+        return self.cap()
+
+    def cap(self) -> int:
+        """The cap this job draws on (`max_flops`): the one it asked for, else the recorded one, else DEFAULT_BUDGET.
+        CapConflict when it asked for another than the recorded one without `change_max_flops`."""
+        recorded = self.recorded_cap()
+        if self.requested is None:
+            return recorded.max_flops if recorded is not None else DEFAULT_BUDGET
+        if recorded is not None and recorded.max_flops != self.requested and not self.change_max_flops:
+            raise CapConflict(
+                f"{self.runs_dir} has a FLOP cap of {format_flops(recorded.max_flops)} ({recorded.describe()}); this "
+                f"job asks for {format_flops(self.requested)} (--max-flops, or a plan's max_flops). A runs directory "
+                f"has one cap: leave --max-flops out to follow it, give --max-flops {recorded.max_flops}, or add "
+                f"{CHANGE_FLAG} to make {format_flops(self.requested)} the cap (`flops.py --runs {self.runs_dir} "
+                f"--max-flops {self.requested} {CHANGE_FLAG}` changes it for every tool)")
+        return self.requested
+
+    def cap_source(self) -> str:
+        """Where the cap comes from, for a table: recorded (by whom, when), given now, or the default."""
+        recorded = self.recorded_cap()
+        if recorded is not None and recorded.max_flops == self.max_flops:
+            return recorded.describe()
+        return "given by --max-flops, not recorded yet" if self.requested is not None else \
+            "by default: no job has recorded one for this runs directory"
+
+    def set_cap(self, set_by: str) -> Cap:
+        """Record the cap this job asked for as the directory's (flops.py --max-flops N --change-max-flops): refused
+        (BudgetExceeded) below what is already spent or reserved, CapConflict without `change_max_flops` when another
+        is recorded."""
+        if self.requested is None:
+            raise ValueError("setting the cap needs --max-flops")
+        with self.lock():
+            cap, committed, recorded = self.max_flops, self.totals().committed, self.recorded_cap()
+            if committed > cap:
+                raise BudgetExceeded(f"a cap of {format_flops(cap)} FLOPs is below the {format_flops(committed)} "
+                                     f"already spent or reserved in {self.runs_dir}: the cap stays "
+                                     f"{format_flops(recorded.max_flops) if recorded else 'unset'}")
+            return record_cap(self.runs_dir, cap, set_by)
+
+    def _record_cap(self, set_by: str) -> None:
+        """With a reservation (the ledger's lock held): the cap this job asked for becomes the directory's when none
+        is recorded, or when it asked to change it."""
+        if self.requested is not None and (self.change_max_flops or self.recorded_cap() is None):
+            record_cap(self.runs_dir, self.requested, set_by)
 
     # ---- reading ----------------------------------------------------------------------------------------------------
     def records(self) -> list[Record]:
@@ -157,19 +222,20 @@ class Ledger:
         """Raise BudgetExceeded unless `planned` + everything committed fits `max_flops`; returns what is left after
         it. With `per_step_flops` the message says how many such steps would still fit."""
         planned = count("planned FLOPs", planned)
+        cap = self.max_flops
         committed = totals(self.records() if records is None else records).committed
         total = planned + committed
-        if total > self.max_flops:
-            left = max(self.max_flops - committed, 0)
+        if total > cap:
+            left = max(cap - committed, 0)
             message = (f"{what} {format_flops(planned)} FLOPs + {format_flops(committed)} already spent or reserved "
-                       f"in {self.runs_dir} = {format_flops(total)} > budget {format_flops(self.max_flops)} "
+                       f"in {self.runs_dir} = {format_flops(total)} > budget {format_flops(cap)} "
                        f"(log10: {log10_text(planned)} + {log10_text(committed)} = {log10_text(total)} > "
-                       f"{log10_text(self.max_flops)}); {format_flops(left)} FLOPs left")
+                       f"{log10_text(cap)}); {format_flops(left)} FLOPs left")
             if per_step_flops:
                 per_step = count("per_step_flops", per_step_flops)
                 message += f", enough for {left // per_step:,} steps of {format_flops(per_step)} FLOPs"
             raise BudgetExceeded(message)
-        return self.max_flops - total
+        return cap - total
 
     # ---- writing ----------------------------------------------------------------------------------------------------
     def lock(self) -> FileLock:
@@ -220,6 +286,7 @@ class Ledger:
                                  f"of its own inside it (such as {self.runs_dir / 'name'})")
         flops = count("reserved FLOPs", flops)
         self.check_not_nested()
+        self.cap()  # CapConflict before anything is written (and again under the lock, in `check`)
         reservation_id = uuid.uuid4().hex[:12]
         own_lock = None
         if holder_lock is None:
@@ -238,6 +305,7 @@ class Ledger:
                                                and not _holder_gone(record, r)]
                 others = [r for r in records if r.path.resolve() != record.path.resolve()]
                 self.check(flops, others + [record], per_step_flops=per_step_flops)
+                self._record_cap(what or f"a {kind} job in {record_dir}")
                 record.reservations.append({"id": reservation_id, "kind": kind, "flops": flops, "spent": 0,
                                             "lock": str(holder_lock), "what": what, "pid": os.getpid(),
                                             "host": socket.gethostname(), "since": now()})
@@ -254,17 +322,31 @@ class Ledger:
             raise
         return Recorder(record_dir, self.runs_dir / LOCK_NAME, reservation_id, self.lock_wait, own_lock)
 
-    def settle_dead(self) -> list[tuple[Record, dict]]:
+    def settle_dead(self, drop_untrusted: bool = False) -> list[tuple[Record, dict]]:
         """Release the reservations whose process is gone (their lock is free); what they spent stays booked.
-        Returns (record, reservation) for each one released."""
+        A reservation whose lock cannot be trusted (a path that is not a `*.lock` file beside its record, or a lock
+        there that is not a plain file: a hand-edited, corrupted or moved record) is a LedgerError naming it, unless
+        `drop_untrusted` (flops.py --settle --drop-untrusted): then it is dropped too, its lock never opened (no live
+        job of this ledger names such a lock). Returns (record, reservation) for each one released; a dropped one
+        is marked `"untrusted": True`."""
         released = []
         with self.lock():
-            for record in self.records():
-                dead = [r for r in record.reservations if _holder_gone(record, r)]
-                if dead:
-                    record.data["reservations"] = [r for r in record.reservations if r not in dead]
+            for path in record_paths(self.runs_dir):
+                untrusted = [] if drop_untrusted else None
+                record = read_record(path, untrusted)
+                untrusted, dead = list(untrusted or []), []
+                for r in record.reservations:
+                    try:
+                        if _holder_gone(record, r):
+                            dead.append(r)
+                    except LedgerError:
+                        if not drop_untrusted:
+                            raise
+                        untrusted.append(r)
+                if dead or untrusted:
+                    record.data["reservations"] = [r for r in record.reservations if r not in dead + untrusted]
                     _write(record)
-                    released += [(record, r) for r in dead]
+                    released += [(record, r) for r in dead] + [(record, {**r, "untrusted": True}) for r in untrusted]
         return released
 
     def rebuild(self, record_dir, *, run_name: str, gqa: str, by_kind: dict[str, int], step: int, per_step: int,
@@ -318,7 +400,8 @@ def _holder_gone(record: Record, reservation: dict) -> bool:
         if e.filename is None:
             e.filename = str(path)
         raise LedgerError(f"{record.path}: the lock of reservation {reservation['id']}: {os_error_text(e)} (a lock "
-                          "must be a plain file)") from None
+                          "must be a plain file; `flops.py --runs RUNS_DIR --settle --drop-untrusted` drops that "
+                          "reservation)") from None
     if path.name.startswith(".reservation-"):
         path.unlink(missing_ok=True)
     return True

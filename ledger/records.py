@@ -196,7 +196,10 @@ def record_present(path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def read_record(path: Path) -> Record:
+def read_record(path: Path, untrusted: list | None = None) -> Record:
+    """The record at `path`, or LedgerError naming it and its fault. A reservation whose lock path is not trusted
+    (`reservation_lock`) is such a fault, unless `untrusted` is a list: then the reservation is left out of the
+    record and put there (what `flops.py --settle --drop-untrusted` drops; the record's spending stays)."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -208,8 +211,16 @@ def read_record(path: Path) -> Record:
         raise LedgerError(f"{path}: a run record must be a JSON object, got {type(raw).__name__}")
     try:
         data = _normalise(raw)
+        kept = []
         for i, reservation in enumerate(data["reservations"]):
-            reservation_lock(path.parent, reservation, f"reservations[{i}]")
+            try:
+                reservation_lock(path.parent, reservation, f"reservations[{i}]")
+                kept.append(reservation)
+            except ValueError:
+                if untrusted is None:
+                    raise
+                untrusted.append(reservation)
+        data["reservations"] = kept
     except (KeyError, TypeError, ValueError) as e:
         raise LedgerError(f"{path}: {e}") from None
     return Record(path, data)
@@ -224,7 +235,8 @@ def reservation_lock(record_dir: Path, reservation: dict, where: str = "reservat
     if (not lock.is_absolute() or not lock.name.endswith(".lock") or lock.name.startswith("..")
             or os.path.normpath(lock) != str(lock) or lock.parent.resolve() != Path(record_dir).resolve()):
         raise ValueError(f"{where}.lock {named!r} is not a lock file of this record (a *.lock file in "
-                         f"{Path(record_dir).resolve()}); a record's paths are not trusted: remove that reservation")
+                         f"{Path(record_dir).resolve()}); a record's paths are not trusted: `flops.py --runs RUNS_DIR "
+                         "--settle --drop-untrusted` drops that reservation (what it spent stays booked)")
     return Path(record_dir).resolve() / lock.name
 
 
@@ -298,20 +310,31 @@ def _normalise(raw: dict) -> dict:
     return data
 
 
-def read_records(runs_dir) -> list[Record]:
-    """Every `flops.json` under `runs_dir` (any depth), sorted by run name then path. No directory: no runs yet."""
+def read_records(runs_dir, unreadable: list | None = None) -> list[Record]:
+    """Every `flops.json` under `runs_dir` (any depth), sorted by run name then path. No directory: no runs yet.
+    A record that cannot be read is a LedgerError (the budget cannot skip a run's spending), unless `unreadable` is a
+    list (a report, which names what it leaves out): then its message goes there and the other records are read."""
+    records = []
+    for path in record_paths(runs_dir):
+        try:
+            records.append(read_record(path))
+        except LedgerError as e:
+            if unreadable is None:
+                raise
+            unreadable.append(str(e))
+    return sorted(records, key=lambda record: (record.run_name, str(record.path)))
+
+
+def record_paths(runs_dir) -> list[Path]:
+    """Every entry named flops.json under `runs_dir` (none if it does not exist yet): files, but also directories and
+    dangling symlinks (which read_record refuses); a directory that cannot be listed is a LedgerError, not a run
+    skipped."""
     runs_dir = Path(runs_dir)
     if not runs_dir.exists():
         return []
     if not runs_dir.is_dir():
         raise LedgerError(f"{runs_dir}: not a directory (expected the directory that holds the training runs)")
-    records = [read_record(path) for path in _record_paths(runs_dir)]
-    return sorted(records, key=lambda record: (record.run_name, str(record.path)))
 
-
-def _record_paths(runs_dir: Path) -> list[Path]:
-    """Every entry named flops.json under `runs_dir`: files, but also directories and dangling symlinks (which
-    read_record refuses); a directory that cannot be listed is a LedgerError, not a run skipped."""
     def unreadable(e: OSError):
         raise LedgerError(f"{e.filename}: cannot list it ({e.strerror}); the ledger cannot skip the runs in it")
     return [Path(top) / RECORD_NAME for top, dirs, files in os.walk(runs_dir, onerror=unreadable)

@@ -40,9 +40,10 @@ def record_label(record: Record, runs_dir=None) -> str:
     return record.run_name
 
 
-def format_ledger(records: list[Record], max_flops: int, runs_dir=None) -> str:
+def format_ledger(records: list[Record], max_flops: int, runs_dir=None, cap_source: str = "") -> str:
     """One line per record (FLOPs by kind, total, cumulative, share of the budget, reserved), then the totals.
-    Records are named by their directory under `runs_dir` when given, else by run name."""
+    Records are named by their directory under `runs_dir` when given, else by run name; `cap_source` says where the
+    budget comes from (`Ledger.cap_source`)."""
     names = [record_label(r, runs_dir) for r in records]
     name_width = max([len("run"), *(len(name) for name in names)])
     header = (f"{'run':<{name_width}}  {'steps':>7}  {'train':>9}  {'eval':>9}  {'forecast':>9}  {'total':>9}  "
@@ -66,7 +67,8 @@ def format_ledger(records: list[Record], max_flops: int, runs_dir=None) -> str:
     if t.outstanding:
         lines.append(f"reserved  {format_flops(t.outstanding):>9}  by running jobs (released when they end, or by "
                      "flops.py --runs DIR --settle once their process is gone)")
-    lines.append(f"budget    {format_flops(max_flops):>9}  (log10 {log10_text(max_flops)})")
+    lines.append(f"budget    {format_flops(max_flops):>9}  (log10 {log10_text(max_flops)})"
+                 + (f"; cap {cap_source}" if cap_source else ""))
     remaining = max_flops - t.committed
     if t.spent > max_flops:
         lines.append(f"OVER BUDGET by {format_flops(t.spent - max_flops)} FLOPs (log10 "

@@ -40,7 +40,9 @@ from pathlib import Path
 
 import torch
 
-from common.fileio import sha256_file
+from common.args import bounded
+from common.exit_codes import EXIT_FAILED
+from common.fileio import os_error_text, sha256_file
 from data.series_families import predprey_prior_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +116,7 @@ LV_TINY = Recipe(
     ],
 )
 RECIPES = {r.name: r for r in (SERIES_TINY, LV_TINY)}
+MAX_THREADS = 1024  # --threads: beyond any machine's cores (torch would try to start that many threads)
 DEFAULT = SERIES_TINY  # the demo's base
 MODEL_DIR = DEFAULT.model_dir
 
@@ -308,20 +311,36 @@ def main(argv=None) -> int:
     p.add_argument("--no-export", action="store_true", help="stop after training")
     p.add_argument("--readme-only", action="store_true",
                    help="only rewrite the exported model's README.md from its recipe.json")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=bounded(int, 0, MAX_THREADS), default=0,
                    help="torch CPU threads (default: 0 = torch's own choice; 1 is faster on a busy shared machine)")
     args = p.parse_args(argv)
-    if args.threads < 0:
-        p.error(f"--threads must be >= 0, got {args.threads}")
+    recipe = RECIPES[args.model]
+    work, out = Path(args.work or recipe.default_work), Path(args.out or recipe.model_dir)
+    if args.readme_only:
+        missing = [name for name in ("recipe.json", "config.json") if not (out / name).is_file()]
+        if missing:
+            p.error(f"--readme-only: {out} holds no exported model ({' and '.join(missing)} missing): give the --out "
+                    "the recipe exported to, or run the recipe first")
+    for flag, path in (("--work", work), ("--out", out)):
+        if path.exists() and not path.is_dir():
+            p.error(f"{flag} {path}: exists and is not a directory")
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run_recipe(recipe, work, out, args)
+    except OSError as e:  # a directory that cannot be written, a full disk: one line, the finished steps kept
+        print(f"[recipe] error: {os_error_text(e)}; run the recipe again to continue", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def run_recipe(recipe: Recipe, work: Path, out: Path, args) -> int:
+    """The recipe's steps that are not done yet in `work`, then (unless --no-export) the export to `out`; with
+    --readme-only, only the README of `out`."""
     import train
 
-    recipe = RECIPES[args.model]
     if args.readme_only:
-        print(write_readme(Path(args.out or recipe.model_dir), recipe))
+        print(write_readme(out, recipe))
         return 0
-    work = Path(args.work or recipe.default_work)
     cmds = commands(work, recipe)
     if not (work / "init" / WEIGHTS).is_file():
         print(f"[recipe] init: {cmds[0]}", flush=True)
@@ -351,7 +370,7 @@ def main(argv=None) -> int:
             return code
     if args.no_export:
         return 0
-    out = export(work, Path(args.out or recipe.model_dir), wall, threads, recipe)
+    out = export(work, out, wall, threads, recipe)
     print(f"[recipe] export: {out}/ (sha256 of {WEIGHTS}: {json.loads((out / 'recipe.json').read_text())['sha256']})")
     return 0
 

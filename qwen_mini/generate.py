@@ -67,10 +67,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None,
                 uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row of `logits` (batch, vocab): argmax when temperature is 0, else a draw by inverse transform
-    from `uniform` (batch,) numbers in [0, 1) (drawn from `generator` when not given)."""
+    from `uniform` (batch,) numbers in [0, 1) (drawn from `generator` when not given). The top token is never lost to
+    rounding: a temperature so small that float32 overflows (or rounds it to 0) samples in float64 from the logits'
+    distances to their row's top, which the top token's 0 survives (its limit: the top token, ties shared), and
+    top-p always keeps the top token, however small p."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = scale_logits(logits, temperature)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -79,11 +82,24 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass; the best one always stays.
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[:, 0] = False  # a p that rounds to 0 in float32 (1e-50) would drop it too
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if uniform is None:
         uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
     return inverse_transform(logits.softmax(-1), uniform)
+
+
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in float32 (the numbers every ordinary temperature gets); where that overflows a row's
+    finite logits (temperature near 0, or below float32's range), the whole batch in float64 from the distances to
+    each row's top logit, so the top token keeps 0 and the others go to -inf rather than all becoming NaN."""
+    scaled = logits.float() / temperature
+    overflowed = (torch.isfinite(logits) & ~torch.isfinite(scaled)).any(-1)
+    if not bool(overflowed.any()):
+        return scaled
+    wide = logits.double()
+    return (wide - wide.max(-1, keepdim=True).values) / temperature
 
 
 def inverse_transform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from common.args import non_negative_int, positive_int
 from common.exit_codes import EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
 from common.fileio import os_error_text
 from ledger import DEFAULT_BUDGET, BudgetExceeded, Ledger, LedgerError, MixedConventions, format_ledger, summary
-from ledger.flags import add_budget_arguments
+from ledger.flags import CHANGE_MAX_FLOPS_HELP, add_budget_arguments
 from lora import VALID_TARGETS, lora_model_on_meta, trainable_parameters
 from qwen_mini import PRESETS, ConfigError, QwenConfig
 from qwen_mini.config import HUB_PRESETS, config_for_model
@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "validation and forecasting FLOPs of every run). With --plan: a study plan's FLOPs, stage by "
                     "stage.",
         epilog="Counting conventions (primitive costs, matmul = m*p*(2n-1), softmax, RoPE tables, loss, KV-cache "
-               "generation): see the docstring of qwen_mini/flops.py. Exit status: 0 ok, 2 bad arguments, 3 over "
-               "budget: the ledger of --runs has spent more than --max-flops, or a planned run (--steps) or plan "
-               "(--plan) does not fit what is left.")
+               "generation): see the docstring of qwen_mini/flops.py. A runs directory has one cap, recorded in its "
+               "ledger.json by the first job that gives one: --runs DIR shows it, --runs DIR --max-flops N "
+               "--change-max-flops changes it. Exit status: 0 ok, 2 bad arguments, 3 over budget: the ledger of "
+               "--runs has spent more than its cap, or a planned run (--steps) or plan (--plan) does not fit what "
+               "is left, or --max-flops differs from the runs directory's cap without --change-max-flops.")
     model = parser.add_argument_group("model")
     which = model.add_mutually_exclusive_group()
     which.add_argument("--model", default=None, metavar="NAME",
@@ -101,12 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--settle", action="store_true",
                         help="with --runs: release the reservations of jobs whose process is gone (what they spent "
                              "stays booked)")
+    budget.add_argument("--drop-untrusted", action="store_true",
+                        help="with --settle: also drop the reservations whose lock cannot be trusted (a path that is "
+                             "not a *.lock file beside its record, or not a plain file: a hand-edited, corrupted or "
+                             "moved record, which --settle alone refuses, naming it); the lock is never opened, what "
+                             "the reservation spent stays booked")
     budget.add_argument("--plan", type=Path, metavar="TOML",
                         help="a study plan (see plans/): each stage's training, evaluation and forecasting FLOPs, what "
                              "is already spent of it, and whether the rest fits the budget left in the plan's runs "
                              "directory (or --runs)")
-    add_budget_arguments(budget, max_flops="the budget of everything under the runs directory together (default 1e17, "
-                                           "or the plan's)", max_flops_default=None)
+    add_budget_arguments(budget, max_flops="the budget of everything under the runs directory together (default: the "
+                                           "runs directory's recorded cap, or the plan's, else 1e17); another than "
+                                           "the recorded cap is refused without --change-max-flops",
+                         change_max_flops="with --runs and --max-flops: record --max-flops as the runs directory's "
+                                          "cap, replacing the one recorded (refused below what is already spent or "
+                                          "reserved); with --plan: count the plan against it. " + CHANGE_MAX_FLOPS_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON (exact integer counts) instead of tables")
     return parser
 
@@ -145,14 +156,17 @@ def describe(config: QwenConfig, adapters: dict) -> str:
             f"on {', '.join(adapters['targets'])}: {adapters['trainable_parameters']:,} trainable parameters")
 
 
-def show_ledger(args, report) -> int:
-    """flops.py --runs DIR [--settle] [--steps N]: the ledger, and whether a planned run fits."""
-    ledger = Ledger(args.runs, args.max_flops or DEFAULT_BUDGET)
-    released = ledger.settle_dead() if args.settle else []
+def show_ledger(args, report, released: list) -> int:
+    """flops.py --runs DIR [--settle] [--max-flops N [--change-max-flops]] [--steps N]: the ledger against the runs
+    directory's cap (and where that cap was recorded), and whether a planned run fits. `released`: what --settle
+    released (`Ledger.settle_dead`, before anything else read the records)."""
+    ledger = Ledger(args.runs, args.max_flops, change_max_flops=args.change_max_flops)
+    cap = ledger.cap()  # CapConflict: another --max-flops than the recorded cap, without --change-max-flops
+    changed = ledger.set_cap("flops.py --change-max-flops") if args.change_max_flops else None
     records = ledger.records()
-    output = {**summary(records, ledger.max_flops, args.runs), "settled": [
+    output = {**summary(records, cap, args.runs), "cap": ledger.cap_source(), "settled": [
         {"run_name": record.run_name, "reservation": r["id"], "flops": r["flops"], "spent": r["spent"],
-         "what": r.get("what", "")} for record, r in released]}
+         "what": r.get("what", ""), "untrusted_lock": bool(r.get("untrusted"))} for record, r in released]}
     status = EXIT_OVER_BUDGET if output["over_budget"] else EXIT_OK
     refusal = None
     if args.steps:
@@ -167,13 +181,17 @@ def show_ledger(args, report) -> int:
     if args.json:
         print(json.dumps(output, indent=2))
         return status
+    if changed is not None:
+        print(f"cap: {format_flops(changed.max_flops)} FLOPs is now the cap of {args.runs} ({changed.describe()})")
     for record, r in released:
-        print(f"settled: {record.run_name}: released {format_flops(r['flops'] - r['spent'])} FLOPs reserved by "
-              f"{r.get('what') or 'a job'} (pid {r.get('pid', '?')}, gone); its {format_flops(r['spent'])} spent stay")
+        why = f"its lock {r['lock']!r} is not a lock file beside {record.path}" if r.get("untrusted") else \
+            f"pid {r.get('pid', '?')}, gone"
+        print(f"settled: {record.run_name}: released {format_flops(max(r['flops'] - r['spent'], 0))} FLOPs reserved "
+              f"by {r.get('what') or 'a job'} ({why}); its {format_flops(r['spent'])} spent stay")
     if args.settle and not released:
         print("settled: no reservation of a finished process was left")
     print(f"FLOP ledger of {args.runs} (gqa={', '.join(output['gqa']) or '-'}):")
-    print(format_ledger(records, ledger.max_flops, args.runs))
+    print(format_ledger(records, cap, args.runs, cap_source=output["cap"]))
     if args.steps:
         print(f"\nplanned run: {args.steps:,} steps x {format_flops(report.step)} = {format_flops(planned)} FLOPs "
               f"(log10 {log10(planned):.2f}; batch {args.batch} x ctx {args.ctx}, gqa={report.gqa}; training only)")
@@ -182,7 +200,7 @@ def show_ledger(args, report) -> int:
         else:
             print(f"fits: {format_flops(output['planned_run']['remaining_after'])} FLOPs of the budget left after it")
     if output["over_budget"]:
-        print(f"OVER BUDGET: {format_flops(output['total'])} FLOPs spent > budget {format_flops(ledger.max_flops)}",
+        print(f"OVER BUDGET: {format_flops(output['total'])} FLOPs spent > budget {format_flops(cap)}",
               file=sys.stderr)
     return status
 
@@ -190,9 +208,14 @@ def show_ledger(args, report) -> int:
 def show_plan(args) -> int:
     """flops.py --plan FILE: the plan's stages, their FLOPs, and whether what is left of it fits."""
     try:
-        plan = load_plan(args.plan, runs_dir=args.runs, max_flops=args.max_flops, gqa=args.gqa)
+        plan = load_plan(args.plan, runs_dir=args.runs, max_flops=args.max_flops, gqa=args.gqa,
+                         change_max_flops=args.change_max_flops)
+        Ledger(plan.runs_dir, plan.max_flops, change_max_flops=plan.change_max_flops).cap()  # the cap agrees
         estimate = estimate_plan(plan)
-    except (PlanError, LedgerError, MixedConventions, ValueError, OSError) as e:
+    except MixedConventions as e:  # CapConflict: the plan's cap is not the runs directory's
+        print(f"flops.py: refused by the FLOP ledger: {e}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    except (PlanError, LedgerError, ValueError, OSError) as e:
         print(f"flops.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_estimate(plan, estimate))
@@ -204,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.settle and args.runs is None:
         parser.error("--settle needs --runs DIR")
+    if args.drop_untrusted and not args.settle:
+        parser.error("--drop-untrusted needs --settle (it drops reservations as --settle releases them)")
+    if args.change_max_flops and (args.max_flops is None or (args.runs is None and args.plan is None)):
+        parser.error("--change-max-flops needs --max-flops N and --runs DIR (or --plan): the cap it records")
     if args.plan is not None:
         return show_plan(args)
     try:
@@ -213,17 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs is not None and not args.runs.is_dir():
             what = "not a directory" if args.runs.exists() else "no such directory"
             raise UsageError(f"--runs {args.runs}: {what}")
+        # first: --drop-untrusted mends what every other reading refuses
+        released = Ledger(args.runs).settle_dead(args.drop_untrusted) if args.settle else []
         gqa = Ledger(args.runs).convention(args.gqa) if args.runs is not None else (args.gqa or "real")
         report = count_forward(model, args.batch, args.ctx, gqa=gqa, costs=dict(args.cost))
         if args.runs is not None:
-            return show_ledger(args, report)
+            return show_ledger(args, report, released)
     except (UsageError, ConfigError, FlopCountError, LedgerError, ValueError) as e:
         print(f"flops.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # e.g. --settle in a runs directory that cannot be written
         print(f"flops.py: error: {os_error_text(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except MixedConventions as e:
+    except (MixedConventions, BudgetExceeded) as e:  # gqa or cap conflicts; a cap changed below what is spent
         print(f"flops.py: refused by the FLOP ledger: {e}", file=sys.stderr)
         return EXIT_OVER_BUDGET
 

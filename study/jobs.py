@@ -11,12 +11,22 @@ SPEC.json`; submitit pickles `train_job` and the spec. Specs and logs live in <s
 
 The FLOP cap holds across jobs as it does across any processes: each run reserves its FLOPs in the ledger under the
 ledger's file lock before it loads anything, so a job whose run does not fit is refused (exit 3). A job that fails is
-reported with its log once the others have finished; their results are kept, and the same command continues.
+reported with its log and its one-line error once the others have finished; their results are kept, and the same
+command continues.
+
+The jobs live no longer than their driver: a Ctrl-C or SIGTERM to it stops its jobs (local ones get a SIGTERM and stop
+after their step with a checkpoint; submitit's are cancelled) and waits for them, and a local job whose driver
+died without a word (kill -9) notices within a second that its parent is gone and stops the same way
+(`study.worker`), so the same command, run again, finds no job of the old one holding its runs. `preflight` checks
+the launcher itself before any stage runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.exit_codes import EXIT_FAILED, EXIT_OVER_BUDGET
+from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_OVER_BUDGET
 from common.fileio import write_json_atomic
 from training.config import TrainConfig
 from training.loop import train_run
@@ -37,6 +47,8 @@ from .plan import JOBS_DIR, Plan, PlanError, StudyRun, is_complete
 LAUNCHERS = ("local", "slurm", "submitit-local")
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: what a job process imports from
 POLL_SECONDS = 0.2
+DRIVER_PID = "QWEN_MINI_DRIVER_PID"  # a local job's environment: the driver it must not outlive (study.worker)
+CANCEL_WAIT_SECONDS = 120  # how long a stopped driver waits for its cancelled submitit jobs to end
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,18 @@ def train_job(spec: dict) -> None:
 
 # ---- the driver ----------------------------------------------------------------------------------------------------
 
+def preflight(options: JobOptions) -> None:
+    """Refuse (PlanError) a launcher that cannot start a job here, before any stage runs: submitit not installed,
+    or --launcher slurm on a machine without SLURM's commands."""
+    if options.launcher == "local":
+        return
+    import_submitit()
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if options.launcher == "slurm" and missing:
+        raise PlanError(f"--launcher slurm: {' and '.join(missing)} not found on PATH: this machine submits no SLURM "
+                        "jobs; run the plan where SLURM is (a login node), or use --launcher local")
+
+
 def run_stage_jobs(plan: Plan, stage: str, runs: list[StudyRun], overrides: dict, options: JobOptions, log) -> None:
     """Train a stage's unfinished runs as jobs and wait for all of them; raises JobsFailed naming each run that did
     not finish (after every other job has ended)."""
@@ -162,42 +186,86 @@ def run_local(specs: list[dict], options: JobOptions, folder: Path, log) -> list
     checkpoint) and waits for them before it stops."""
     pending, running, failures = list(specs), {}, []
     free_gpus = list(options.gpus)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
-    try:
-        while pending or running:
-            while pending and len(running) < options.parallel:
-                spec = pending.pop(0)
-                gpu = free_gpus.pop(0) if options.gpus else None
-                running[_start_local(spec, gpu, folder, log)] = (spec, gpu)
-            time.sleep(POLL_SECONDS)
-            for process in [p for p in running if p.poll() is not None]:
-                spec, gpu = running.pop(process)
+    with sigterm_raises():
+        try:
+            _run_local(pending, running, failures, free_gpus, options, folder, log)
+        except BaseException:
+            for process in running:  # our own children, by pid
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in running:
+                process.wait()
                 process.log_file.close()
-                if gpu is not None:
-                    free_gpus.append(gpu)
-                status, log_path = process.returncode, _log_path(folder, spec)
-                if status == 0:
-                    log(f"[plan] {spec['run']}: job done")
-                else:
-                    failures.append(Failure(spec["run"], f"its job exited with status {status}", log_path, status))
-                    log(f"[plan] {spec['run']}: job FAILED (exit status {status}); log: {log_path}")
-    except BaseException:
-        for process in running:  # our own children, by pid
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in running:
-            process.wait()
-            process.log_file.close()
-        raise
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            raise
     return failures
 
 
+def _run_local(pending: list, running: dict, failures: list, free_gpus: list, options: JobOptions, folder: Path,
+               log) -> None:
+    """run_local's loop: start jobs while there is room and collect those that ended (`running` keeps the live ones,
+    for run_local to stop if the loop is interrupted)."""
+    while pending or running:
+        while pending and len(running) < options.parallel:
+            spec = pending.pop(0)
+            gpu = free_gpus.pop(0) if options.gpus else None
+            running[_start_local(spec, gpu, folder, log)] = (spec, gpu)
+        time.sleep(POLL_SECONDS)
+        for process in [p for p in running if p.poll() is not None]:
+            spec, gpu = running.pop(process)
+            process.log_file.close()
+            if gpu is not None:
+                free_gpus.append(gpu)
+            status, log_path = process.returncode, _log_path(folder, spec)
+            if status == 0:
+                log(f"[plan] {spec['run']}: job done")
+            else:
+                line = _job_error(log_path)
+                failures.append(Failure(spec["run"], f"its job exited with status {status}"
+                                        + (f": {line}" if line else ""), log_path, status))
+                log(f"[plan] {spec['run']}: job FAILED (exit status {status}); log: {log_path}")
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While the driver waits for its jobs, a SIGTERM to it raises Interrupted (train.py's line "stopped by SIGTERM"
+    and exit status 143, as a run's own stop has), so it can stop its jobs before it goes; the previous handler
+    comes back on exit. Only in the main thread (the only one Python delivers signals to)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _interrupt(signum, frame):
-    raise Interrupted(signum)  # train.py's line "stopped by SIGTERM" and exit status 143, as a run's own stop has
+    raise Interrupted(signum)
+
+
+def _job_error(log_path: Path) -> str | None:
+    """The one line a failed job's train.py said (its last "train.py: ..." line), for the driver's summary."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.strip() for line in reversed(lines) if line.startswith("train.py: ")), None)
+
+
+# The line of a Python traceback that names the exception, unindented: "package.module.SomeError: message".
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Z]\w*): (.+)$")
+
+
+def exception_line(text: str) -> str:
+    """'SomeError: message' from the traceback text of a failed submitit job (its last exception line: the text
+    ends with the paths of the job's logs), else the text's last line."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = EXCEPTION_LINE.match(line)
+        if match:
+            return f"{match.group(1)}: {match.group(2)}"
+    return lines[-1].strip() if lines else "no message"
 
 
 def _log_path(folder: Path, spec: dict) -> Path:
@@ -209,6 +277,7 @@ def _start_local(spec: dict, gpu: str | None, folder: Path, log) -> subprocess.P
     spec_path = write_json_atomic(folder / f"{name}.json", spec)
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]),
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env[DRIVER_PID] = str(os.getpid())  # the job stops if this process dies (study.worker's watchdog)
     if gpu is not None:
         env.update(CUDA_VISIBLE_DEVICES=gpu, QWEN_MINI_JOB_GPU=gpu)
     log_path = _log_path(folder, spec)
@@ -262,14 +331,46 @@ def run_submitit(specs: list[dict], options: JobOptions, folder: Path, name: str
             os.environ["PYTHONPATH"] = path
     for spec, job in zip(specs, jobs):
         log(f"[plan] {spec['run']}: submitted as job {job.job_id}; log: {job.paths.stdout}")
-    failures = []
-    for spec, job in zip(specs, jobs):
+    with sigterm_raises():
         try:
-            job.result()
-            log(f"[plan] {spec['run']}: job {job.job_id} done")
-        except Exception as e:  # noqa: BLE001 (the job's own failure, with its traceback, is in its log)
-            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            failures.append(Failure(spec["run"], f"job {job.job_id} failed: {why}", job.paths.stderr,
-                                    EXIT_OVER_BUDGET if "BudgetExceeded" in str(e) else None))
-            log(f"[plan] {spec['run']}: job {job.job_id} FAILED; log: {job.paths.stderr}")
-    return failures
+            return [failure for spec, job in zip(specs, jobs) if (failure := _submitit_result(spec, job, log))]
+        except BaseException:
+            cancel_jobs(jobs, log)
+            raise
+
+
+# A submitit job's failure as train.py's exit status, by the exception it raised: a budget refusal, or a run that
+# diverged (a search cuts such a configuration instead of failing the study).
+SUBMITIT_STATUSES = {"BudgetExceeded": EXIT_OVER_BUDGET, "TrainingDiverged": EXIT_DIVERGED}
+
+
+def _submitit_result(spec: dict, job, log) -> Failure | None:
+    """Wait for one submitted job: None when its run finished, else its Failure with the job's one-line error."""
+    try:
+        job.result()
+        log(f"[plan] {spec['run']}: job {job.job_id} done")
+        return None
+    except Exception as e:  # noqa: BLE001 (the job's own failure, with its traceback, is in its log)
+        why = exception_line(str(e)) if str(e).strip() else type(e).__name__
+        log(f"[plan] {spec['run']}: job {job.job_id} FAILED; log: {job.paths.stderr}")
+        return Failure(spec["run"], f"job {job.job_id} failed: {why}", job.paths.stderr,
+                       SUBMITIT_STATUSES.get(why.split(":", 1)[0]))
+
+
+def cancel_jobs(jobs: list, log) -> None:
+    """Stop every submitted job that has not ended and wait for them to end, so no job outlives the stopped driver
+    and holds a run the next command needs: SLURM's are cancelled (scancel: SIGTERM first, so each stops after its
+    step with a checkpoint); a local one's controller gets a SIGTERM, which it forwards to the job (its own cancel, a
+    SIGINT, would print the controller's traceback and kill the job a second later, mid-step)."""
+    live = [job for job in jobs if not job.done()]
+    for job in live:
+        controller = getattr(job, "_process", None)  # submitit 1.5's LocalJob: the controller process
+        if controller is not None:
+            controller.send_signal(signal.SIGTERM)
+        else:
+            job.cancel(check=False)
+    log(f"[plan] cancelled {len(live)} job(s): {', '.join(str(job.job_id) for job in live)}" if live else
+        "[plan] no job was left to cancel")
+    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+    while any(not job.done(force_check=True) for job in live) and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)

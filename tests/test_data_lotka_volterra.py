@@ -290,3 +290,21 @@ def test_module_runs_as_a_script(tmp_path):
     data = lv.load(out)
     assert data.trajectories.shape == (4, 30, 2)
     assert np.array_equal(data.trajectories, lv.simulate(4, 30, seed=5).trajectories)
+
+
+@pytest.mark.parametrize("cli", ["data.lotka_volterra", "data.synthetic"])
+@pytest.mark.parametrize("seed", [str(2 ** 76), str(2 ** 63), "-1"])
+def test_the_data_clis_refuse_a_seed_an_h5_attribute_cannot_hold(tmp_path, capsys, cli, seed):
+    """Beyond an int64 the file could not record its seed (the traceback came after simulating everything)."""
+    import importlib
+    main = importlib.import_module(cli).main
+    argv = (["--simulate"] if cli == "data.lotka_volterra" else []) + ["--n", "3", "--seed", seed,
+                                                                        "--out", str(tmp_path / "x.h5")]
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2 and "argument --seed: expected an integer >= 0 and <= 9223372036854775807" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x.h5").exists()
+    with pytest.raises(ValueError, match="seed from 0 to 2\\*\\*63 - 1"):  # the functions behind them, too
+        lv.simulate(n=3, seed=int(seed)) if cli == "data.lotka_volterra" else \
+            importlib.import_module(cli).generate(3, int(seed))

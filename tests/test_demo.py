@@ -3,12 +3,20 @@ fine-tuned or the zero-shot model, the test split forecast against every baselin
 --runs-dir, and the same numbers again with the same --seed."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import demo
 from data.lotka_volterra import save, simulate
 from study.selection import Choice
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_on_a_users_file_is_complete_and_deterministic(tmp_path, capsys):
@@ -79,3 +87,54 @@ def test_demo_stops_with_one_line_when_neither_model_scores(tmp_path, capsys, mo
     assert demo.main(["--data", str(data), "--runs-dir", str(runs), "--steps", "1"]) == 1
     assert "neither model has a finite validation forecast score" in capsys.readouterr().err
     assert not (runs / "demo" / "forecast").exists() and (runs / "demo" / "forecast_val" / "metrics.json").is_file()
+
+
+def test_demo_refuses_data_too_short_for_its_forecasts_before_training(tmp_path, capsys):
+    """60 steps cannot hold the forecasts' context of 50 and horizon of 50: refused at once, not after training."""
+    data = tmp_path / "short.h5"
+    save(data, simulate(n=20, steps=60, seed=3))
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--data", str(data), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--data {data} has 60 steps" in err and "horizon of 50" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 76)])
+def test_demo_refuses_a_seed_no_generator_takes(tmp_path, capsys, seed):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--seed", seed, "--runs-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2 and "--seed: expected an integer >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_demo_stopped_by_ctrl_c_exits_130_and_the_same_command_continues_it(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during training: exit 130 (not 1); the same command again resumes that run in its directory (not a
+    fresh demo-2 from scratch), and a Ctrl-C between the demo's commands is 130 too."""
+    data = tmp_path / "mine.h5"
+    save(data, simulate(n=20, steps=100, seed=3))
+    runs = tmp_path / "runs"
+    argv = ["--data", str(data), "--runs-dir", str(runs), "--steps", "3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "QWEN_MINI_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), *argv], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = runs / "demo" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # step 0's validation and step 1
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    stopped_at = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+
+    def ctrl_c(argv):  # the validation forecast is where this rerun is stopped
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo.forecast, "main", ctrl_c)
+    assert demo.main(argv) == 130
+    out, err = capsys.readouterr()
+    assert f"continuing the stopped demo in {runs / 'demo'}/" in out and "--resume" in out
+    assert "stopped by Ctrl-C; run the same command again to continue" in err
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[:len(stopped_at)] == stopped_at and steps == list(range(4))  # resumed, each step once
+    assert (runs / "demo" / "adapter").is_dir() and not (runs / "demo-2").exists()

@@ -149,3 +149,23 @@ def test_sigterm_to_a_driver_of_jobs_stops_them_and_is_exit_143_naming_sigterm(t
         "train.py: stopped by SIGTERM (the newest checkpoint is the one written before); to continue, run the same "
         "command"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_forecast_stage_that_scores_nothing_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    """A plan's forecast stage whose forecasts all failed to parse (forecasting.budget.NothingScored: its FLOPs stay
+    booked) ends the plan as forecast.py ends: one line, exit 1, not a traceback."""
+    import study.run
+    from forecasting.budget import NothingScored
+
+    def nothing_scored(*args, **kwargs):
+        raise NothingScored("no forecast of the 1 trajectory parsed: nothing to score")
+
+    monkeypatch.setattr(study.run, "budgeted_evaluate", nothing_scored)
+    from test_train import write_small_data
+
+    data = write_small_data(tmp_path / "lv40.h5")
+    plan = tmp_path / "p.toml"
+    plan.write_text(plan_text(train=f'data = "{data}"', stages='[[stage]]\nname = "zero_shot"\nforecast = "base"\n'))
+    status = train_cli.main(["--plan", str(plan), "--runs-dir", str(tmp_path / "runs")])
+    lines = lines_of(capsys.readouterr().err)
+    assert status == 1 and len(lines) == 1 and "nothing to score" in lines[0], lines

@@ -329,3 +329,25 @@ def test_cli_run_uses_its_split_and_compares_with_its_untrained_base(tmp_path, c
     assert result["metrics"]["persistence"]["predator"]["mae"] == pytest.approx(
         float(np.abs(last - targets)[..., 1].mean()), rel=1e-12)
     assert result["metrics"]["model"] != result["metrics"]["untrained"]  # the run's weights are not the base's
+
+
+def test_plot_legends_name_the_forecaster_as_the_tables_do(tmp_path, capsys, monkeypatch):
+    """A plain --model forecast is the zero-shot model, a --run forecast the fine-tuned one, in every figure's
+    legend, with or without the untrained baseline beside it (issue 34: one vocabulary)."""
+    import importlib
+
+    evaluate = importlib.import_module("forecasting.evaluate")  # (the package exports a function of that name)
+    labels = []
+    for name in ("plot_trajectory", "plot_error_vs_horizon"):
+        real = getattr(evaluate, name)
+        monkeypatch.setattr(evaluate, name,
+                            lambda *a, _real=real, **k: labels.append(k.get("model_label")) or _real(*a, **k))
+    data_path = tmp_path / "lv12.h5"
+    save(data_path, simulate(n=12, steps=70, seed=4, substeps=10))
+    run = make_run_dir(tmp_path, str(data_path), test_indices=[3, 7, 10], n=12)
+    common = ["--horizon", "10", "--quiet", "--baselines", "persistence", "--runs-dir", str(tmp_path)]
+    assert forecast.main(["--run", str(run), *common]) == 0, capsys.readouterr().err
+    assert labels and set(labels) == {"fine-tuned"}
+    labels.clear()
+    assert forecast.main(["--model", "tiny", "--data", str(data_path), "--out", str(tmp_path / "zs"), *common]) == 0
+    assert labels and set(labels) == {"zero-shot"}

@@ -5,8 +5,8 @@ import torch
 
 from data.dataset import make_eval_example
 from data.lotka_volterra import simulate
-from forecasting.forecast import (call_memory, call_plan, forecast_examples, generation_plan, grammar_candidates,
-                                  rows_per_call)
+from forecasting.forecast import (GenerationTooLarge, call_memory, call_plan, forecast_examples, generation_plan,
+                                  grammar_candidates, rows_per_call)
 from qwen_mini import load_model_and_tokenizer
 from qwen_mini.flops import generation_flops
 from qwen_mini.generate import JUMP_TOKENS
@@ -56,9 +56,12 @@ def test_rows_per_call_fills_the_budget_and_an_explicit_batch_wins(tiny):
     exactly_three = gb(memory.of(3, 3 * 4))  # three trajectories of 4 samples fit, a fourth does not
     assert rows_per_call(model, 40, 20, 4, memory_gb=exactly_three) == 12
     assert rows_per_call(model, 40, 20, 4, memory_gb=exactly_three - gb(1)) == 8
-    # not even one trajectory's 4 samples: as many samples of one as fit (2 here), at least 1
+    # not even one trajectory's 4 samples: as many samples of one as fit (2 here); not even one: refused, naming
+    # the budget (issue 35: "at least one row" let --decimals 1000 run into a 23 GB OOM kill)
     assert rows_per_call(model, 40, 20, 4, memory_gb=gb(memory.of(1, 2))) == 2
-    assert rows_per_call(model, 40, 20, 4, memory_gb=gb(1)) == 1
+    assert rows_per_call(model, 40, 20, 4, memory_gb=gb(memory.of(1, 1))) == 1
+    with pytest.raises(GenerationTooLarge, match=r"one prompt of 40 tokens and one row .* over --memory-budget"):
+        rows_per_call(model, 40, 20, 4, memory_gb=gb(memory.of(1, 1) - 1))
     assert rows_per_call(model, 40, 20, 4, batch=5, memory_gb=exactly_three) == 5
 
 
@@ -107,7 +110,8 @@ def test_samples_held_until_scoring_are_checked_against_the_budget_by_hand(capsy
     with pytest.raises(ValueError, match=r"--num-samples 5 for 3 trajectories .* use at most 4 samples"):
         check_samples_fit(3, 5, 40, 10, 2, memory_gb=14 * 624 / 2 ** 30)
     # Through forecast.py: one line, exit 2, before any model output or reservation
-    assert main(["--model", "tiny", "--num-samples", "100000", "--temperature", "1", "--no-budget",
+    # (10,000 samples is ForecastConfig's limit: 150 x 10,000 samples of up to 701 tokens hold about 5.4 GiB > 4)
+    assert main(["--model", "tiny", "--num-samples", "10000", "--temperature", "1", "--no-budget",
                  "--out", "/nonexistent/never-created"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: --num-samples 100000 for 150 trajectories holds about")
+    assert len(lines) == 1 and lines[0].startswith("error: --num-samples 10000 for 150 trajectories holds about")

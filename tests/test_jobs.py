@@ -4,7 +4,11 @@ a rerun continues, and a failed job is named with its log and a non-zero exit.""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 
 import train as train_cli
 from conftest import tiny_plan
-from ledger import Ledger, read_record
+from ledger import Ledger, read_record, read_records
 from study.jobs import JobOptions, JobsFailed, run_stage_jobs
 from study.plan import PlanError, load_plan, stage_runs
 from test_train import write_small_data
@@ -116,7 +120,9 @@ def test_a_failed_job_is_named_with_its_log_and_the_others_are_kept(tmp_path, sm
     assert train_cli.main(command) == 1
     err = capsys.readouterr().err
     log = runs / "par" / "jobs" / "grid" / f"{bad.name}.log"
-    assert f"grid/{bad.name}: its job exited with status 1 (log: {log})" in err
+    # the job's own one line (train.py's, from its log) in the summary, then where the log is
+    assert f"grid/{bad.name}: its job exited with status 1: train.py: grid/{bad.name}: error: " in err
+    assert f"(log: {log})" in err and len(err.strip().splitlines()) == 3
     assert "Traceback" in log.read_text() or "error" in log.read_text().lower()
     assert [m["step"] for m in read_metrics(good)] == [0, 1, 2, 3]  # the other job finished and is kept
     assert not (runs / "par" / "study.json").exists()  # the stage is not done
@@ -143,3 +149,102 @@ def test_job_flags_are_checked_before_anything_runs(tmp_path, small_data, capsys
     (tmp_path / "bad.toml").write_text('[[stage]]\nname = "jobs"\nforecast = "base"\n')
     with pytest.raises(PlanError, match="cannot be named 'jobs'"):
         load_plan(tmp_path / "bad.toml")
+
+
+# ---- the driver's life and the jobs' (issue 35, item 13) -------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def held(run_dir: Path) -> bool:
+    """Whether a process still holds the run's lock (a job that outlived its driver)."""
+    from common.fileio import FileLock, LockHeld
+    try:
+        FileLock(run_dir / "run.lock").release()
+    except LockHeld:
+        return True
+    return False
+
+
+def still_training(run_dirs: list[Path], seconds: float = 3.0) -> bool:
+    """Whether any run logs more steps within `seconds` (a job that outlived its driver trains on)."""
+    before = [len(read_metrics(d)) for d in run_dirs]
+    time.sleep(seconds)
+    return [len(read_metrics(d)) for d in run_dirs] != before or any(held(d) for d in run_dirs)
+
+
+def start_driver(tmp_path: Path, plan: Path, runs: Path, *flags: str):
+    """train.py --plan --jobs 2 in a process of its own; its output goes to files (a pipe would stay open as long as
+    any job it started, so reading it to the end would wait for the jobs)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "QWEN_MINI_CACHE": str(tmp_path / "cache")}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--plan", str(plan), "--runs-dir", str(runs),
+                             "--jobs", "2", *flags], cwd=tmp_path, env=env,
+                            stdout=open(tmp_path / "driver.out", "w"), stderr=open(tmp_path / "driver.err", "w"))
+
+
+def wait_for_training(driver, run_dirs: list[Path], timeout: float = 240) -> None:
+    """Until every run has logged a training step (its job is past loading)."""
+    deadline = time.monotonic() + timeout
+    while not all((d / "metrics.jsonl").is_file() and len(read_metrics(d)) >= 2 for d in run_dirs):
+        assert driver.poll() is None and time.monotonic() < deadline, "the driver ended before it was stopped"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_a_submitit_local_driver_stops_its_jobs(tmp_path, small_data, sig):
+    """The driver exits 128 + signal only once its jobs are gone: no run is left locked by a job of it, and the same
+    command continues both runs from where they stopped."""
+    pytest.importorskip("submitit")
+    plan, runs = write_plan(tmp_path / "par.toml", small_data, steps=2000), tmp_path / "runs"
+    driver = start_driver(tmp_path, plan, runs, "--launcher", "submitit-local")
+    wait_for_training(driver, grid_dirs(runs))
+    driver.send_signal(sig)
+    driver.wait(timeout=180)
+    err = (tmp_path / "driver.err").read_text()
+    assert driver.returncode == 128 + sig, err
+    assert "Traceback" not in err and "to continue, run the same command" in err, err
+    assert not still_training(grid_dirs(runs))  # no job of the stopped driver lives on
+
+
+def test_local_jobs_stop_when_their_driver_is_killed(tmp_path, small_data):
+    """kill -9 of the driver (no chance to stop its jobs): each job notices its parent is gone and stops after its
+    step with a checkpoint, instead of training on as an orphan that holds its run."""
+    plan, runs = write_plan(tmp_path / "par.toml", small_data, steps=2000), tmp_path / "runs"
+    driver = start_driver(tmp_path, plan, runs)
+    wait_for_training(driver, grid_dirs(runs))
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(held(d) for d in grid_dirs(runs)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not still_training(grid_dirs(runs))
+    for run_dir in grid_dirs(runs):
+        log = (runs / "par" / "jobs" / "grid" / f"{run_dir.name}.log").read_text()
+        assert "stopped by SIGTERM after step" in log and (run_dir / "checkpoint.pt").is_file(), log
+
+
+def test_slurm_without_slurm_is_refused_before_any_stage(tmp_path, small_data, capsys, monkeypatch):
+    """No sbatch/srun on PATH: one line, exit 2, and not even the zero-shot forecast that comes first is made."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    plan = tmp_path / "p.toml"
+    plan.write_text(tiny_plan("par", small_data, '[forecast]\nlimit = 1\nhorizon = 3\nbaselines = []\n'
+                              '[[stage]]\nname = "zero_shot"\nforecast = "base"\n'
+                              '[[stage]]\nname = "grid"\nlr = [1e-3, 3e-3]\n', steps=2))
+    runs = tmp_path / "runs"
+    assert train_cli.main(["--plan", str(plan), "--runs-dir", str(runs), "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert "--launcher slurm: sbatch and srun not found on PATH" in err
+    assert not (runs / "par" / "zero_shot").exists() and read_records(runs) == []
+
+
+def test_a_failed_submitit_job_is_summed_up_by_its_error_not_its_log_paths():
+    """submitit's message ends with the paths of the job's logs; the summary names the exception instead."""
+    from study.jobs import exception_line
+    text = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
+            "last):\n  File \"submission.py\", line 55, in process_job\n    result = delayed.result()\n"
+            "training.run.RunDirError: runs/x is in use by pid 123 on host (since 10:00): wait for that run to end\n\n"
+            "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n"
+            "  - /tmp/log/1_0_log.err\n  - /tmp/log/1_0_log.out")
+    assert exception_line(text) == ("RunDirError: runs/x is in use by pid 123 on host (since 10:00): wait for that run "
+                                    "to end")

@@ -48,3 +48,21 @@ def test_a_two_stage_recipe_chains_its_stages_and_exports_the_last(tmp_path, mon
     assert recipe.main(argv) == 0  # everything is there: no stage trains again, the export is the same
     assert "[recipe] train:" not in capsys.readouterr().out
     assert sha(out / recipe.WEIGHTS) == weights["run2/model"]
+
+
+def test_recipe_flags_that_cannot_work_are_one_line_before_anything_runs(tmp_path, capsys):
+    """--readme-only without an exported model there, a --work that is a file, --threads beyond any machine: each
+    exit 2 with one line, nothing made."""
+    import pytest
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(["--readme-only", "--out", str(tmp_path / "missing")], "holds no exported model"),
+             (["--work", str(a_file)], f"--work {a_file}: exists and is not a directory"),
+             (["--out", str(a_file), "--work", str(tmp_path / "w")], f"--out {a_file}: exists and is not a directory"),
+             (["--threads", "100000000000"], "argument --threads: expected an integer >= 0 and <= 1024")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as refused:
+            recipe.main(argv)
+        assert refused.value.code == 2 and message in capsys.readouterr().err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

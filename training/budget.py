@@ -55,10 +55,13 @@ def eval_pass_flops(config: TrainConfig, gqa: str = "real", model: nn.Module | N
     return total
 
 
-def evaluation_steps(start: int, steps: int, eval_every: int) -> list[int]:
-    """Steps after which a run that starts at `start` validates: step 0 (a fresh run), every eval_every-th, the last."""
-    return [s for s in range(start, steps + 1)
-            if (s == 0 and start == 0) or (s > start and (s % eval_every == 0 or s == steps))]
+def evaluation_count(start: int, steps: int, eval_every: int) -> int:
+    """How many times a run that starts at `start` validates on its way to `steps`: at step 0 (a fresh run), after
+    every eval_every-th step and after the last. Counted, not listed: a run of a billion steps is one line."""
+    if steps <= start:
+        return 0
+    last = 1 if steps % eval_every else 0  # the last step, unless it is an eval_every-th one anyway
+    return (1 if start == 0 else 0) + steps // eval_every - start // eval_every + last
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def plan_run_flops(config: TrainConfig, start_step: int = 0, gqa: str = "real", 
     counting_model, if already built."""
     model = model or counting_model(config)
     return RunFlopPlan(per_step_flops(config, gqa, model), eval_pass_flops(config, gqa, model, world_size),
-                       config.steps - start_step, len(evaluation_steps(start_step, config.steps, config.eval_every)))
+                       config.steps - start_step, evaluation_count(start_step, config.steps, config.eval_every))
 
 
 def check_inside_runs_dir(config: TrainConfig) -> bool:
@@ -150,7 +153,7 @@ def prepare_run(config: TrainConfig, world_size: int = 1, holder_lock=None) -> P
     directory's), which names the reservation's owner; None lets the ledger take one."""
     counted = check_inside_runs_dir(config)
     start = resume_point(config)
-    ledger = Ledger(config.runs_dir, config.max_flops)
+    ledger = Ledger(config.runs_dir, config.max_flops, change_max_flops=config.change_max_flops)
     gqa = ledger.convention(config.gqa) if counted else (config.gqa or "real")
     model = counting_model(config)
     plan = plan_run_flops(config, start.step, gqa, world_size, model)

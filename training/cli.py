@@ -8,9 +8,9 @@ import sys
 from data.lotka_volterra import SPLIT_MODES, DataError
 from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError as ModelConfigError
 from ledger import BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
-from ledger.flags import MAX_FLOPS_HELP, add_budget_arguments
+from ledger.flags import CHANGE_MAX_FLOPS_HELP, MAX_FLOPS_HELP, add_budget_arguments
 from lora import check_targets
-from common.args import non_negative_float, non_negative_int, positive_float, positive_int
+from common.args import non_negative_float, non_negative_int, positive_float, positive_int, seed_int, typed_dests
 from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
 from common.fileio import os_error_text
 
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the 70/15/15 train/val/test split of the trajectories: ordered = in file order, the last "
                            "15 %% test and the 15 %% before them validation; random = a seeded permutation "
                            "(default: %(default)s)")
-    what.add_argument("--split-seed", type=int, default=d.split_seed,
+    what.add_argument("--split-seed", type=seed_int, default=d.split_seed,
                       help="seed of the random split (--split random) (default: %(default)s)")
 
     adapt = p.add_argument_group("what is trained")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clip the gradient norm to this value; 0 = no clipping (default: %(default)s)")
     optim.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
                        help="AdamW weight decay (default: %(default)s)")
-    optim.add_argument("--seed", type=int, default=d.seed,
+    optim.add_argument("--seed", type=seed_int, default=d.seed,
                        help="seed of the adapters' initialisation, the batch order and dropout (default: %(default)s)")
 
     evaluation = p.add_argument_group("evaluation, checkpoints, output")
@@ -132,17 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
                             help="continue the run(s) in their directories from the last checkpoint, with the same "
                                  "settings (--steps may grow)")
     add_budget_arguments(
-        evaluation, max_flops=MAX_FLOPS_HELP, max_flops_default=d.max_flops,
+        evaluation, max_flops=MAX_FLOPS_HELP, max_flops_default=d.max_flops, change_max_flops=CHANGE_MAX_FLOPS_HELP,
         gqa="how the ledger counts attention: real grouped-query k/v, or mha (the coursework's multi-head "
             "simplification); one convention per runs directory (default: the runs directory's, real for a new one)",
         no_budget="no reservation and no budget check; needed for a --out outside --runs-dir, which then is counted "
                   "in no ledger")
     evaluation.add_argument("--plan", metavar="TOML",
                             help="run a study plan stage by stage (grid, best-of sweep, final run, forecasts); "
-                                 "continues a stopped study. Settings come from the plan; --runs-dir, --max-flops, "
-                                 "--gqa, --device, --dtype and --seed override its [study], the flags of [train] "
-                                 "settings (--data, --model, --batch, one --lr / --rank / --ctx, ...) its [train] "
-                                 "(a stage's own settings still apply over them; see plans/)")
+                                 "continues a stopped study. Settings come from the plan; a flag typed wins, "
+                                 "whatever its value: --runs-dir, --max-flops, --gqa over its [study], --device and "
+                                 "--dtype over every run, the flags of [train] settings (--data, --model, --seed, "
+                                 "--batch, one --lr / --rank / --ctx, ...) over its [train] (a stage's own settings "
+                                 "still apply over them; see plans/). Run again with other settings or data, the "
+                                 "plan is a study of its own beside the first (STUDY-<key>), as the output says")
 
     hardware = p.add_argument_group("hardware")
     hardware.add_argument("--device", default=d.device,
@@ -174,11 +176,13 @@ def configs_from_args(args: argparse.Namespace, plan_only=()) -> list:
 
 
 def interruption(e: KeyboardInterrupt, configs: list[TrainConfig] = ()) -> str:
-    """What a stop left behind, for its one line. `configs`: the runs of this command (none with --plan)."""
+    """What a stop left behind, for its one line. `configs`: the runs of this command (none with --plan; then the run
+    the stop interrupted, if it says)."""
     if not isinstance(e, Interrupted):
         return "interrupted"
     if e.checkpoint_step is None:
-        if configs and not any((c.run_dir / CHECKPOINT_NAME).is_file() for c in configs):
+        run_dirs = [c.run_dir for c in configs] or ([e.run_dir] if e.run_dir is not None else [])
+        if run_dirs and not any((d / CHECKPOINT_NAME).is_file() for d in run_dirs):
             return f"stopped by {e.name} before the first checkpoint (none was written)"  # loading, simulating data
         return f"stopped by {e.name} (the newest checkpoint is the one written before)"
     return f"stopped by {e.name} after step {e.checkpoint_step}, with a checkpoint there"
@@ -205,16 +209,20 @@ def failure_status(e: BaseException, who: str, again: str, configs: list[TrainCo
 
 
 def main(argv: list[str] | None = None, run_plan=None, plan_arguments=None) -> int:
-    """train.py. `run_plan(args, parser, dist)`: what --plan runs (train.py passes the study package's runner; its
-    failures end like a run's). `plan_arguments(parser)`: adds the flags only --plan takes, returning their dests."""
+    """train.py. `run_plan(args, parser, dist, typed)`: what --plan runs (train.py passes the study package's runner;
+    its failures end like a run's), `typed` the dests of the flags the command line gave (a value equal to the
+    default included). `plan_arguments(parser)`: adds the flags only --plan takes, returning their dests."""
     parser = build_parser()
     plan_only = tuple(plan_arguments(parser)) if plan_arguments is not None else ()
     args = parser.parse_args(argv)
     if args.plan is not None and run_plan is None:
         parser.error("--plan is run by train.py (the study package), not by training.cli alone")
-    given = [dest for dest in plan_only if getattr(args, dest) != parser.get_default(dest)]
+    typed = typed_dests(parser, argv)
+    given = [dest for dest in plan_only if dest in typed]
     if args.plan is None and given:
         parser.error(f"--{given[0].replace('_', '-')} dispatches the runs of a study plan: it needs --plan")
+    if args.change_max_flops and args.max_flops is None:
+        parser.error("--change-max-flops makes --max-flops the runs directory's cap: give --max-flops too")
     if args.plan is None and args.tensorboard_dir is not None and not args.tensorboard:
         parser.error("--tensorboard-dir says where --tensorboard writes: it needs --tensorboard")
     try:
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None, run_plan=None, plan_arguments=None) -> i
     dist = from_environment(args.device)
     try:
         if args.plan is not None:
-            return run_plan(args, parser, dist)
+            return run_plan(args, parser, dist, typed)
         if len(configs) == 1:
             results = [train_run(configs[0], dist=dist)]
         else:

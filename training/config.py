@@ -6,16 +6,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.args import MAX_SEED
 from common.devices import DTYPES  # noqa: F401  (re-exported: the --dtype choices)
 from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT
 from data.lotka_volterra import SPLIT_MODES
 from lora import check_targets
-from ledger import DEFAULT_BUDGET
 from qwen_mini.flops import GQA_MODES
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 SCHEDULES = ("constant", "cosine")
+# The most steps a run may take: a billion steps write a metrics.jsonl of some 250 GB and take years even for the tiny
+# model on a CPU; a larger number is a typo (and would only make the FLOP count's arithmetic huge).
+MAX_STEPS = 10 ** 9
 # Steps of each trajectory the LLMTIME scaler is fitted on: data.dataset's evaluation context, so training text and
 # forecast prompts are scaled by the same rule.
 FIT_STEPS = DEFAULT_CONTEXT
@@ -60,7 +63,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each decoder block (same math; compiled once per process)
     device: str = "auto"
     dtype: str = "auto"
-    max_flops: int = DEFAULT_BUDGET
+    max_flops: int | None = None  # None: the runs directory's recorded cap (ledger.cap), else 1e17
+    change_max_flops: bool = False  # make max_flops the runs directory's cap though another is recorded
     gqa: str | None = None  # counting convention of the ledger: real, mha; None = the runs directory's (else real)
     no_budget: bool = False  # train without a reservation (allowed outside runs_dir; then counted nowhere)
     runs_dir: str = "runs"
@@ -95,10 +99,17 @@ class TrainConfig:
         if self.ctx < 2:  # checked first: the default stride (ctx // 2) follows from it
             raise ConfigError(f"ctx must be >= 2 (the loss predicts token t+1 from tokens <= t), got {self.ctx}",
                               key="ctx")
-        for name in ("batch", "steps", "eval_every", "val_batches", "stride", "max_flops"):
+        for name in ("batch", "steps", "eval_every", "val_batches", "stride"):
             positive(name)
-        for name in ("checkpoint_every", "decimals", "warmup"):
+        if self.max_flops is not None:  # None follows the runs directory's cap
+            positive("max_flops")
+        if self.steps > MAX_STEPS:
+            raise ConfigError(f"steps must be at most {MAX_STEPS:.0e} (a billion), got {self.steps}", key="steps")
+        for name in ("checkpoint_every", "decimals", "warmup", "seed", "split_seed"):
             non_negative(name)
+        for name in ("seed", "split_seed"):  # the batch order's generator fails on a negative seed, after step 0
+            if getattr(self, name) > MAX_SEED:
+                raise ConfigError(f"{name} must be at most 2**63 - 1, got {getattr(self, name)}", key=name)
         for name in ("grad_clip", "weight_decay", "lora_dropout"):
             non_negative(name, float)
         if self.stride > self.ctx:

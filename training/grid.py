@@ -63,7 +63,7 @@ def check_grid_budget(configs: list[TrainConfig], world_size: int = 1) -> int:
     counted = [check_inside_runs_dir(config) for config in configs]
     if configs[0].no_budget or not any(counted):
         return 0
-    ledger = Ledger(configs[0].runs_dir, configs[0].max_flops)
+    ledger = Ledger(configs[0].runs_dir, configs[0].max_flops, change_max_flops=configs[0].change_max_flops)
     gqa = ledger.convention(configs[0].gqa)
     remaining = sum(plan_run_flops(config, resume_point(config).step, gqa, world_size).total for config in configs)
     try:

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,9 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
             result = Trainer(config, dist, prepared, run_progress, stop, hooks, show_bar=progress).run()
             finished.append(True)  # every step done: the record's `finished` time
             return result
+    except Interrupted as e:
+        e.run_dir = e.run_dir or config.run_dir  # for the message: did this run write a checkpoint before?
+        raise
     except OSError as e:
         if e.filename is None or not Path(e.filename).resolve().is_relative_to(config.run_dir.resolve()):
             raise  # not one of the run's own files
@@ -107,15 +111,20 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
 
 
 def check_tensorboard_dir(config: TrainConfig) -> None:
-    """Refuse (ConfigError) event files that could not be written because a file stands where their directory would
-    be: before the run directory is made, not after config.json."""
-    for directory in (config.tensorboard_path, *config.tensorboard_path.parents):
-        if directory.exists():
-            if not directory.is_dir():
-                flag = "--tensorboard-dir " if config.tensorboard_dir is not None else ""
-                raise ConfigError(f"{flag}{directory}: exists and is not a directory, so the TensorBoard event files "
-                                  f"cannot go to {config.tensorboard_path}")
-            return
+    """Refuse (ConfigError) event files that could not be written — a file stands where their directory would be, or
+    the nearest existing directory on the way takes no files (a read-only filesystem, no permission) — before the run
+    directory is made, not after config.json (which would leave a run that a plain rerun must not overwrite)."""
+    flag = "--tensorboard-dir " if config.tensorboard_dir is not None else ""
+    directory = next(d for d in (config.tensorboard_path, *config.tensorboard_path.parents) if d.exists())
+    if not directory.is_dir():
+        raise ConfigError(f"{flag}{directory}: exists and is not a directory, so the TensorBoard event files "
+                          f"cannot go to {config.tensorboard_path}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tensorboard-probe-"):
+            pass  # a file can be made there (and is gone again)
+    except OSError as e:
+        raise ConfigError(f"{flag}{config.tensorboard_path}: the TensorBoard event files cannot be written there "
+                          f"({os_error_text(e)}); give a --tensorboard-dir that can be written") from None
 
 
 @dataclass

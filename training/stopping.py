@@ -14,6 +14,7 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, signum: int, checkpoint_step: int | None = None):
         self.signum, self.checkpoint_step = signum, checkpoint_step
+        self.run_dir = None  # the run it stopped, set by train_run: whether that run has a checkpoint at all
         super().__init__(signal.Signals(signum).name)
 
     @property
