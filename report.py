@@ -1,13 +1,17 @@
 """One Markdown report of a runs directory: `python report.py RUNS_DIR`.
 
-Writes report.md (and report_figures/*.png) into RUNS_DIR, or --out: the Findings (each stage's winner and by what
-criterion and margin, fine-tuned vs zero-shot vs the best baseline, what did not change beyond the noise), the FLOP
-ledger against the budget (log axis), a FLOP section as the coursework reports have it (counting rules, FLOPs per
-step per component, per stage and per run with % of the budget, the reconciliation with the seed reports), every
-run with its step-0 / best / final validation loss, loss curves, heat maps of the change from step 0, validation
-loss against context length on the same positions, and per forecast stage the fine-tuned model, the zero-shot model
-and the baselines in one table per species with the loss curve, error against horizon and trajectory plots. A run
-or file it cannot read is named in the report and on stderr. See study/report.py.
+Writes report.md (and report_figures/*.png) into RUNS_DIR, or --out. Its first line names the model and the data;
+every number of its Findings and Conclusions is printed, the same way, in one of its tables. The Findings: each
+stage's winner, by which criterion and margin, against the noise measured on that criterion (seed replicates), the
+margin split into what step 0 held and what training added where the stage changes the untouched model (the
+context length); fine-tuned vs zero-shot vs every baseline it loses to, with paired bootstrap intervals. The
+Conclusions: what fine-tuning bought, which settings mattered, what each stage's FLOPs bought, what to try next.
+Then the model's architecture and an LLMTIME example, per stage (in the study's order) its runs with their step-0 and
+best validation loss on whole windows and on the same last-N positions, loss curves, heat maps, loss against context;
+per forecast (a study's, or a plain forecast.py --run / --model one) the fine-tuned model, the zero-shot model and
+the baselines per species, the intervals, error against horizon, the error distribution, trajectories; the FLOP
+ledger against the budget and a FLOP section as the coursework reports have it. A run or file it cannot read is
+named in the report and on stderr, and the rest reported. See study/report.py.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
     budget.png            the ledger on a log axis from 1e9 to 1e17 FLOPs, every bar labelled with its value
     loss_<group>.png      validation loss (top) apart from the smoothed training loss (bottom), one colour per run
     heatmap_<group>.png   change of the best validation loss from step 0 over lr x rank, steps and % of budget per cell
-    context_<group>.png   validation loss against context length, on whole windows and on the same last-N targets
+    context_<group>.png   validation loss against context length, on whole windows and on the same last-N targets,
+                          at the best and at step 0
     horizon_<forecast>.png   MAE against horizon step, fine-tuned and zero-shot (and the baselines) in one figure
 """
 from __future__ import annotations
@@ -21,13 +22,19 @@ import numpy as np  # noqa: E402
 
 from common.fileio import atomic_write  # noqa: E402
 from forecasting.metrics import SPECIES  # noqa: E402
+from forecasting.plots import METHOD_COLORS, MODELS  # noqa: E402
 from qwen_mini.flop_report import format_flops  # noqa: E402
 from training.plot import moving_average  # noqa: E402
 
 KIND_COLORS = {"train": "tab:blue", "eval": "tab:orange", "forecast": "tab:green", "reserved": "lightgray"}
 LEDGER_AXIS = (1e9, 1e17)  # the log axis of budget.png: from a tiny run's cost to the coursework budget
-METHOD_COLORS = {"fine-tuned": "tab:blue", "zero-shot": "tab:green", "persistence": "tab:orange",
-                 "seasonal_naive": "tab:purple", "lv_fit": "tab:red"}
+
+
+DRAWABLE = 1e6  # a loss or change beyond +-this (a hand-edited -1e308) is in the tables, not on an axis
+
+
+def drawable(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= DRAWABLE
 
 
 def slug(text: str) -> str:
@@ -77,6 +84,7 @@ def plot_group_losses(path: Path, title: str, curves: list[tuple[str, list, list
     colors = plt.cm.tab10.colors
     for i, (label, train, val) in enumerate(curves):
         color = colors[i % len(colors)]
+        val, train = [p for p in val if drawable(p[1])], [p for p in train if drawable(p[1])]
         if val:
             top.plot(*zip(*val), "o-", color=color, ms=3, lw=1.5, label=label)
         if train:
@@ -98,7 +106,7 @@ def plot_heatmap(path: Path, title: str, lrs: list, ranks: list, cells: dict, no
     budget. `cells[(lr, rank)] = (change, steps, share_percent, improved)`; a change is shown to 4 significant
     digits, so cells 0.0003 apart are told apart, and "not improved" where it is within the noise. The colour scale
     spans at least +-`noise`, so a change within the noise stays pale instead of taking the deepest colour."""
-    grid = np.array([[cells[(lr, r)][0] if (lr, r) in cells and cells[(lr, r)][0] is not None else math.nan
+    grid = np.array([[cells[(lr, r)][0] if (lr, r) in cells and drawable(cells[(lr, r)][0]) else math.nan
                       for lr in lrs] for r in ranks], dtype=float)
     fig, ax = plt.subplots(figsize=(2.2 + 1.9 * len(lrs), 1.6 + 1.1 * len(ranks)))
     finite = grid[np.isfinite(grid)]
@@ -122,22 +130,28 @@ def plot_heatmap(path: Path, title: str, lrs: list, ranks: list, cells: dict, no
     return save(fig, path)
 
 
-def plot_context(path: Path, title: str, sweeps: dict[str, list[tuple[int, float | None, float | None]]],
-                 last_n: int | None) -> Path:
-    """Best validation loss against context length: whole windows (dashed; not comparable across lengths) and the
-    last `last_n` targets of each window (solid; the same positions at every length). sweeps[label] =
-    [(ctx, whole, last)]."""
+def plot_context(path: Path, title: str, sweeps: dict[str, list[tuple]], last_n: int | None) -> Path:
+    """Validation loss against context length: the best over whole windows (dashed; not comparable across
+    lengths), the best over the last `last_n` targets of each window (solid; the same positions at every length),
+    and the same positions at step 0, before training (dotted): the gap between the dotted and the solid line is
+    what training did, the slope of the dotted one what the context length did to the untouched model.
+    sweeps[label] = [(ctx, best whole, best last, last at step 0)]."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, points) in enumerate(sweeps.items()):
         color = plt.cm.tab10.colors[i % 10]
+        points = [p for p in points if drawable(p[1])]
         ctx = [p[0] for p in points]
         ax.plot(ctx, [p[1] for p in points], "o--", color=color, alpha=0.6, label=f"{label}: whole windows")
-        if last_n is not None and all(p[2] is not None for p in points):
-            ax.plot(ctx, [p[2] for p in points], "s-", color=color, label=f"{label}: last {last_n} targets")
-            for c, _, v in points:
-                ax.annotate(f"{v:.4f}", (c, v), fontsize=7, textcoords="offset points", xytext=(0, 6), ha="center")
+        if last_n is None or not points:
+            continue
+        for column, style, what in ((3, "^:", f"last {last_n} targets, step 0"), (2, "s-", f"last {last_n} targets")):
+            if all(drawable(p[column]) for p in points):
+                ax.plot(ctx, [p[column] for p in points], style, color=color, label=f"{label}: {what}")
+                for p in points:
+                    ax.annotate(f"{p[column]:.4f}", (p[0], p[column]), fontsize=7, textcoords="offset points",
+                                xytext=(0, 6), ha="center")
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("best validation loss (nats/token)")
+    ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"{title}: validation loss against context length", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -153,7 +167,7 @@ def plot_horizon(path: Path, title: str, by_method: dict[str, dict]) -> Path:
             if not len(values):
                 continue
             values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
-            ax.plot(np.arange(1, len(values) + 1), values, "-" if name in ("fine-tuned", "zero-shot") else "--",
+            ax.plot(np.arange(1, len(values) + 1), values, "-" if name in MODELS else "--",
                     color=METHOD_COLORS.get(name), lw=2 if name == "fine-tuned" else 1.2, label=name)
         ax.set_title(f"{species}: MAE against horizon step", fontsize=10)
         ax.set_xlabel("steps ahead")

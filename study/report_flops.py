@@ -1,14 +1,22 @@
-"""The report's FLOP section, in the style of the coursework reports: the counting rules as a table, the FLOPs of
-one training step per model component for every distinct setting of the runs, and how our count relates to the
-five seed reports' counts (what each includes or leaves out, from their own FLOP sections)."""
+"""The report's Budget and FLOP sections, in the style of the coursework reports: the ledger against the budget
+(budget.png on a log axis), the counting rules as a table, the FLOPs of one training step per model component for
+every distinct setting of the runs, the FLOPs of each stage in the study's order with what they bought, every
+ledger record, and how our count relates to the five seed reports' counts (what each includes or leaves out, from
+their own FLOP sections)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import lora
+from ledger import KINDS, Record, record_label, totals
 from qwen_mini.config import QwenConfig
 from qwen_mini.flop_report import BACKWARD_FACTOR, FlopReport, format_flops
 from qwen_mini.flops import COSTS, count_forward
+
+from . import report_format as fmt
+from .report_figures import plot_budget
+from .report_results import moved_out
 
 # Component groups of the per-step table, in model order: (label, test on FlopReport.by_component's key).
 COMPONENTS = (
@@ -100,20 +108,23 @@ def component_steps(report: FlopReport) -> dict[str, int]:
     return steps
 
 
+SETTINGS_PER_TABLE = 4  # columns of settings in one component table (printable)
+
+
 def component_table(settings: list[StepSetting], gqa: str) -> list[str]:
-    """One row per component, one column per setting: FLOPs per training step and share of the step."""
+    """One row per component, one column per setting: FLOPs per training step and share of the step; settings
+    past SETTINGS_PER_TABLE continue in another table."""
     reports = [count_setting(s, gqa) for s in settings]
     columns = [component_steps(r) for r in reports]
     lines = [f"FLOPs of one training step (forward + backward) per component, attention counted as gqa={gqa} "
-             f"({reports[0].gqa_description()}):", "",
-             "| component | " + " | ".join(s.label for s in settings) + " |",
-             "|---|" + "---|" * len(settings)]
-    for label, _ in COMPONENTS:
-        cells = [f"{format_flops(c[label], 4)} ({100 * c[label] / r.step:.2f} %)" if c[label] else "0"
-                 for c, r in zip(columns, reports)]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| **per step** | " + " | ".join(f"**{format_flops(r.step, 4)}**" for r in reports) + " |")
-    return lines
+             f"({reports[0].gqa_description()}):", ""]
+    for start in range(0, len(settings), SETTINGS_PER_TABLE):
+        part = slice(start, start + SETTINGS_PER_TABLE)
+        rows = [[label] + [f"{format_flops(c[label], 4)} ({100 * c[label] / r.step:.2f} %)" if c[label] else "0"
+                           for c, r in zip(columns[part], reports[part])] for label, _ in COMPONENTS]
+        rows.append(["**per step**"] + [f"**{format_flops(r.step, 4)}**" for r in reports[part]])
+        lines += fmt.table(["component"] + [s.label for s in settings[part]], rows) + [""]
+    return lines[:-1]
 
 
 def reconciliation(gqa_used: str) -> list[str]:
@@ -147,3 +158,79 @@ def _qwen05_config() -> str:
     import json
 
     return json.dumps(QwenConfig.from_name("qwen2.5-0.5b").to_hf(), sort_keys=True)
+
+
+# ---- the sections --------------------------------------------------------------------------------------------------
+
+def stage_flops(records: list[Record], runs_dir: Path, studies: list[tuple[Path, dict]]) -> dict[str, int]:
+    """FLOPs per study stage in the plan's order (training and validation by the directory a run sits in, each
+    forecast by the directory it wrote into), then per record outside any study."""
+    stage_dirs = {}
+    for path, study in studies:
+        for stage in study.get("stages", []):
+            if isinstance(stage, dict) and isinstance(stage.get("name"), str):
+                stage_dirs[(path.parent / stage["name"]).resolve()] = f"{study.get('name', path.parent.name)}/" \
+                                                                      f"{stage['name']}"
+    flops = dict.fromkeys(stage_dirs.values(), 0)
+
+    def stage_of(where: Path, record: Record) -> str:
+        where = where.resolve()
+        return next((name for d, name in stage_dirs.items() if where == d or d in where.parents),
+                    record_label(record, runs_dir))
+
+    for record in records:
+        home = stage_of(record.run_dir, record)
+        booked = 0
+        for entry in record.forecasts:
+            if isinstance(entry, dict) and entry.get("out") and isinstance(entry.get("flops"), int):
+                name = stage_of(Path(moved_out(entry, record, runs_dir)), record)
+                flops[name] = flops.get(name, 0) + entry["flops"]
+                booked += entry["flops"]
+        flops[home] = flops.get(home, 0) + record.flops_used - min(booked, record.by_kind["forecast"])
+    return {name: f for name, f in flops.items() if f}
+
+
+def budget_section(records: list[Record], group_flops: dict[str, int], budget: int, figures: Path,
+                   out: Path) -> list[str]:
+    t = totals(records)
+    lines = ["## Budget", ""] + fmt.table(
+        ["", "train", "eval", "forecast", "total", "reserved", "budget", "left"],
+        [["FLOPs", *(format_flops(t.by_kind[k]) for k in KINDS), format_flops(t.spent), format_flops(t.outstanding),
+          format_flops(budget), format_flops(budget - t.committed)],
+         ["share of budget", *(fmt.share(t.by_kind[k], budget) for k in KINDS), fmt.share(t.spent, budget),
+          fmt.share(t.outstanding, budget), "100 %", left_share(records, budget)]]) + [""]
+    if t.spent > budget:
+        lines += [f"**OVER BUDGET by {format_flops(t.spent - budget)} FLOPs.**", ""]
+    by_kind = {**{k: t.by_kind[k] for k in KINDS}, **({"reserved": t.outstanding} if t.outstanding else {})}
+    return lines + [fmt.image(plot_budget(figures / "budget.png", by_kind, group_flops, budget), out,
+                              "the ledger on a log axis"), ""]
+
+
+def left_share(records: list[Record], budget: int) -> str:
+    return fmt.share(budget - totals(records).committed, budget)
+
+
+def flop_section(settings: list[StepSetting], records: list[Record], runs_dir: Path, gains: list, budget: int,
+                 gqa: str) -> list[str]:
+    """`gains`: per stage (study order) its FLOPs and what they bought (report_findings.StageGain)."""
+    lines = ["## FLOPs", "", f"Attention convention of every count here: gqa={gqa}.", ""]
+    lines += fmt.table(["rule", "count"], [[rule, text] for rule, text in RULES]) + [""]
+    if settings:
+        lines += component_table(settings, gqa) + [""]
+    lines += ["FLOPs per stage, in the study's order (study stage, else record), and what each training stage "
+              "bought: its winner's score under the stage's criterion against where the stage started (step 0, or "
+              "the winner of the stage it started from):", ""]
+    lines += fmt.table(["stage", "FLOPs", "% of budget", "starts from", "start", "best", "change",
+                        "FLOPs per nat of change"],
+                       [[g.name, format_flops(g.flops), fmt.share(g.flops, budget), g.start_label or "-",
+                         fmt.loss(g.start), fmt.loss(g.best), fmt.delta(g.change), g.per_nat] for g in gains])
+    lines += ["", "FLOPs per record of the ledger (every run and forecast), in the study's order:", ""]
+    order = {g.name: i for i, g in enumerate(gains)}
+    ranked = sorted(records, key=lambda r: (min((i for name, i in order.items()
+                                                 if record_label(r, runs_dir).startswith(name + "/")
+                                                 or record_label(r, runs_dir) == name), default=len(order)),
+                                            record_label(r, runs_dir)))
+    lines += fmt.table(["record", "train FLOPs", "eval FLOPs", "forecast FLOPs", "total", "% of budget"],
+                       [[record_label(r, runs_dir), *(format_flops(r.by_kind[k]) for k in KINDS),
+                         format_flops(r.flops_used), fmt.share(r.flops_used, budget)] for r in ranked])
+    return lines + [""] + reconciliation(gqa)

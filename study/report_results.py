@@ -1,183 +1,205 @@
-"""The report's results of each forecast stage and its Findings, from the numbers on disk only.
+"""The report's forecast results, from the numbers on disk only: which forecasts there are and what each row is.
 
-Per forecast stage (a study's `forecast = "<stage>"`): one table per species of the fine-tuned model, the zero-shot
-(untrained) model and every baseline — MSE, MAE, R², median trajectory MSE and, where the forecast scored them, CRPS,
-WQL, 80 % coverage, MASE and their geometric means relative to seasonal naive — with the fine-tuned model's change
-against zero-shot and against the best baseline; the final run's loss curve; error against horizon with fine-tuned
-and zero-shot in one figure; the trajectory plots of the named samples and of the best, median and worst trajectory
-by MSE. The zero-shot row is the forecast's own "untrained" baseline, else the study's `forecast = "base"` stage when
-it forecast the same trajectories under the same protocol.
+A result is one forecast: a study's forecast stage's (of a trained run, or `forecast = "base"`: the base model as
+shipped), or one found in the ledger outside any study (`forecast.py --run R`, or a plain `forecast.py --model M`,
+whose record is its output directory's). Its rows: the fine-tuned model (a trained run's forecast), the zero-shot
+model (the forecast's own "untrained" baseline, the study's `forecast = "base"` stage over the same trajectories and
+protocol, or the plain model itself) and every baseline. The tables, figures and the bootstrap intervals of each
+result are written by report_forecasts.py.
 """
 from __future__ import annotations
 
-import csv
-import math
-import os
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from forecasting.evaluate import NAMED_SAMPLES, ranked_trajectories
 from forecasting.metrics import SPECIES
-from ledger import Record
+from ledger import Record, record_label
+from training.run import CONFIG_NAME, METRICS_NAME
 
-from .report_figures import plot_horizon, slug
+from .report_uncertainty import TrajectoryErrors, read_trajectory_errors
 
 FINE_TUNED, ZERO_SHOT = "fine-tuned", "zero-shot"
-POINT = (("mse", "MSE"), ("mae", "MAE"), ("r2", "R²"), ("median_trajectory_mse", "medMSE"))
-PROBABILISTIC = (("crps", "CRPS"), ("wql", "WQL"), ("coverage_80", "cover 80 %"), ("mase", "MASE"),
-                 ("wql_gmean_relative", "WQL rel. SN"), ("mase_gmean_relative", "MASE rel. SN"))
-DIFFERENCE = ("r2", "coverage_80")  # changes of these are differences, of the error scores relative changes
+GENERATED = {"model": None, "untrained": ZERO_SHOT}  # metrics.json's generated methods -> rows (None: the subject)
 
 
 @dataclass
 class StageResult:
-    """A forecast stage's numbers: methods' metrics by row name, and where its files are."""
-    name: str
+    """A forecast's numbers: methods' metrics by row name, where its files are, and the per-trajectory errors each
+    row's bootstrap is drawn from."""
+    name: str  # the stage, or the record's label outside a study
     out: Path
     summary: dict
     methods: dict[str, dict]  # row name -> metrics.json's per-method dict (per species)
     zero_shot_from: str | None  # where the zero-shot row came from
-    run_dir: Path | None  # the fine-tuned run
+    run_dir: Path | None  # the fine-tuned run (None: a plain model's forecast)
+    model: str | None = None  # a plain model's name (its forecast's subject is the zero-shot row)
+    sources: dict[str, tuple[TrajectoryErrors, str]] = field(default_factory=dict)  # row -> (errors, column prefix)
+    zero_shot_out: Path | None = None  # the forecast the zero-shot row came from, when not this one
+
+    @property
+    def subject(self) -> str:
+        """The row the Findings are about: the fine-tuned model, else the zero-shot one."""
+        return FINE_TUNED if FINE_TUNED in self.methods else ZERO_SHOT
 
     @property
     def baselines(self) -> list[str]:
         return [m for m in self.methods if m not in (FINE_TUNED, ZERO_SHOT)]
 
+    @property
+    def splits(self) -> list[str]:
+        """The splits of the trajectories scored ("test", "val", ...), from per_trajectory.csv."""
+        errors = self.sources.get(self.subject)
+        return sorted(set(errors[0].splits.values())) if errors else []
 
-def stage_results(stage: dict, base_summaries: list[tuple[Path, dict]], read_summary) -> list[StageResult]:
-    """The results of a forecast stage of study.json (one per forecast it made) that forecast a trained run."""
-    results = []
-    runs = [Path(r) for r in stage.get("runs", [])]
-    for i, out in enumerate(stage.get("forecasts", [])):
-        summary = read_summary(Path(out))
-        if summary is None or not runs:
+    @property
+    def key(self) -> str:
+        """A name of its own among the report's results (figure files)."""
+        return self.name if self.out.name in ("forecast", self.name) else f"{self.name}_{self.out.name}"
+
+    @property
+    def where(self) -> str:
+        """How a Finding names the forecast beside its stage: its directory unless that says nothing more."""
+        return f" (`{self.out.name}`)" if self.out.name not in ("forecast", self.name) else ""
+
+
+def _row_name(method: str, fine_tuned: bool) -> str:
+    if method == "model":
+        return FINE_TUNED if fine_tuned else ZERO_SHOT
+    return GENERATED.get(method) or method
+
+
+def make_result(name: str, out: Path, summary: dict, errors, run_dir: Path | None, model: str | None = None,
+                bases: list[tuple[Path, dict, object]] = ()) -> StageResult:
+    """The result of one forecast: a trained run's (`run_dir`), else the plain `model`'s; `bases`: the study's
+    `forecast = "base"` forecasts (out, summary, errors) a trained run's result may take its zero-shot row from."""
+    metrics = {k: v for k, v in (summary.get("metrics") or {}).items() if isinstance(v, dict)}
+    fine_tuned = run_dir is not None
+    methods, sources = {}, {}
+    for method in sorted(metrics, key=lambda m: (m != "model", m != "untrained")):  # subject, zero-shot, baselines
+        row = _row_name(method, fine_tuned)
+        if row == ZERO_SHOT and not fine_tuned and ZERO_SHOT in methods:
             continue
-        metrics = {k: v for k, v in (summary.get("metrics") or {}).items() if isinstance(v, dict)}
-        methods = {FINE_TUNED: metrics.get("model")} if metrics.get("model") else {}
-        zero_from = None
-        if metrics.get("untrained"):
-            methods[ZERO_SHOT], zero_from = metrics["untrained"], "this forecast's untrained baseline"
-        else:
-            for base_out, base in base_summaries:
-                if _same_forecast(base, summary) and (base.get("metrics") or {}).get("model"):
-                    methods[ZERO_SHOT], zero_from = base["metrics"]["model"], f"`{base_out.name}` (forecast = \"base\")"
-                    break
-        methods.update({k: v for k, v in metrics.items() if k not in ("model", "untrained")})
-        results.append(StageResult(stage["name"], Path(out), summary, methods, zero_from,
-                                   runs[i] if i < len(runs) else runs[-1]))
-    return results
+        methods[row] = metrics[method]
+        if errors is not None:
+            sources[row] = (errors, method)
+    zero_from, zero_out = None, None
+    if fine_tuned and ZERO_SHOT in methods:
+        zero_from = "this forecast's untrained baseline"
+    elif fine_tuned:
+        for base_out, base, base_errors in bases:
+            if _same_forecast(base, summary) and (base.get("metrics") or {}).get("model"):
+                methods = {FINE_TUNED: methods.pop(FINE_TUNED), ZERO_SHOT: base["metrics"]["model"], **methods} \
+                    if FINE_TUNED in methods else methods
+                zero_from, zero_out = f"`{base_out.name}` (forecast = \"base\")", base_out
+                if base_errors is not None:
+                    sources[ZERO_SHOT] = (base_errors, "model")
+                break
+    else:
+        zero_from = f"{model or 'the base model'} as shipped, without fine-tuning"
+    return StageResult(name, out, summary, methods, zero_from, run_dir, model, sources, zero_out)
 
 
 def _same_forecast(a: dict, b: dict) -> bool:
     return a.get("trajectories") == b.get("trajectories") and a.get("protocol") == b.get("protocol")
 
 
-def _cell(value, key: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{100 * value:.0f} %" if key == "coverage_80" else f"{value:.4g}"
+def forecast_results(studies: list[tuple[Path, dict]], records: list[Record], runs_dir: Path,
+                     unreadable: list[str]) -> list[StageResult]:
+    """Every forecast's result: a study's forecast stages in the plan's order (its `forecast = "base"` stages
+    too), then the ledger's other forecasts (of a trained run, or of a plain model)."""
+    summaries, errors = {}, {}
+
+    def read(out: Path):
+        key = Path(out).resolve()
+        if key not in summaries:
+            summaries[key] = read_summary(Path(out), unreadable)
+            errors[key] = None
+            if summaries[key] is not None and (Path(out) / "per_trajectory.csv").is_file():
+                try:
+                    errors[key] = read_trajectory_errors(Path(out))
+                except ValueError as e:
+                    unreadable.append(f"forecast {e}: left out of the intervals and the trajectory figures")
+        return summaries[key], errors[key]
+
+    sources = {}  # a forecast directory -> what forecast it (the ledger's entries say)
+    for record in records:
+        for entry in record.forecasts:
+            if isinstance(entry, dict) and entry.get("out") and entry.get("label") == "model":
+                sources[Path(moved_out(entry, record, runs_dir)).resolve()] = (record, entry.get("source"))
+    results, in_studies = [], set()
+    for _, study in studies:
+        stages = [s for s in study.get("stages", []) if isinstance(s, dict) and s.get("kind") == "forecast"]
+        in_studies.update(Path(out).resolve() for s in stages for out in _list(s.get("forecasts")))
+        bases = [(Path(out), *read(Path(out))) for s in stages if s.get("of") == "base"
+                 for out in _list(s.get("forecasts"))]
+        bases = [b for b in bases if b[1] is not None]
+        for stage in stages:
+            runs = [Path(r) for r in _list(stage.get("runs"))]
+            for i, out in enumerate(_list(stage.get("forecasts"))):
+                summary, errs = read(Path(out))
+                if summary is None:
+                    continue
+                if stage.get("of") == "base":
+                    record, source = sources.get(Path(out).resolve()) or (None, None)
+                    results.append(make_result(str(stage.get("name")), Path(out), summary, errs, None,
+                                               forecaster(summary, record, source)[1]))
+                elif runs:
+                    results.append(make_result(str(stage.get("name")), Path(out), summary, errs,
+                                               runs[min(i, len(runs) - 1)], bases=bases))
+    for out, (record, source) in sources.items():
+        if out in in_studies:
+            continue
+        summary, errs = read(out)
+        if summary is None:
+            continue
+        trained, model = forecaster(summary, record, source)
+        results.append(make_result(record_label(record, runs_dir), out, summary, errs,
+                                   record.run_dir if trained else None, None if trained else model))
+    return results
 
 
-def change(new, old, key: str) -> str:
-    """The fine-tuned value against a reference: relative change of an error score, difference of R² / coverage."""
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (new, old)):
-        return "-"
-    if key in DIFFERENCE:
-        return f"{100 * (new - old):+.0f} pts" if key == "coverage_80" else f"{new - old:+.3g}"
-    return f"{100 * (new - old) / abs(old):+.1f} %" if old else "-"
+def forecaster(summary: dict, record: Record | None, source) -> tuple[bool, str]:
+    """(a trained run forecast it, the model's name): from metrics.json's "forecaster" ({"model", "run"}), else
+    (older forecasts) from the ledger entry's source and the record it was booked into."""
+    named = summary.get("forecaster")
+    if isinstance(named, dict) and isinstance(named.get("model"), str):
+        return named.get("run") is not None, named["model"]
+    trained = record is not None and is_training_run(record.run_dir) and not _other_model(source, record)
+    return trained, str(source or "a base model")
 
 
-def best_baseline(result: StageResult, species: str) -> str | None:
-    scored = [(m[species]["mse"], name) for name in result.baselines
-              if (m := result.methods[name]) and isinstance((m.get(species) or {}).get("mse"), (int, float))
-              and math.isfinite(m[species]["mse"])]
-    return min(scored)[1] if scored else None
+def _list(value) -> list:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def results_tables(result: StageResult) -> list[str]:
-    """One table per species: every method's scores, then the fine-tuned model's change against zero-shot and
-    against the best baseline (lowest MSE)."""
-    lines = []
-    for species in SPECIES:
-        keys = [(k, label) for k, label in (*POINT, *PROBABILISTIC)
-                if any(k in (m or {}).get(species, {}) for m in result.methods.values())]
-        lines += [f"**{species}**", "", "| method | " + " | ".join(label for _, label in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
-        for name, m in result.methods.items():
-            values = (m or {}).get(species, {})
-            lines.append(f"| {name} | " + " | ".join(_cell(values.get(k), k) for k, _ in keys) + " |")
-        fine = (result.methods.get(FINE_TUNED) or {}).get(species, {})
-        references = [(ZERO_SHOT, "vs zero-shot")] if result.methods.get(ZERO_SHOT) else []
-        best = best_baseline(result, species)
-        if best is not None:
-            references.append((best, f"vs best baseline ({best})"))
-        for ref, label in references:
-            values = result.methods[ref].get(species, {})
-            lines.append(f"| *fine-tuned {label}* | "
-                         + " | ".join(change(fine.get(k), values.get(k), k) for k, _ in keys) + " |")
-        lines.append("")
-    return lines
+def is_training_run(directory: Path) -> bool:
+    return (directory / CONFIG_NAME).is_file() and (directory / METRICS_NAME).is_file()
 
 
-def _link(target: Path, out: Path, alt: str) -> str | None:
-    """A Markdown image relative to the report's directory, or None if the file is not there (no dead link)."""
-    if not target.is_file():
+def _other_model(source, record: Record) -> bool:
+    """A forecast booked into a run's record that names another model as its source (`forecast.py --model M --out
+    <inside the run>`): the run did not forecast it."""
+    return isinstance(source, str) and Path(source).name != record.run_dir.name and \
+        Path(source).resolve() != record.run_dir.resolve()
+
+
+def read_summary(out: Path, unreadable: list[str]):
+    """A forecast's metrics.json, or None with a line in `unreadable`."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        unreadable.append(f"forecast {out}: no metrics.json")
         return None
-    return f"![{alt}]({Path(os.path.relpath(target.resolve(), out.resolve())).as_posix()})"
-
-
-def trajectory_choices(result: StageResult) -> dict[str, int]:
-    """{caption: trajectory index}: the named samples forecast, then the best, median and worst by model MSE (from
-    per_trajectory.csv, ranked as the forecast ranked them to plot them)."""
-    indices = result.summary.get("trajectories") or []
-    choices = {f"sample {i} (named)": i for i in NAMED_SAMPLES if i in indices}
-    path = result.out / "per_trajectory.csv"
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        try:
-            errors = {f"{s}_mse": [float(r[f"model_{s}_mse"] or "nan") for r in rows] for s in SPECIES}
-            ranked = ranked_trajectories([int(r["index"]) for r in rows], errors,
-                                         [r.get("scored") == "True" for r in rows])
-        except (KeyError, ValueError):
-            ranked = {}
-        choices.update({f"{what} by MSE (trajectory {i})": i for what, i in ranked.items()})
-    return choices
-
-
-def results_section(result: StageResult, out: Path, figures: Path, loss_curve: Path | None) -> list[str]:
-    s = result.summary
-    lines = [f"### {result.name}: `{result.out.name}`", "",
-             f"{s.get('selection', '')}; scored {s.get('n_scored')} of {s.get('n_trajectories')}; "
-             f"{s.get('protocol', '')}.", ""]
-    if result.methods.get(ZERO_SHOT) is None:
-        lines += ["No zero-shot row: the study has no `forecast = \"base\"` stage over the same trajectories and "
-                  "protocol, and this forecast had no \"untrained\" baseline.", ""]
-    else:
-        lines += [f"Zero-shot row: {result.zero_shot_from}.", ""]
-    notes: dict[str, list[str]] = {}  # the forecast's note on each method's probabilistic scores, methods by note
-    for name, m in result.methods.items():
-        if isinstance(m, dict) and isinstance(m.get("probabilistic"), str):
-            notes.setdefault(m["probabilistic"], []).append(name)
-    lines += results_tables(result)
-    for note, names in notes.items():
-        lines += [f"Probabilistic scores of {', '.join(names)}: {note}.", ""]
-    images = []  # (caption, link)
-    if loss_curve is not None:
-        images.append((f"The fine-tuned run's loss curve ({loss_curve.parent.name})",
-                       _link(loss_curve, out, f"loss curve of {loss_curve.parent.name}")))
-    horizon = {name: m for name, m in result.methods.items() if m}
-    if horizon:
-        path = plot_horizon(figures / f"horizon_{slug(result.name)}.png", f"{result.name}: error against horizon",
-                            horizon)
-        images.append(("MAE against horizon step, fine-tuned and zero-shot with the baselines",
-                       _link(path, out, "MAE against horizon")))
-    for caption, index in trajectory_choices(result).items():
-        images.append((f"Trajectory: {caption}", _link(result.out / f"trajectory_{index}.png", out, caption)))
-    for caption, link in images:
-        if link is not None:
-            lines += [f"*{caption}*", "", link, ""]
-    return lines
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        unreadable.append(f"forecast {path}: {e}")
+        return None
+    fault = summary_fault(summary)
+    if fault is not None:
+        unreadable.append(f"forecast {path}: {fault}")
+        return None
+    return summary
 
 
 def rebased(value, old: Path, new: Path):
@@ -196,7 +218,7 @@ def moved_out(entry: dict, record: Record, runs_dir: Path) -> str:
     shows its own forecasts, not the original's."""
     out = str(entry["out"])
     for old, new in ((entry.get("source"), record.run_dir), (record.data.get("runs_dir"), runs_dir)):
-        if isinstance(old, str) and (moved := rebased(out, Path(old), new)) != out:
+        if isinstance(old, str) and Path(old).is_absolute() and (moved := rebased(out, Path(old), new)) != out:
             return moved
     return out
 
@@ -236,7 +258,7 @@ def moved_study(path: Path, study: dict) -> dict:
     def moved(stage):
         if not isinstance(stage, dict):
             return stage
-        lists = {k: [rebased(v, old, new) for v in stage[k]] for k in ("runs", "forecasts")
+        lists = {k: [rebased(v, old, new) for v in stage[k]] for k in ("runs", "forecasts", "noise_runs")
                  if isinstance(stage.get(k), list)}
         return {**stage, **lists, **({"best": rebased(stage["best"], old, new)} if "best" in stage else {})}
 

@@ -162,6 +162,12 @@ lr = [1e-3, 3e-3]
 steps = 4
 
 [[stage]]
+name = "seed"
+from = "grid"
+seed = [1]
+steps = 4
+
+[[stage]]
 name = "context"
 from = "grid"
 ctx = [16, 32]
@@ -208,17 +214,23 @@ def test_report_embeds_the_results_and_every_link_resolves(tiny_study):
     assert links and all((out / link).is_file() for link in links), [k for k in links if not (out / k).is_file()]
     names = {Path(link).name for link in links}
     assert {"budget.png", "loss_tiny_grid.png", "heatmap_tiny_grid.png", "context_tiny_context.png",
-            "horizon_test.png", "loss_curve.png"} <= names
-    plotted = [n for n in names if n.startswith("trajectory_")]
-    assert 1 <= len(plotted) <= 3 and "*Trajectory: best by MSE" in text and "*Trajectory: worst by MSE" in text
-    # The table: fine-tuned, zero-shot (the study's base forecast) and baselines; the change computed by hand.
+            "horizon_test_tiny_r2_lr0.003_ctx32.png", "horizon_zero_shot.png", "loss_curve.png"} <= names
+    # The report's own trajectory figures (with the zero-shot line): best, median, worst of each forecast.
+    assert {n for n in names if n.startswith("trajectory_test_")} == {
+        f"trajectory_test_tiny_r2_lr0.003_ctx32_{i}.png" for i in (850, 851, 852)}
+    assert "*Trajectory: best by MSE" in text and "*Trajectory: worst by MSE" in text
+    # The table: fine-tuned, zero-shot (the study's base forecast) and baselines; the change computed by hand
+    # (a factor past +100 %).
     final = json.loads(next((runs / "tiny" / "test").glob("*/metrics.json")).read_text())
     zero = json.loads((runs / "tiny" / "zero_shot" / "metrics.json").read_text())
     ft, zs = final["metrics"]["model"]["prey"]["mse"], zero["metrics"]["model"]["prey"]["mse"]
     assert f"| fine-tuned | {ft:.4g} |" in text and f"| zero-shot | {zs:.4g} |" in text
-    assert f"| *fine-tuned vs zero-shot* | {100 * (ft - zs) / zs:+.1f} % |" in text
+    expected = f"x{ft / zs:.3g}" if ft / zs >= 2 else f"{100 * (ft - zs) / zs:+.1f} %"
+    assert f"| *fine-tuned vs zero-shot* | {expected} |" in text
     assert "| persistence |" in text and "vs best baseline" in text
-    assert "| medMSE | CRPS | WQL |" in text  # the forecast's probabilistic scores, shown where it scored them
+    # One greedy sample: CRPS = MAE and MASE rel. SN = WQL rel. SN in every row, each shown once.
+    assert "| medMSE | WQL | MASE | WQL rel. SN |" in text and "Shown once: CRPS = MAE, MASE rel. SN = WQL rel. SN" \
+        in text
 
 
 def test_report_findings_hold_up(tiny_study):
@@ -280,3 +292,55 @@ def test_report_names_runs_it_cannot_read(tiny_study, tmp_path, capsys):
     for name in ("tiny/grid/tiny_r2_lr0.001_ctx32", "tiny/grid/tiny_r2_lr0.003_ctx32"):
         assert name in err and f"- run {name}:" in text
     assert "## Unreadable" in text
+
+
+NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def report_sections(text: str) -> dict[str, list[str]]:
+    sections, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            name = line[3:].strip()
+            sections[name] = []
+        elif name is not None:
+            sections[name].append(line)
+    return sections
+
+
+def test_every_number_of_the_findings_and_conclusions_is_in_a_table(tiny_study):
+    """Issue 34: a marker can check every number stated: each one of the Findings and Conclusions is printed in a
+    table of the same report (a parser: every number token of their text against every number token of a table
+    row)."""
+    _, _, text = tiny_study
+    tables = {n for line in text.splitlines() if line.startswith("|") for n in NUMBER.findall(line)}
+    sections = report_sections(text)
+    stated = [(line, n) for name in ("Findings", "Conclusions") for line in sections[name]
+              for n in NUMBER.findall(line)]
+    assert len(stated) > 40  # winners, margins, noise, step 0 vs training, test differences, budget
+    assert [(n, line) for line, n in stated if n not in tables] == []
+    # Every criterion is named beside its number; the noise is measured on the loss each stage is compared by.
+    findings = "\n".join(sections["Findings"])
+    assert "won by the lowest validation loss (" in findings and "over the last 8 targets" in findings
+    assert "Noise of the whole-window validation loss:" in findings
+    assert "intervals over 3 trajectories" in findings
+
+
+def test_the_report_reads_in_the_studys_order_and_prints(tiny_study):
+    runs, _, text = tiny_study
+    assert text.splitlines()[0] == "# Report: the random tiny preset (tests only) fine-tuned with LoRA on " \
+                                   "lotka_volterra_data.h5"
+    stages = [line for line in text.splitlines() if line.startswith("### tiny/")]
+    assert stages == ["### tiny/grid", "### tiny/seed", "### tiny/context", "### tiny/final"]
+    flop_rows = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| tiny/")]
+    assert flop_rows[:6] == ["tiny/zero_shot", "tiny/grid", "tiny/seed", "tiny/context", "tiny/final", "tiny/test"]
+    assert all(line.count("|") - 1 <= 10 for line in text.splitlines() if line.startswith("|"))
+    assert "## Setup" in text and "| hidden size | 112 | 896 |" in text  # tiny beside Qwen2.5-0.5B
+    assert "tokens: ['0', '.'" in text and "700 train, 150 validation, 150 test trajectories" in text
+    # Per run, the same-position loss at step 0 and at its best beside the whole-window one, from metrics.jsonl.
+    lines = (runs / "tiny" / "context" / "tiny_r2_lr0.003_ctx16" / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]
+    best_last = min(m["val_loss_last"]["8"] for m in metrics if m.get("val_loss_last"))
+    assert (f"| `r2_lr0.003_ctx16` | 4/4 | {metrics[0]['val_loss']:.4f} | "
+            f"{min(m['val_loss'] for m in metrics if m['val_loss'] is not None):.4f} | "
+            f"{metrics[0]['val_loss_last']['8']:.4f} | {best_last:.4f} |") in text
