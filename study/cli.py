@@ -7,14 +7,20 @@ import sys
 import torch
 
 from common.args import positive_int
-from common.exit_codes import EXIT_OK, EXIT_USAGE
+from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from data.dataset import TooShort
+from forecasting.budget import NothingScored
+from forecasting.forecast import GenerationTooLarge
+from qwen_mini.generate import NonFiniteLogits
 
-from .jobs import LAUNCHERS, JobOptions, JobsFailed
+from .identity import check_forecasts_fit, study_for
+from .jobs import LAUNCHERS, JobOptions, JobsFailed, preflight
 from .plan import TRAIN_KEYS, PlanError, load_plan, with_train_settings
-from .run import run_plan
+from .run import run_plan, winner_line
 
-# With --plan, these flags override the plan's [study]; the flags of [train] settings override its [train].
-PLAN_FLAGS = ("plan", "runs_dir", "max_flops", "gqa", "device", "dtype", "seed")
+# With --plan, these flags override the plan's [study] and every run's device and dtype; the flags of [train] settings
+# (--seed among them) override its [train], under each stage's own settings.
+PLAN_FLAGS = ("plan", "runs_dir", "max_flops", "change_max_flops", "gqa", "device", "dtype")
 # How a plan's runs are dispatched (study.jobs): flags only --plan takes.
 JOB_FLAGS = ("jobs", "gpus", "launcher", "slurm_partition", "slurm_time", "slurm_gpus_per_job", "slurm_account",
              "slurm_array_parallelism")
@@ -74,13 +80,14 @@ def job_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Jo
                       slurm_array_parallelism=parallelism)
 
 
-def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist) -> int:
-    """Run the study plan `args.plan` (train.py's parser and process group); 0 when every stage is done."""
+def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist, typed: set[str]) -> int:
+    """Run the study plan `args.plan` (train.py's parser and process group); 0 when every stage is done. `typed`:
+    the flags the command line gave (common.args.typed_dests): each wins over the plan, whatever its value."""
     if dist.enabled:
         parser.error("--plan runs its stages one after another in one process: start it without torchrun")
     changed = {dest: value for dest, value in vars(args).items()
-               if dest not in PLAN_FLAGS + JOB_FLAGS and value != parser.get_default(dest)}
-    overrides = {}
+               if dest in typed and dest not in PLAN_FLAGS + JOB_FLAGS}
+    overrides = {"dtype": args.dtype} if "dtype" in typed else {}  # also every run's [train] dtype: the identity's
     for dest, value in changed.items():
         flag = "--" + dest.replace("_", "-")
         if dest not in TRAIN_KEYS:
@@ -94,26 +101,31 @@ def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist
         overrides[dest] = value
 
     def given(dest):
-        value = getattr(args, dest)
-        return None if value == parser.get_default(dest) else value
+        return getattr(args, dest) if dest in typed else None
 
+    jobs = job_options(args, parser) if hasattr(args, "jobs") else None
     try:
         plan = with_train_settings(load_plan(args.plan, runs_dir=given("runs_dir"), max_flops=given("max_flops"),
-                                             gqa=args.gqa), overrides)
-        study = run_plan(plan, device=given("device"), dtype=given("dtype"), seed=given("seed"),
-                         jobs=job_options(args, parser) if hasattr(args, "jobs") else None)
-    except PlanError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+                                             gqa=args.gqa, change_max_flops=args.change_max_flops), overrides)
+        check_forecasts_fit(plan)
+        if jobs is not None:
+            preflight(jobs)  # a launcher that cannot start a job, before any stage spends a FLOP
+        plan = study_for(plan)
+        study = run_plan(plan, device=given("device"), dtype=given("dtype"), jobs=jobs)
+    except (PlanError, TooShort, GenerationTooLarge) as e:  # TooShort: data too short for a forecast, found while
+        print(f"train.py: error: {e}", file=sys.stderr)        # counting its FLOPs; a forecast that cannot fit
         return EXIT_USAGE
+    except (NothingScored, NonFiniteLogits) as e:  # a forecast stage that scored nothing (its FLOPs stay booked)
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except JobsFailed as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return e.exit_status
     print(f"\n[plan] study {plan.name} done: {plan.study_dir}/")
     for stage in study["stages"]:
-        if stage["kind"] == "train":
-            print(f"[plan]   {stage['name']}: {len(stage['runs'])} run(s), best {stage['best']} "
-                  f"(validation loss {stage['best_val_loss']:.4f}; chosen by the "
-                  f"{stage.get('criterion', 'lowest validation loss')})")
+        if stage["kind"] == "train":  # the winner's score on the criterion that chose it, not another loss
+            print(f"[plan]   {winner_line(stage).removeprefix('[plan] ')}; {len(stage['runs'])} run(s), the "
+                  f"best in {stage['best']}")
         else:
             print(f"[plan]   {stage['name']}: forecasts in {', '.join(stage['forecasts'])}")
     print(f"[plan] next: python report.py {plan.runs_dir} ; python flops.py --runs {plan.runs_dir}")

@@ -33,6 +33,7 @@ from training.rundir import holds_run, resume_point
 
 from .plan import (Plan, Stage, StudyRun, forecast_config, forecast_out, forecast_targets,
                    is_complete, resolve)
+from .search import count_search, ladder_of
 
 
 # ---- the estimate --------------------------------------------------------------------------------------------------
@@ -49,6 +50,7 @@ class StageEstimate:
     left: int = 0  # what its unfinished work still needs (estimate)
     excess: int = 0  # the most one unfinished job's reservation exceeds its estimate (forecasts: longest outputs)
     note: str = ""
+    search: dict | None = None  # a search: its rungs and what its configurations would cost as a full grid
 
     @property
     def total(self) -> int:
@@ -89,7 +91,7 @@ class PlanEstimate:
 def estimate_plan(plan: Plan) -> PlanEstimate:
     """Every stage's FLOPs (the most expensive possibility where an earlier stage's best is not known yet), what the
     ledger already holds of it, and what the rest needs."""
-    ledger = Ledger(plan.runs_dir, plan.max_flops)
+    ledger = Ledger(plan.runs_dir, plan.max_flops, change_max_flops=plan.change_max_flops)
     records = ledger.records()
     gqa = ledger.convention(plan.gqa, records)
     options = resolve(plan)
@@ -99,7 +101,7 @@ def estimate_plan(plan: Plan) -> PlanEstimate:
             stages.append(_estimate_training(plan, stage, options[stage.name], gqa))
         else:
             stages.append(_estimate_forecasts(plan, stage, forecast_targets(plan, stage, options), gqa))
-    return PlanEstimate(stages, plan.max_flops, totals(records).committed, gqa)
+    return PlanEstimate(stages, ledger.max_flops, totals(records).committed, gqa)
 
 
 def _booked(record_dir: Path) -> dict:
@@ -119,7 +121,7 @@ def _most_expensive(estimates: list[StageEstimate], stage: Stage, what: str) -> 
 _RUN_FLOPS: dict[tuple, object] = {}
 
 
-def _remembered_run_flops(config: TrainConfig, step: int, gqa: str):
+def remembered_run_flops(config: TrainConfig, step: int, gqa: str):
     """training.budget.plan_run_flops, remembered: a plan counts the same settings many times over its
     possibilities."""
     values = {k: v for k, v in config.to_dict().items() if k not in ("out", "resume")}  # not what it computes
@@ -129,21 +131,35 @@ def _remembered_run_flops(config: TrainConfig, step: int, gqa: str):
     return _RUN_FLOPS[key]
 
 
+def _estimate_search(plan: Plan, stage: Stage, runs: list[StudyRun], gqa: str) -> StageEstimate:
+    count = count_search(plan, stage, runs, gqa, remembered_run_flops)
+    est = StageEstimate(stage.name, "train", len(runs), count.train, count.eval, spent=count.spent, left=count.left)
+    ladder = ladder_of(stage, runs)
+    est.search = {"eta": stage.search.eta, "ladder": ladder, "counts": count.counts, "exact": count.exact,
+                  "grid": count.grid, "grid_train": count.grid_train, "train": count.train,
+                  "replicates": len(stage.search.seeds_for_noise(runs[0].settings.get("seed", 0)))
+                  if len(ladder) > 1 else 0}
+    return est
+
+
 def _estimate_training(plan: Plan, stage: Stage, options: list[list[StudyRun]], gqa: str) -> StageEstimate:
     estimates = []
     for runs in options:
+        if stage.search is not None:
+            estimates.append(_estimate_search(plan, stage, runs, gqa))
+            continue
         est = StageEstimate(stage.name, "train", len(runs))
         for run in runs:
             if run.stage != stage.name:
                 continue  # the earlier stage's best run, reused: counted there
             config = run.config(plan)
-            whole = _remembered_run_flops(config, 0, gqa)
+            whole = remembered_run_flops(config, 0, gqa)
             est.train, est.eval = est.train + whole.train, est.eval + whole.eval
             booked = _booked(run.run_dir(plan))
             est.spent += booked["train"] + booked["eval"]
             if not is_complete(run.run_dir(plan), config.steps):
                 step = resume_point(dataclasses.replace(config, resume=True)).step if holds_run(config.run_dir) else 0
-                est.left += _remembered_run_flops(config, step, gqa).total
+                est.left += remembered_run_flops(config, step, gqa).total
         estimates.append(est)
     return _most_expensive(estimates, stage, f"from the best run of {stage.source}" if stage.source else "")
 
@@ -201,7 +217,21 @@ def format_estimate(plan: Plan, estimate: PlanEstimate) -> str:
                  f"at their longest): {verdict}.")
     lines.append("forecasts: prompts one token per character, forecasts as long as the true continuation; eval: "
                  "--val-batches x --batch windows per pass")
+    lines += [search_line(s) for s in estimate.stages if s.search is not None]
     return "\n".join(lines)
+
+
+def search_line(stage: StageEstimate) -> str:
+    """What a search costs rung by rung, against the same configurations as a full grid."""
+    search = stage.search
+    rungs = ", ".join(f"{n} x {steps}" for n, steps in zip(search["counts"], search["ladder"]))
+    replicas = f" + {search['replicates']} noise replicate(s) x {search['ladder'][0]}" if search["replicates"] else ""
+    bound = "" if search["exact"] else " at most (the configurations' steps cost differently: the dearest go on)"
+    return (f"search {stage.name}: successive halving, eta {search['eta']}: configurations x steps reached "
+            f"{rungs}{replicas}: training {format_flops(search['train'])}, in all {format_flops(stage.total)}{bound}; "
+            f"as a full grid to {search['ladder'][-1]} steps: training {format_flops(search['grid_train'])}, in all "
+            f"{format_flops(search['grid'])} (the search: {100 * search['train'] / search['grid_train']:.0f} % of "
+            "its training FLOPs)")
 
 
 # ---- one forecast --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ stopped.
     [study]
     name = "coursework"              # its directory: <runs_dir>/<name>/<stage>/<run>
     runs_dir = "runs"                # optional; the ledger it spends from (train.py --runs-dir overrides)
-    max_flops = 1e17                 # optional (default 1e17)
+    max_flops = 1e17                 # optional (default: the runs directory's recorded cap, else 1e17)
     gqa = "mha"                      # optional: the ledger's counting convention
 
     [train]                          # every training run's settings: train.py's flags, with underscores
@@ -29,6 +29,13 @@ stopped.
     from = "grid"                    # the settings of the grid's best run (lowest validation loss), then these
     ctx = [256, 512, 768]
 
+    [[stage]]                        # a search: successive halving over a grid or drawn ranges (study.halving)
+    name = "search"
+    search = "halving"
+    lr = {log = [1e-5, 1e-2]}
+    configs = 27
+    steps = 450
+
     [[stage]]                        # a forecast stage: "base" (the untrained model) or a stage's runs
     name = "test"
     forecast = "context"
@@ -45,17 +52,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forecasting.config import ForecastConfig
-from ledger import DEFAULT_BUDGET
 from qwen_mini.flops import GQA_MODES
 from common.fields import SettingsError
 from training.config import ConfigError, TrainConfig
 from training.run import ADAPTER_DIR, CONFIG_NAME, METRICS_NAME, MODEL_DIR, read_metrics
 
 from . import selection
+from .halving import SearchError, SearchSpec, config_names, draw_configs, parse_search, rung_steps, tag
 
 # TrainConfig fields a plan may set (the rest belong to the study or to each run's place).
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
-                   if f.name not in ("out", "resume", "runs_dir", "max_flops", "gqa", "no_budget", "tensorboard_dir"))
+                   if f.name not in ("out", "resume", "runs_dir", "max_flops", "change_max_flops", "gqa", "no_budget",
+                                     "tensorboard_dir"))
 # ForecastConfig fields a plan may set; their defaults are ForecastConfig's (the decimals are each run's; the device
 # and dtype come from the command line).
 FORECAST_KEYS = ("split", "limit", "context", "horizon", "batch", "baselines", "num_samples", "temperature", "top_p",
@@ -82,6 +90,8 @@ class Stage:
     grid: dict = field(default_factory=dict)  # train: the listed values, one run per combination
     source: str | None = None  # train: the stage whose best run it starts from; forecast: "base" or a stage
     which: str = "all"  # forecast: every run of the source stage, or its best
+    search: SearchSpec | None = None  # train: successive halving over its configurations (study.halving)
+    drawn: list[dict] = field(default_factory=list)  # a search's configurations drawn from its ranges
 
 
 @dataclass
@@ -90,11 +100,15 @@ class Plan:
     text: str
     name: str
     runs_dir: Path
-    max_flops: int
+    max_flops: int | None  # None: the runs directory's recorded cap (ledger.cap), else 1e17
     gqa: str | None
     train: dict
     forecast: dict  # the [forecast] table: what it sets of ForecastConfig
     stages: list[Stage]
+    # The command line's settings over [train] (`with_train_settings`) where they differ from the plan's own: with
+    # `digest` and the data's bytes, the study's identity (study.identity).
+    overrides: dict = field(default_factory=dict)
+    change_max_flops: bool = False  # --change-max-flops: max_flops becomes the runs directory's cap (ledger.cap)
 
     @property
     def study_dir(self) -> Path:
@@ -105,6 +119,8 @@ class Plan:
 
     @property
     def digest(self) -> str:
+        """The plan text's sha256 (16 hex digits): one part of the study's identity (`study.identity`), the others the
+        command line's `overrides` and the data's bytes."""
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
 
@@ -115,8 +131,9 @@ def _number(name: str, value) -> int:
     return int(value)
 
 
-def load_plan(path, runs_dir=None, max_flops=None, gqa=None) -> Plan:
-    """Read and check a plan; `runs_dir`, `max_flops`, `gqa` (when not None) override the plan's [study]."""
+def load_plan(path, runs_dir=None, max_flops=None, gqa=None, change_max_flops: bool = False) -> Plan:
+    """Read and check a plan; `runs_dir`, `max_flops`, `gqa` (when not None) override the plan's [study];
+    `change_max_flops`: its max_flops may replace the runs directory's recorded cap."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -143,7 +160,7 @@ def load_plan(path, runs_dir=None, max_flops=None, gqa=None) -> Plan:
     if bad:
         raise PlanError(f"{path}: [study] does not take {', '.join(bad)} (it takes {', '.join(STUDY_KEYS)})")
     name = study.get("name") or path.stem
-    if not isinstance(name, str) or "/" in name or name.startswith("."):
+    if not plain_name(name):
         raise PlanError(f"{path}: [study] name must be a plain directory name, got {name!r}")
     for value in (study.get("gqa"), gqa):  # the plan's value is checked even when the command line overrides it
         if value is not None and value not in GQA_MODES:
@@ -154,14 +171,14 @@ def load_plan(path, runs_dir=None, max_flops=None, gqa=None) -> Plan:
     forecast = raw.get("forecast", {})
     _check_keys(path, "[forecast]", forecast, FORECAST_KEYS)
     _forecast_config(forecast, {}, f"{path}: [forecast]", "")
-    planned_max_flops = _number(f"{path}: [study] max_flops", study.get("max_flops", DEFAULT_BUDGET))
+    planned_max_flops = _number(f"{path}: [study] max_flops", study["max_flops"]) if "max_flops" in study else None
     planned_runs_dir = study.get("runs_dir", "runs")  # checked even when the command line overrides it
     if not isinstance(planned_runs_dir, str) or not planned_runs_dir:
         raise PlanError(f"{path}: [study] runs_dir must be a directory name (a string), got {planned_runs_dir!r}")
     runs_dir = runs_dir if runs_dir is not None else planned_runs_dir
     plan = Plan(path, text, name, Path(runs_dir),
                 _number("--max-flops", max_flops) if max_flops is not None else planned_max_flops,
-                gqa, train, forecast, [])
+                gqa, train, forecast, [], change_max_flops=change_max_flops)
     if (plan.study_dir / CONFIG_NAME).is_file():
         raise PlanError(f"{path}: the study's directory {plan.study_dir} holds a training run of its own "
                         f"({CONFIG_NAME}): give the study another [study] name")
@@ -171,6 +188,13 @@ def load_plan(path, runs_dir=None, max_flops=None, gqa=None) -> Plan:
     for number, table in enumerate(stages, start=1):
         plan.stages.append(_stage(path, number, table, plan))
     return plan
+
+
+def plain_name(name) -> bool:
+    """A name that can be a directory's, the same on every system: a string of printable characters (no NUL, no
+    newline), no "/", not hidden, at most 200 bytes (a study of its own adds a suffix; 255 is the usual limit)."""
+    return (isinstance(name, str) and bool(name) and name.isprintable() and "/" not in name
+            and not name.startswith(".") and len(name.encode("utf-8", "surrogatepass")) <= 200)
 
 
 def _check_keys(path, where: str, table: dict, allowed) -> None:
@@ -183,26 +207,35 @@ def _stage(path, number: int, table: dict, plan: Plan) -> Stage:
     table = dict(table)
     name = table.pop("name", None)
     where = f"{path}: stage {number}" + (f" ({name})" if name else "")
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise PlanError(f"{where}: every stage needs a plain `name`")
+    if not plain_name(name):
+        raise PlanError(f"{path}: stage {number}: every stage needs a plain `name`, got {name!r}")
     if any(s.name == name for s in plan.stages):
         raise PlanError(f"{where}: two stages are named {name!r}")
     _check_stage_name(where, name, plan)
     earlier = {s.name: s for s in plan.stages}
     if "forecast" in table:
-        source, which = table.pop("forecast"), table.pop("which", "all")
+        source, which = table.pop("forecast"), table.pop("which", None)
         if not isinstance(source, str) or source != "base" and source not in earlier:
             raise PlanError(f"{where}: forecast = {source!r} must be \"base\" or an earlier stage")
         if source != "base" and earlier[source].kind != "train":
             raise PlanError(f"{where}: forecast = {source!r} names a forecast stage; name a training stage")
+        if which is None:  # a search's cut configurations are not worth forecasting: its winner by default
+            which = "best" if source != "base" and earlier[source].search is not None else "all"
         if which not in ("all", "best"):
             raise PlanError(f"{where}: which must be \"all\" or \"best\", got {which!r}")
+        if source != "base" and earlier[source].search is not None and which != "best":
+            raise PlanError(f"{where}: forecast = {source!r} is a search: forecast its winner (which = \"best\"); "
+                            "its cut configurations were never trained to the end")
         _check_keys(path, f"stage {name}", table, FORECAST_KEYS)
         _forecast_config(plan.forecast, table, f"{path}: [forecast]", where)
         return Stage(name, "forecast", table, source=source, which=which)
     source = table.pop("from", None)
     if source is not None and (not isinstance(source, str) or source not in earlier or earlier[source].kind != "train"):
         raise PlanError(f"{where}: from = {source!r} must name an earlier training stage")
+    try:
+        search = parse_search(table)
+    except SearchError as e:
+        raise PlanError(f"{where}: {e}") from None
     _check_keys(path, f"stage {name}", table, TRAIN_KEYS)
     grid = {k: v for k, v in table.items() if isinstance(v, list) and k != "targets"}
     if "targets" in table and isinstance(table["targets"], list) and table["targets"] \
@@ -211,10 +244,43 @@ def _stage(path, number: int, table: dict, plan: Plan) -> Stage:
     if any(len(values) == 0 for values in grid.values()):
         raise PlanError(f"{where}: an empty list leaves the grid without runs")
     fixed = {k: v for k, v in table.items() if k not in grid}
-    stage = Stage(name, "train", fixed, grid, source)
+    stage = Stage(name, "train", fixed, grid, source, search=search)
+    if search is not None and search.drawn:  # the lists are choices of the drawn configurations, not a grid
+        stage.search = dataclasses.replace(search, choices=grid)
+        stage.grid = {}
+        try:
+            stage.drawn = draw_configs(stage.search, grid)
+        except SearchError as e:
+            raise PlanError(f"{where}: {e}") from None
     for settings in _combinations(stage, {**plan.train}):  # every run's settings must make a TrainConfig
         _train_config(settings, where, table, f"{path}: [train]")
+    if search is not None:
+        check_search(stage, plan.train, where)
     return stage
+
+
+def check_search(stage: Stage, base: dict, where: str) -> None:
+    """A search's configurations, over `base`, must make rungs: one length (steps), a schedule that does not
+    depend on it (a survivor continues from its checkpoint as if it had been trained straight to the next rung),
+    validation at every rung's end, and noise seeds other than the configurations' seed."""
+    for settings in _combinations(stage, base):
+        config = _train_config(settings, where)
+        if config.schedule != "constant":
+            raise PlanError(f"{where}: a search trains with schedule = \"constant\" (after any warmup), got "
+                            f"{config.schedule!r}: a cosine decay depends on the run's final length, so a survivor "
+                            "could not continue from its checkpoint as if trained straight to the next rung; put the "
+                            "decay in a later stage (from = this search)")
+        try:
+            first = stage.search.first_rung(config.steps)
+            rung_steps(first, stage.search.eta, config.steps)
+        except SearchError as e:
+            raise PlanError(f"{where}: {e}") from None
+        if "eval_every" in settings and first % config.eval_every:
+            raise PlanError(f"{where}: eval_every {config.eval_every} must divide first_steps {first}, so every "
+                            "rung ends with a validation pass")
+        if config.seed in stage.search.seeds_for_noise(config.seed):
+            raise PlanError(f"{where}: noise_seeds {list(stage.search.seeds_for_noise(config.seed))} holds the "
+                            f"configurations' own seed {config.seed}: the noise is measured at other seeds")
 
 
 def _check_stage_name(where: str, name: str, plan: Plan) -> None:
@@ -243,12 +309,22 @@ def with_train_settings(plan: Plan, settings: dict) -> Plan:
     stage's runs are checked again. A stage's own settings still apply over them."""
     if not settings:
         return plan
-    plan = dataclasses.replace(plan, train={**plan.train, **settings})
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()
+               if _plain(v) != _plain(plan.train.get(k, defaults.get(k)))}
+    plan = dataclasses.replace(plan, train={**plan.train, **settings}, overrides={**plan.overrides, **changed})
     for stage in plan.stages:
         if stage.kind == "train":
+            where = f"{plan.path}: stage {stage.name} with the command line's settings"
             for combination in _combinations(stage, plan.train):
-                _train_config(combination, f"{plan.path}: stage {stage.name} with the command line's settings")
+                _train_config(combination, where)
+            if stage.search is not None:
+                check_search(stage, plan.train, where)
     return plan
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 # ---- runs of a stage -----------------------------------------------------------------------------------------------
@@ -265,7 +341,7 @@ class StudyRun:
 
     def config(self, plan: Plan, **overrides) -> TrainConfig:
         return TrainConfig(**{**self.settings, **overrides}, out=str(self.run_dir(plan)), runs_dir=str(plan.runs_dir),
-                           max_flops=plan.max_flops, gqa=plan.gqa,
+                           max_flops=plan.max_flops, change_max_flops=plan.change_max_flops, gqa=plan.gqa,
                            tensorboard_dir=str(plan.study_dir / TENSORBOARD_DIR / self.stage / self.name))
 
 
@@ -282,25 +358,53 @@ def _train_config(settings: dict, where, table: dict | None = None, base_where: 
 
 
 def _combinations(stage: Stage, base: dict) -> list[dict]:
+    if stage.drawn:
+        return [{**base, **stage.settings, **drawn} for drawn in stage.drawn]
     keys = list(stage.grid)
     return [{**base, **stage.settings, **dict(zip(keys, values))}
             for values in itertools.product(*(stage.grid[k] for k in keys))]
 
 
+def varied_keys(stage: Stage) -> list[str]:
+    """The settings a training stage varies: its grid's keys, or a drawn search's ranges and choices."""
+    if stage.search is not None and stage.search.drawn:
+        return [*stage.search.ranges, *stage.search.choices]
+    return list(stage.grid)
+
+
 def stage_runs(stage: Stage, base: dict, base_run: StudyRun | None = None) -> list[StudyRun]:
     """The runs of a training stage that starts from `base` (the plan's [train], or the settings of `base_run`, the
     best run of an earlier stage). A run with exactly `base_run`'s settings is that run itself, not trained again."""
+    if stage.search is not None:
+        return search_runs(stage, base)
     runs = []
     for settings in _combinations(stage, base):
         config = _train_config(settings, f"stage {stage.name}")
         if base_run is not None and config.to_dict() == _train_config(base_run.settings, base_run.stage).to_dict():
             runs.append(base_run)
             continue
-        extra = "".join(f"_{k}{settings[k]}" for k in stage.grid if k not in ("lr", "rank", "ctx", "model", "full"))
+        extra = "".join("_" + (tag(k, settings[k]) if k == "targets" else f"{k}{settings[k]}")  # _qkvo: targets
+                        for k in stage.grid if k not in ("lr", "rank", "ctx", "model", "full"))
         runs.append(StudyRun(stage.name, config.run_name + extra.replace("/", "-"), settings))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise PlanError(f"stage {stage.name}: two runs would share a directory ({names})")
+    return runs
+
+
+def search_runs(stage: Stage, base: dict) -> list[StudyRun]:
+    """A search's configurations as runs of their own (c00_..., never a run of an earlier stage: each continues
+    from its own checkpoint), every one validating at every rung's end."""
+    combinations = _combinations(stage, base)
+    runs = []
+    for name, settings in zip(config_names(combinations, varied_keys(stage)), combinations):
+        config = _train_config(settings, f"stage {stage.name}")
+        first = stage.search.first_rung(config.steps)
+        if "eval_every" not in settings:
+            settings = {**settings, "eval_every": first}
+        elif first % config.eval_every:
+            raise PlanError(f"stage {stage.name}: eval_every {config.eval_every} must divide first_steps {first}")
+        runs.append(StudyRun(stage.name, name, settings))
     return runs
 
 
@@ -325,6 +429,18 @@ def best_run(runs: list[StudyRun], plan: Plan) -> StudyRun:
     return runs[choice.index]
 
 
+def finished_best(plan: Plan, stage: Stage, runs: list[StudyRun]) -> StudyRun | None:
+    """The best run of a training stage whose runs are all finished (a search: its winner, once its top rung is
+    done), else None."""
+    if stage.search is not None:
+        from .search import replay  # study.search runs searches with this module's runs
+
+        return replay(plan, stage, runs).winner
+    if all(is_complete(r.run_dir(plan), r.settings.get("steps", TrainConfig.steps)) for r in runs):
+        return best_run(runs, plan)
+    return None
+
+
 def resolve(plan: Plan) -> dict[str, list[list[StudyRun]]]:
     """Each training stage's possible run lists: one list once its source stage is complete (its best run known),
     else one per run the source stage could pick."""
@@ -336,9 +452,9 @@ def resolve(plan: Plan) -> dict[str, list[list[StudyRun]]]:
             options[stage.name] = [stage_runs(stage, plan.train)]
             continue
         source = options[stage.source]
-        if len(source) == 1 and all(is_complete(r.run_dir(plan), r.settings.get("steps", TrainConfig.steps))
-                                    for r in source[0]):
-            bases = [best_run(source[0], plan)]
+        best = finished_best(plan, plan.stage(stage.source), source[0]) if len(source) == 1 else None
+        if best is not None:
+            bases = [best]
         else:
             bases = [r for runs in source for r in runs]
         options[stage.name] = [stage_runs(stage, {**plan.train, **base.settings}, base) for base in bases]
@@ -364,7 +480,7 @@ def forecast_targets(plan: Plan, stage: Stage, options: dict) -> list[list[Study
     lists = options[stage.source]
     if stage.which == "all":
         return [list(runs) for runs in lists]
-    if len(lists) == 1 and all(is_complete(r.run_dir(plan), r.settings.get("steps", TrainConfig.steps))
-                               for r in lists[0]):
-        return [[best_run(lists[0], plan)]]
+    best = finished_best(plan, plan.stage(stage.source), lists[0]) if len(lists) == 1 else None
+    if best is not None:
+        return [[best]]
     return [[r] for runs in lists for r in runs]

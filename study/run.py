@@ -18,14 +18,18 @@ from qwen_mini.flop_report import format_flops
 from training.config import TrainConfig
 
 from .estimate import estimate_plan, format_estimate
+from .identity import recorded_identity, study_identity
 from .jobs import JobOptions, run_stage_jobs, train_or_resume
 from .plan import (STUDY_FILE, Plan, PlanError, Stage, StudyRun, best_run, best_val_loss,
                    forecast_config, forecast_out, stage_runs)
+from .search import run_search
 from .selection import choose_best
 
 
 def check_study_dir(plan: Plan) -> None:
-    """A study directory belongs to one plan: refuse to continue it with another."""
+    """A study directory belongs to one plan, run with one set of command-line settings on one set of data bytes (its
+    identity, `study.identity`): refuse to continue it with another (`study.identity.study_for` picks a directory of
+    its own instead)."""
     path = plan.study_dir / STUDY_FILE
     if path.is_file():
         try:
@@ -42,13 +46,17 @@ def check_study_dir(plan: Plan) -> None:
             raise PlanError(f"{plan.study_dir} holds a study started from another version of a plan (sha256 "
                             f"{recorded}, {plan.path} is {plan.digest}): restore that plan, or give this one "
                             "another [study] name")
+        held, identity = recorded_identity(study, plan.study_dir), study_identity(plan)
+        if not identity.matches(held):
+            raise PlanError(f"{plan.study_dir} holds this plan's study {held.describe()}, not "
+                            f"{identity.describe()}: its results are not this study's; give another --runs-dir")
 
 
 def write_study(plan: Plan, done: dict) -> None:
     write_json_atomic(plan.study_dir / STUDY_FILE, {
         "name": plan.name, "plan": str(plan.path.resolve()), "plan_sha256": plan.digest, "plan_text": plan.text,
         "runs_dir": str(plan.runs_dir.resolve()), "max_flops": plan.max_flops, "gqa": plan.gqa,
-        "stages": [done[s.name] for s in plan.stages if s.name in done]})
+        **study_identity(plan).record(), "stages": [done[s.name] for s in plan.stages if s.name in done]})
 
 
 def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None, seed: int | None = None,
@@ -63,11 +71,23 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
     if not estimate.fits:
         left = estimate.budget - estimate.committed
         raise BudgetExceeded(f"the rest of plan {plan.path} needs up to {format_flops(estimate.needed)} FLOPs, "
-                             f"{format_flops(left)} are left in {plan.runs_dir} (budget {format_flops(plan.max_flops)})")
+                             f"{format_flops(left)} are left in {plan.runs_dir} (budget {format_flops(estimate.budget)})")
     overrides = {k: v for k, v in (("device", device), ("dtype", dtype), ("seed", seed)) if v is not None}
     done: dict[str, dict] = {}
     bests: dict[str, tuple[list[StudyRun], StudyRun]] = {}
     for stage in plan.stages:
+        if stage.kind == "train" and stage.search is not None:
+            best_before = bests[stage.source][1] if stage.source is not None else None
+            runs = stage_runs(stage, {**plan.train, **(best_before.settings if best_before else {})}, best_before)
+
+            def save(record, name=stage.name):
+                done[name] = record
+                write_study(plan, done)
+
+            done[stage.name] = run_search(plan, stage, runs, overrides, jobs, progress, log, save)
+            bests[stage.name] = (runs, next(r for r in runs if str(r.run_dir(plan)) == done[stage.name]["best"]))
+            log(winner_line(done[stage.name]))
+            continue
         if stage.kind == "train":
             best_before = bests[stage.source][1] if stage.source is not None else None
             runs = stage_runs(stage, {**plan.train, **(best_before.settings if best_before else {})}, best_before)
@@ -82,7 +102,9 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
             done[stage.name] = {"name": stage.name, "kind": "train", "from": stage.source,
                                 "varied": sorted(stage.grid), "runs": [str(r.run_dir(plan)) for r in runs],
                                 "best": str(best.run_dir(plan)), "best_val_loss": best_val_loss(best.run_dir(plan)),
-                                "criterion": choice.criterion, "best_score": choice.score}
+                                "criterion": choice.criterion, "best_score": choice.score,
+                                "scores": choice.scores}
+            log(winner_line(done[stage.name]))
         else:
             if stage.source == "base":
                 targets = [None]
@@ -95,6 +117,19 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
                                 "runs": [str(r.run_dir(plan)) for r in targets if r is not None]}
         write_study(plan, done)
     return json.loads((plan.study_dir / STUDY_FILE).read_text())
+
+
+def winner_line(record: dict) -> str:
+    """The line the driver prints when a training stage ends: its winner, by which criterion, and the margin to the
+    runner-up on that criterion."""
+    name = Path(record["best"]).name
+    if len(record["runs"]) == 1:
+        return f"[plan] {record['name']}: done: one run, {name} (validation loss {record['best_val_loss']:.4f})"
+    scores = record.get("scores") or (record["rungs"][-1]["scores"] if record.get("rungs") else [])
+    ranked = sorted(s for s in scores if s is not None)
+    margin = f", {ranked[1] - ranked[0]:.4g} below the runner-up" if len(ranked) > 1 else ""
+    return (f"[plan] {record['name']}: winner {name} ({record['best_score']:.4f}{margin}), by the "
+            f"{record['criterion']}")
 
 
 def train_study_run(plan: Plan, run: StudyRun, overrides: dict, progress: bool, log) -> None:
@@ -120,7 +155,7 @@ def run_forecast(plan: Plan, stage: Stage, run: StudyRun | None, overrides: dict
                             dtype=dtype)
     selection = select_trajectories(source.split, config.split, None, config.limit)
     log(f"[plan] {stage.name}: forecasting {selection.label} with {source.label} -> {out}")
-    booking = Booking(plan.runs_dir, plan.max_flops, plan.gqa)
+    booking = Booking(plan.runs_dir, plan.max_flops, plan.gqa, change_max_flops=plan.change_max_flops)
     try:
         lock = lock_output(out, f"train.py --plan {plan.path}: stage {stage.name}")
     except OutputBusy as e:

@@ -70,22 +70,29 @@ def context_length(run_dir: Path):
     return config.get("ctx") if isinstance(config, dict) else None
 
 
-def choose_best(run_dirs: list[Path]) -> Choice | None:
-    """The best of `run_dirs` (the first of equals), or None if no run has a finite score."""
+def choose_best(run_dirs: list[Path], up_to_step: int | None = None) -> Choice | None:
+    """The best of `run_dirs` (the first of equals), or None if no run has a finite score. `up_to_step`: judge each
+    run by its validation losses up to that step only (a search's rung)."""
+    return lowest(*score_runs(run_dirs, up_to_step))
+
+
+def score_runs(run_dirs: list[Path], up_to_step: int | None = None) -> tuple[list[float | None], str]:
+    """Every run's score (None: no finite one) and the criterion: the lowest validation loss, over the last N targets
+    of each window when the context lengths differ (see the module docstring); up to `up_to_step` when given."""
     histories = [run_metrics(d) for d in run_dirs]
+    if up_to_step is not None:
+        histories = [[m for m in metrics if m.get("step", 0) <= up_to_step] for metrics in histories]
     contexts = {context_length(d) for d in run_dirs}
     n = common_last_count(histories) if len(contexts) > 1 else None
     if len(contexts) <= 1:
-        criterion, scores = VAL_LOSS, [best_val_loss(m) for m in histories]
-    elif n is not None:
-        criterion = (f"lowest validation loss over the last {n} targets of each window (the same positions at every "
-                     f"context length: ctx {', '.join(str(c) for c in sorted(contexts, key=str))})")
-        scores = [best_last_loss(m, n) for m in histories]
-    else:
-        criterion = ("lowest validation loss over whole windows (the context lengths differ and the runs recorded no "
-                     "last-N losses: not compared on the same positions)")
-        scores = [best_val_loss(m) for m in histories]
-    return lowest(scores, criterion)
+        return [best_val_loss(m) for m in histories], VAL_LOSS
+    if n is not None:
+        return [best_last_loss(m, n) for m in histories], \
+            (f"lowest validation loss over the last {n} targets of each window (the same positions at every context "
+             f"length: ctx {', '.join(str(c) for c in sorted(contexts, key=str))})")
+    return [best_val_loss(m) for m in histories], \
+        ("lowest validation loss over whole windows (the context lengths differ and the runs recorded no last-N "
+         "losses: not compared on the same positions)")
 
 
 def lowest(scores: list[float | None], criterion: str) -> Choice | None:
