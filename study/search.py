@@ -1,6 +1,6 @@
 """A search stage, run and read back: `run_search` trains a successive-halving search rung by rung (study.halving's
 rules), through the same jobs as a grid's runs (--jobs, --launcher slurm); `replay` says where a search stands from
-its runs on disk and the decisions study.json recorded; `estimate_search` counts it for `flops.py --plan`, rung by
+its runs on disk and the decisions study.json recorded; `count_search` counts it for `flops.py --plan`, rung by
 rung, next to what the same configurations would cost as a full grid.
 
 Where a search stands is read, not remembered: a configuration is through a rung when its run finished that many
@@ -148,7 +148,10 @@ def _measure_noise(plan: Plan, stage: Stage, state: SearchState, alive: list[Stu
     if waiting:
         state.todo, state.todo_steps, state.todo_replicates = waiting, steps, True
         return False
-    seeded, _ = rung_scores(plan, [best, *state.noise_runs], steps, diverged)
+    # Scored together with the rung, so the noise is measured on the criterion the cut uses (the same last-N
+    # positions where the configurations' context lengths differ).
+    together, _ = rung_scores(plan, [*alive, *state.noise_runs], steps, diverged)
+    seeded = [together[choice.index], *together[len(alive):]]
     seeds = [r.settings.get("seed", TrainConfig.seed) for r in (best, *state.noise_runs)]
     if any(s is None for s in seeded):
         state.noise_how = f"not measured: a seed replicate of {best.name} has no finite loss"
@@ -196,6 +199,8 @@ def run_search(plan: Plan, stage: Stage, runs: list[StudyRun], overrides: dict, 
         if state.todo_replicates:
             step_overrides.pop("seed", None)  # a replicate's seed is what it measures
         diverged |= _train(plan, stage, state.todo, step_overrides, jobs, progress, log)
+        record = {**record, "diverged": sorted(diverged)}
+        save(record)  # before the next verdict: its budget check (estimate_plan) reads study.json
 
 
 def _train(plan: Plan, stage: Stage, todo: list[StudyRun], overrides: dict, jobs: JobOptions | None, progress: bool,

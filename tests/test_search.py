@@ -398,3 +398,25 @@ def test_runs_over_lora_targets_are_named_by_their_letters(tmp_path):
     options = resolve(load_plan(path))
     assert [r.name for r in options["g"][0]] == ["tiny_r2_lr1e-05_ctx32_qv", "tiny_r2_lr1e-05_ctx32_qkvo"]
     assert [r.name for r in options["search"][0]] == ["c00_q", "c01_du"]
+
+
+def test_the_noise_is_measured_on_the_criterion_the_cuts_use(tmp_path, small_data):
+    """Configurations at two context lengths are compared over the same last N targets; so is the noise."""
+    stages = ('[[stage]]\nname = "search"\nsearch = "halving"\neta = 2\nfirst_steps = 2\nsteps = 4\n'
+              'ctx = [16, 32]\n')
+    plan_path, runs = write(tmp_path / "n.toml", small_data, stages), tmp_path / "runs"
+    run_plan(load_plan(plan_path, runs_dir=runs), progress=False, log=lambda line: None)
+    record = json.loads((runs / "n" / "study.json").read_text())["stages"][0]
+    dirs = [Path(d) for d in record["runs"] + record["noise_runs"]]
+    counts = set.intersection(*({int(k) for m in read_metrics(d) if m.get("val_loss_last") for k in m["val_loss_last"]}
+                                for d in dirs))
+    n = max(counts)
+
+    def last_n(run_dir):
+        return min(m["val_loss_last"][str(n)] for m in read_metrics(run_dir) if m["step"] <= 2 and m.get("val_loss_last"))
+
+    first = record["rungs"][0]
+    assert first["scores"] == pytest.approx([last_n(d) for d in dirs[:2]], abs=0)
+    best = dirs[:2][min(range(2), key=lambda i: first["scores"][i])]
+    assert record["noise"] == pytest.approx(abs(last_n(best) - last_n(dirs[2])), abs=1e-12)
+    assert f"last {n} targets" in first["criterion"]
