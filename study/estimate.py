@@ -33,7 +33,8 @@ from training.rundir import holds_run, resume_point
 
 from .plan import (Plan, Stage, StudyRun, forecast_config, forecast_out, forecast_targets,
                    is_complete, resolve)
-from .search import count_search, ladder_of
+from .halving import keep_count
+from .search import replay, replicates
 
 
 # ---- the estimate --------------------------------------------------------------------------------------------------
@@ -131,14 +132,63 @@ def remembered_run_flops(config: TrainConfig, step: int, gqa: str):
     return _RUN_FLOPS[key]
 
 
+def still_needed(plan: Plan, run: StudyRun, gqa: str, start: int = 0, end: int | None = None) -> int:
+    """What `run` still computes to `end` steps (default: its own): 0 when it got there, else from its checkpoint
+    (no earlier than `start`, where a search's rung begins)."""
+    config = run.config(plan) if end is None else run.config(plan, steps=end)
+    if is_complete(run.run_dir(plan), config.steps):
+        return 0
+    step = resume_point(dataclasses.replace(config, resume=True)).step if holds_run(config.run_dir) else start
+    return remembered_run_flops(config, max(start, step), gqa).total
+
+
+def search_flops(plan: Plan, runs: list[StudyRun], noise_runs: list[StudyRun], gqa: str) -> dict:
+    """What a search spent (its configurations and seed replicates, from their records), and what the same
+    configurations would cost as a full grid to the top rung (counted): study.json's "flops" of a search."""
+    spent = [_booked(run.run_dir(plan)) for run in [*runs, *noise_runs]]
+    grid = [remembered_run_flops(run.config(plan), 0, gqa) for run in runs]
+    return {"search": sum(b["train"] + b["eval"] for b in spent), "search_train": sum(b["train"] for b in spent),
+            "grid": sum(g.total for g in grid), "grid_train": sum(g.train for g in grid)}
+
+
 def _estimate_search(plan: Plan, stage: Stage, runs: list[StudyRun], gqa: str) -> StageEstimate:
-    count = count_search(plan, stage, runs, gqa, remembered_run_flops)
-    est = StageEstimate(stage.name, "train", len(runs), count.train, count.eval, spent=count.spent, left=count.left)
-    ladder = ladder_of(stage, runs)
-    est.search = {"eta": stage.search.eta, "ladder": ladder, "counts": count.counts, "exact": count.exact,
-                  "grid": count.grid, "grid_train": count.grid_train, "train": count.train,
-                  "replicates": len(stage.search.seeds_for_noise(runs[0].settings.get("seed", 0)))
-                  if len(ladder) > 1 else 0}
+    """A search's FLOPs rung by rung: every configuration to the first rung, the noise replicates, then at each later
+    rung the configurations known to go on, or, for a rung not decided yet, the most expensive keep_count of the rung
+    before."""
+    state = replay(plan, stage, runs)
+    est = StageEstimate(stage.name, "train", len(runs))
+
+    def cost(run: StudyRun, start: int, end: int):
+        return remembered_run_flops(run.config(plan, steps=end), start, gqa)
+
+    def segment(run: StudyRun, start: int, end: int) -> None:
+        whole = cost(run, start, end)
+        est.train, est.eval = est.train + whole.train, est.eval + whole.eval
+        est.left += still_needed(plan, run, gqa, start, end)
+
+    alive, start, counts, replicas = list(runs), 0, [], []
+    for i, steps in enumerate(state.ladder):
+        if i > 0:
+            if i <= len(state.rungs) and "winner" not in state.rungs[i - 1]:
+                going = set(state.rungs[i - 1].get("kept", [])) | set(state.rungs[i - 1].get("ties", []))
+                alive = [r for r in alive if r.name in going]
+            else:  # not decided yet: the most expensive survivors
+                alive = sorted(alive, key=lambda r: -cost(r, start, steps).total)[:keep_count(len(alive),
+                                                                                              stage.search.eta)]
+        counts.append(len(alive))
+        for run in alive:
+            segment(run, start, steps)
+        if i == 0 and len(state.ladder) > 1:  # the noise replicates, at most those of the dearest configuration
+            replicas = state.noise_runs or replicates(stage, max(runs, key=lambda r: cost(r, 0, steps).total), steps)
+            for run in replicas:
+                segment(run, 0, steps)
+        start = steps
+    flops = search_flops(plan, runs, state.noise_runs, gqa)
+    est.spent = flops["search"]
+    est.search = {"eta": stage.search.eta, "ladder": state.ladder, "counts": counts,
+                  "exact": len({cost(r, 0, state.ladder[-1]).per_step for r in runs}) == 1,
+                  "grid": flops["grid"], "grid_train": flops["grid_train"], "train": est.train,
+                  "replicates": len(replicas)}
     return est
 
 
@@ -157,9 +207,7 @@ def _estimate_training(plan: Plan, stage: Stage, options: list[list[StudyRun]], 
             est.train, est.eval = est.train + whole.train, est.eval + whole.eval
             booked = _booked(run.run_dir(plan))
             est.spent += booked["train"] + booked["eval"]
-            if not is_complete(run.run_dir(plan), config.steps):
-                step = resume_point(dataclasses.replace(config, resume=True)).step if holds_run(config.run_dir) else 0
-                est.left += remembered_run_flops(config, step, gqa).total
+            est.left += still_needed(plan, run, gqa)
         estimates.append(est)
     return _most_expensive(estimates, stage, f"from the best run of {stage.source}" if stage.source else "")
 

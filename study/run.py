@@ -76,9 +76,10 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
     done: dict[str, dict] = {}
     bests: dict[str, tuple[list[StudyRun], StudyRun]] = {}
     for stage in plan.stages:
-        if stage.kind == "train" and stage.search is not None:
+        if stage.kind == "train":
             best_before = bests[stage.source][1] if stage.source is not None else None
             runs = stage_runs(stage, {**plan.train, **(best_before.settings if best_before else {})}, best_before)
+        if stage.kind == "train" and stage.search is not None:
 
             def save(record, name=stage.name):
                 done[name] = record
@@ -87,10 +88,7 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
             done[stage.name] = run_search(plan, stage, runs, overrides, jobs, progress, log, save)
             bests[stage.name] = (runs, next(r for r in runs if str(r.run_dir(plan)) == done[stage.name]["best"]))
             log(winner_line(done[stage.name]))
-            continue
-        if stage.kind == "train":
-            best_before = bests[stage.source][1] if stage.source is not None else None
-            runs = stage_runs(stage, {**plan.train, **(best_before.settings if best_before else {})}, best_before)
+        elif stage.kind == "train":
             if jobs is not None and jobs.as_jobs:
                 run_stage_jobs(plan, stage.name, runs, overrides, jobs, log)
             else:

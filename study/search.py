@@ -1,7 +1,7 @@
 """A search stage, run and read back: `run_search` trains a successive-halving search rung by rung (study.halving's
 rules), through the same jobs as a grid's runs (--jobs, --launcher slurm); `replay` says where a search stands from
-its runs on disk and the decisions study.json recorded; `count_search` counts it for `flops.py --plan`, rung by
-rung, next to what the same configurations would cost as a full grid.
+its runs on disk and the decisions study.json recorded (study.estimate counts a search for `flops.py --plan`, rung by
+rung, next to what the same configurations would cost as a full grid).
 
 Where a search stands is read, not remembered: a configuration is through a rung when its run finished that many
 steps (`study.plan.is_complete`), and its score at a rung is its lowest validation loss up to that step (later
@@ -12,17 +12,14 @@ rest of the plan still fits it with them).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from common.exit_codes import EXIT_DIVERGED
 from common.fileio import UnreadableFile, read_json
-from ledger import RECORD_NAME, read_record
 from training.config import TrainConfig
-from training.rundir import holds_run, resume_point
 from training.stopping import TrainingDiverged
 
-from .halving import Cut, cut_rung, keep_count, rung_steps
+from .halving import Cut, cut_rung, rung_steps
 from .jobs import JobOptions, JobsFailed, run_stage_jobs, train_or_resume
 from .plan import STUDY_FILE, Plan, PlanError, Stage, StudyRun, is_complete, varied_keys
 from .selection import lowest, score_runs
@@ -248,23 +245,14 @@ def _score(value) -> str:
 def search_record(plan: Plan, stage: Stage, runs: list[StudyRun], state: SearchState, diverged: set[str]) -> dict:
     """The stage's study.json record: every configuration's run under "runs" (as a grid's), the seed replicates
     under "noise_runs", each rung's verdict under "rungs", the FLOPs spent next to the full grid's."""
-    spent = {"train": 0, "eval": 0}
-    for run in [*runs, *state.noise_runs]:
-        path = run.run_dir(plan) / RECORD_NAME
-        if path.is_file():
-            booked = read_record(path).by_kind
-            spent = {k: spent[k] + booked[k] for k in spent}
-    from .estimate import remembered_run_flops  # (study.estimate counts searches with this module)
+    from .estimate import search_flops  # (study.estimate counts searches with this module's replay)
 
-    gqa = _gqa(plan)
-    grid = [remembered_run_flops(run.config(plan), 0, gqa) for run in runs]
     record = {"name": stage.name, "kind": "train", "from": stage.source, "search": stage.search.method,
               "eta": stage.search.eta, "first_steps": state.ladder[0], "steps": state.ladder[-1],
               "ladder": state.ladder, "varied": varied_keys(stage), "runs": [str(r.run_dir(plan)) for r in runs],
               "noise_runs": [str(r.run_dir(plan)) for r in state.noise_runs], "noise": state.noise,
               "noise_how": state.noise_how, "rungs": state.rungs, "diverged": sorted(diverged), "done": state.done,
-              "flops": {"search": spent["train"] + spent["eval"], "search_train": spent["train"],
-                        "grid": sum(g.total for g in grid), "grid_train": sum(g.train for g in grid)}}
+              "flops": search_flops(plan, runs, state.noise_runs, _gqa(plan))}
     if state.done:
         record.update(best=str(state.winner.run_dir(plan)), best_val_loss=state.winner_score,
                       criterion=state.criterion, best_score=state.winner_score)
@@ -275,64 +263,3 @@ def _gqa(plan: Plan) -> str:
     from ledger import Ledger
 
     return Ledger(plan.runs_dir, plan.max_flops, change_max_flops=plan.change_max_flops).convention(plan.gqa)
-
-
-# ---- counting it ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class SearchCount:
-    train: int = 0
-    eval: int = 0
-    spent: int = 0
-    left: int = 0
-    grid_train: int = 0
-    grid: int = 0
-    counts: list[int] = field(default_factory=list)  # configurations trained at each rung (at most, when unknown)
-    exact: bool = True  # every configuration costs the same per step: the count is exact, not an upper bound
-
-
-def count_search(plan: Plan, stage: Stage, runs: list[StudyRun], gqa: str, run_flops) -> SearchCount:
-    """The search's FLOPs rung by rung: every configuration to the first rung, the noise replicates, then at each
-    later rung the configurations known to go on, or, for a rung not decided yet, the most expensive keep_count of
-    the rung before. `run_flops(config, start_step, gqa)`: training.budget.plan_run_flops (or a cached one)."""
-    state = replay(plan, stage, runs)
-    count = SearchCount()
-
-    def segment(run: StudyRun, start: int, end: int) -> int:
-        config = run.config(plan, steps=end)
-        whole = run_flops(config, start, gqa)
-        count.train, count.eval = count.train + whole.train, count.eval + whole.eval
-        if not is_complete(run.run_dir(plan), end):
-            step = resume_point(dataclasses.replace(config, resume=True)).step if holds_run(config.run_dir) else start
-            count.left += run_flops(config, max(start, step), gqa).total
-        return whole.total
-
-    def cost(run: StudyRun, start: int, end: int) -> int:
-        return run_flops(run.config(plan, steps=end), start, gqa).total
-
-    count.exact = len({run_flops(r.config(plan), 0, gqa).per_step for r in runs}) == 1
-    alive, start = list(runs), 0
-    for i, steps in enumerate(state.ladder):
-        if i > 0:
-            if i <= len(state.rungs) and "winner" not in state.rungs[i - 1]:
-                going = set(state.rungs[i - 1].get("kept", [])) | set(state.rungs[i - 1].get("ties", []))
-                alive = [r for r in alive if r.name in going]
-            else:  # not decided yet: the most expensive survivors
-                alive = sorted(alive, key=lambda r: -cost(r, start, steps))[:keep_count(len(alive), stage.search.eta)]
-        count.counts.append(len(alive))
-        for run in alive:
-            segment(run, start, steps)
-        if i == 0 and len(state.ladder) > 1:  # the noise replicates, at most those of the dearest configuration
-            dearest = max(runs, key=lambda r: cost(r, 0, steps))
-            for run in state.noise_runs or replicates(stage, dearest, steps):
-                segment(run, 0, steps)
-        start = steps
-    for run in [*runs, *state.noise_runs]:
-        path = run.run_dir(plan) / RECORD_NAME
-        if path.is_file():
-            booked = read_record(path).by_kind
-            count.spent += booked["train"] + booked["eval"]
-    for run in runs:
-        whole = run_flops(run.config(plan), 0, gqa)
-        count.grid_train, count.grid = count.grid_train + whole.train, count.grid + whole.total
-    return count
