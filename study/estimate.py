@@ -186,7 +186,7 @@ def _estimate_search(plan: Plan, stage: Stage, runs: list[StudyRun], gqa: str) -
     flops = search_flops(plan, runs, state.noise_runs, gqa)
     est.spent = flops["search"]
     est.search = {"eta": stage.search.eta, "ladder": state.ladder, "counts": counts,
-                  "exact": len({cost(r, 0, state.ladder[-1]).per_step for r in runs}) == 1,
+                  "exact": state.done or len({cost(r, 0, state.ladder[-1]).per_step for r in runs}) == 1,
                   "grid": flops["grid"], "grid_train": flops["grid_train"], "train": est.train,
                   "replicates": len(replicas)}
     return est
