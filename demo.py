@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, default=STEPS, help="LoRA training steps (default: %(default)s)")
     args = p.parse_args(argv)
     if args.data is not None and not Path(args.data).is_file():
-        p.error(f"--data {args.data}: " + ("a directory, not an h5 file" if Path(args.data).is_dir() else "no such file"))
+        what = "a directory, not an h5 file" if Path(args.data).is_dir() else "no such file"
+        p.error(f"--data {args.data}: {what}")
     if args.data is not None:  # before any FLOP: data the forecasts could not use is refused, not trained on first
         try:
             check_forecast_fits(trajectories_shape(args.data)[1], ForecastConfig.context, ForecastConfig.horizon,

@@ -14,11 +14,11 @@ importing torch. Counting conventions: `qwen_mini/flops.py`; the ledger: `ledger
 """
 import sys
 
-import study.flops_cli
+import accounting.cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return study.flops_cli.main(argv)
+    return accounting.cli.main(argv)
 
 
 if __name__ == "__main__":

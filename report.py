@@ -11,7 +11,7 @@ best validation loss on whole windows and on the same last-N positions, loss cur
 per forecast (a study's, or a plain forecast.py --run / --model one) the fine-tuned model, the zero-shot model and
 the baselines per species, the intervals, error against horizon, the error distribution, trajectories; the FLOP
 ledger against the budget and a FLOP section as the coursework reports have it. A run or file it cannot read is
-named in the report and on stderr, and the rest reported. See study/report.py.
+named in the report and on stderr, and the rest reported. See reporting/report.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from common.fileio import os_error_text
 from ledger import LedgerError
 from ledger.flags import add_budget_arguments
-from study.report import REPORT_NAME, ReportError, write_report
+from reporting.report import REPORT_NAME, ReportError, write_report
 from training.stopping import Interrupted, StopSignals
 
 __all__ = ["REPORT_NAME", "build_parser", "main"]

@@ -31,13 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from bench.measure import bound_seconds, current_memory, task_machine  # noqa: E402
-from bench.tasks import OURS_ONLY, TASK_RUNNERS, TASKS, build_models  # noqa: E402
-from common.args import positive_float, positive_int  # noqa: E402
-from common.devices import DTYPES, dtype_from_flag  # noqa: E402
-from qwen_mini import PRESETS, QwenConfig  # noqa: E402
+from bench.measure import bound_seconds, current_memory, task_machine
+from bench.tasks import OURS_ONLY, TASK_RUNNERS, TASKS, build_models
+from common.args import positive_float, positive_int
+from common.devices import DTYPES, dtype_from_flag
+from qwen_mini import PRESETS, QwenConfig
 
 # Medium CPU config: the real vocabulary and layer shapes of Qwen2.5-0.5B, fewer layers, so the LM head's cost is
 # the real one while a run stays within minutes on 2 cores.
@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forecast task: sampling temperature (default: %(default)s)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer (directory or hub id) for the forecast task (default: models/lv-tiny's character "
-                        "tokenizer for --config lv-tiny, else Qwen2.5's: the shared fixture when present, else the hub)")
+                        "tokenizer for --config lv-tiny, else Qwen2.5's: the shared fixture when present, else the "
+                        "hub)")
     p.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],
                    help="HF generate's cache implementation")
     p.add_argument("--autocast", action="store_true",
@@ -181,7 +182,8 @@ def main(argv=None):
             if result and "complete_rows" in result and result["complete_rows"] != result["rows"]:
                 print(f"[bench] WARNING: {task}/{impl}: only {result['complete_rows']} of {result['rows']} rows are "
                       f"complete forecasts")
-    import transformers, peft  # noqa: E401  (versions for the record)
+    import peft
+    import transformers
 
     record = {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(), "processor": platform.processor(),
               "cpu_count": os.cpu_count(), "device": args.device,

@@ -43,11 +43,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_parts import GPU, PARTS, SMOKE, Mode, PartRecord  # noqa: E402
-from bench.gpu_summary import LOG_NAME, write_summary  # noqa: E402
-from common.args import positive_float  # noqa: E402
-from common.exit_codes import EXIT_FAILED, EXIT_OK  # noqa: E402
-from common.fileio import write_json_atomic  # noqa: E402
+from bench.gpu_parts import GPU, PARTS, SMOKE, Mode, PartRecord
+from bench.gpu_summary import LOG_NAME, write_summary
+from common.args import positive_float
+from common.exit_codes import EXIT_FAILED, EXIT_OK
+from common.fileio import write_json_atomic
 
 STOP_GRACE_S = 10  # after SIGTERM, before SIGKILL
 

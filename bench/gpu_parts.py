@@ -27,7 +27,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.fileio import write_json_atomic  # noqa: E402
+from common.fileio import write_json_atomic
 
 TRAIN_DTYPES = ("bfloat16", "float16", "float32")
 QWEN_VOCAB = 151665  # the Qwen2.5 tokenizer's ids, added tokens included

@@ -238,7 +238,8 @@ def pytest_section(pytest: dict | None) -> list[str]:
     if not pytest or "counts" not in pytest:
         return []
     counts = ", ".join(f"{n} {outcome}" for outcome, n in pytest["counts"].items())
-    lines = ["", f"## {pytest.get('command')}", "", f"{counts} (pytest's exit status {pytest.get('pytest_exit_code')}).", ""]
+    status = pytest.get("pytest_exit_code")
+    lines = ["", f"## {pytest.get('command')}", "", f"{counts} (pytest's exit status {status}).", ""]
     for c in pytest["cases"]:  # what a test said: its failure or skip message, or the last line it printed
         said = c.get("message") if c["status"] != "passed" else " ".join((c.get("printed") or "").splitlines()[-1:])
         lines.append(f"- {c['test']}: {c['status']}" + (f" ({said.strip()[:200]})" if said.strip() else ""))

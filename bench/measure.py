@@ -60,9 +60,9 @@ def task_machine(model, impl, config, args, device):
     for n, k in ((config.intermediate_size, config.hidden_size), (config.hidden_size, config.intermediate_size)):
         x = torch.randn(2048, k, generator=gen).to(device, dtype)
         w = torch.randn(n, k, generator=gen).to(device, dtype)
-        kernels = {"F.linear": lambda: F.linear(x, w)}
+        kernels = {"F.linear": lambda x=x, w=w: F.linear(x, w)}
         if device.type == "cpu" and torch.backends.mkldnn.is_available():
-            kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            kernels["onednn"] = lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         for name, fn in kernels.items():
             try:
                 best = min(timed(fn, device, reps=5, warmup=2))

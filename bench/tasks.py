@@ -37,9 +37,9 @@ def inputs(config, batch, length, device, seed):
 def task_forward(model, impl, config, args, device):
     ids = inputs(config, args.batch, args.ctx, device, args.seed)
     if impl == "ours":
-        fn = lambda: model(ids)  # noqa: E731
+        fn = lambda: model(ids)
     else:
-        fn = lambda: model(ids).logits  # noqa: E731
+        fn = lambda: model(ids).logits
     with torch.inference_mode():
         times = timed(fn, device, args.reps)
     flops = count_forward(meta_model(config), args.batch, args.ctx, include_loss=False, training=False).forward
@@ -57,13 +57,13 @@ def task_train_step(model, impl, config, args, device):
         from qwen_mini.loss import causal_lm_loss
 
         lora.inject(model, rank=args.rank, alpha=args.rank, targets=targets)
-        loss_fn = lambda: causal_lm_loss(model, ids, ids)  # noqa: E731
+        loss_fn = lambda: causal_lm_loss(model, ids, ids)
     else:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=list(targets),
                                                  lora_dropout=0.0))
-        loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+        loss_fn = lambda: model(input_ids=ids, labels=ids).loss
     model.train()
     if impl == "ours":
         lora.adapters_to_float32(model)  # train.py's precision: adapters and AdamW state in float32

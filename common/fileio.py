@@ -12,8 +12,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -143,7 +143,7 @@ class StagedFiles:
         self.out_dir = Path(out_dir)
         self.dir: Path | None = None
 
-    def __enter__(self) -> "StagedFiles":
+    def __enter__(self) -> StagedFiles:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(dir=self.out_dir, prefix=".staging-", suffix=".tmp"))
         return self
@@ -264,7 +264,7 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self
 
     def __exit__(self, *exc) -> None:

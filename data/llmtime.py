@@ -45,7 +45,7 @@ class Scaler:
                              f"got {self.scale.tolist()}")
 
     @classmethod
-    def fit(cls, history: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> "Scaler":
+    def fit(cls, history: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> Scaler:
         """Map each variable's `percentile` of |history| to 1.0 (history: (T, V) or (T,); see the module docstring).
 
         Pass the history only — never steps that are to be forecast. A variable whose history is all zeros gets
@@ -74,7 +74,7 @@ class Scaler:
         return (top > 0) & (top <= ZERO_LEVEL)
 
     @classmethod
-    def fixed(cls, value: float, n_vars: int) -> "Scaler":
+    def fixed(cls, value: float, n_vars: int) -> Scaler:
         """The same divisor for every variable (1.0: the text shows the original values)."""
         return cls(np.full(n_vars, float(value)))
 
@@ -92,7 +92,7 @@ class Scaler:
         return {"scale": self.scale.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scaler":
+    def from_dict(cls, d: dict) -> Scaler:
         return cls(np.asarray(d["scale"]))
 
 
@@ -189,7 +189,7 @@ def number_pattern(decimals: int | None) -> str:
     only: Python's float() would also accept other scripts' digits, which no encoder writes."""
     if decimals is None:
         return r"-?[0-9]+(?:\.[0-9]+)?"
-    return r"-?[0-9]+" if decimals == 0 else r"-?[0-9]+\.[0-9]{%d}" % decimals
+    return r"-?[0-9]+" if decimals == 0 else r"-?[0-9]+\.[0-9]{" + str(decimals) + "}"
 
 
 def _could_continue(segment: str, number: str, decimals: int | None, n_vars: int) -> bool:
@@ -202,7 +202,7 @@ def _could_continue(segment: str, number: str, decimals: int | None, n_vars: int
     elif decimals == 0:
         partial = r"-?[0-9]*"
     else:
-        partial = r"-?(?:[0-9]+(?:\.[0-9]{0,%d})?)?" % decimals
+        partial = r"-?(?:[0-9]+(?:\.[0-9]{0," + str(decimals) + "})?)?"
     complete = re.compile(number)
     return (all(complete.fullmatch(p) for p in parts[:-1])
             and re.fullmatch(partial, parts[-1]) is not None)

@@ -35,9 +35,25 @@ from common.args import positive_float, positive_int, seed_int
 from common.fileio import atomic_write
 
 from .lv_simulator import (  # noqa: F401  (the simulator's public names, re-exported: tests and tools import them here)
-    DEFAULT_N, DEFAULT_PRIOR, DEFAULT_SEED, DEFAULT_STEPS, DEFAULT_SUBSTEPS, DEFAULT_T_END, MAY_BE_ZERO,
-    MODEL_PARAM_NAMES, PARAM_NAMES, PRIORS, LVData, draw_params, lv_invariant, lv_rhs, observe, prior_ranges, rk4,
-    simulate)
+    DEFAULT_N,
+    DEFAULT_PRIOR,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DEFAULT_SUBSTEPS,
+    DEFAULT_T_END,
+    MAY_BE_ZERO,
+    MODEL_PARAM_NAMES,
+    PARAM_NAMES,
+    PRIORS,
+    LVData,
+    draw_params,
+    lv_invariant,
+    lv_rhs,
+    observe,
+    prior_ranges,
+    rk4,
+    simulate,
+)
 
 
 class DataError(ValueError):
@@ -251,7 +267,7 @@ class Split:
                 **{k: self[k].tolist() for k in ("train", "val", "test")}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Split":
+    def from_dict(cls, d: dict) -> Split:
         """The split a run recorded, index lists as they were (a record without a mode predates the ordered split,
         and was random)."""
         return cls(*(np.asarray(d[k], dtype=np.int64) for k in ("train", "val", "test")), seed=d["seed"],

@@ -9,7 +9,8 @@
   model that fits its context better. Levenberg-Marquardt on the logs of the values (so they stay positive), with
   the Jacobian by forward differences through the RK4 integrator (one plain batched integration of every row and
   its seven nudged copies: many times faster on CPU than forward-mode autograd, whose per-operation overhead
-  dominates these small tensors), every restart of both models for every trajectory one row of a single batch. The forecast's integration is bounded (the state is clipped to [0,
+  dominates these small tensors), every restart of both models for every trajectory one row of a single batch. The
+  forecast's integration is bounded (the state is clipped to [0,
   FALLBACK_FACTOR x the context's largest value] where the derivatives are evaluated, so nothing overflows), and a
   forecast that still leaves that range is unstable: it is replaced by persistence and counted (`LVFit.fallback`).
   (The untrained-model baseline is the model forecaster run with the base model: see evaluate.py.)
@@ -114,9 +115,9 @@ def lotka_volterra_path(params: torch.Tensor, state0: torch.Tensor, times, subst
     inv_capacity = params[..., 4] if params.shape[-1] == 5 else None
     times = [float(t) for t in times]  # plain floats: step sizes must not be numpy scalars multiplying tensors
     if bound is None:
-        rhs = lambda s: lv_rhs(s, alpha, beta, gamma, delta, inv_capacity)  # noqa: E731
+        rhs = lambda s: lv_rhs(s, alpha, beta, gamma, delta, inv_capacity)
     else:
-        rhs = lambda s: lv_rhs(s.clamp(min=0).minimum(bound), alpha, beta, gamma, delta, inv_capacity)  # noqa: E731
+        rhs = lambda s: lv_rhs(s.clamp(min=0).minimum(bound), alpha, beta, gamma, delta, inv_capacity)
     return rk4(rhs, state0, times, substeps)
 
 

@@ -17,9 +17,8 @@ from data.dataset import make_eval_example
 from ledger import Ledger, LedgerError, OutsideRunsDir, Recorder
 from ledger.records import RECORD_NAME, record_present
 
-from .config import DEFAULT_MEMORY_GB
+from .config import DEFAULT_MEMORY_GB, ForecastConfig
 from .evaluate import MODEL, Evaluation, Protocol, Selection, evaluate
-from .config import ForecastConfig
 from .forecast import check_call_fits, generation_plan, grammar_candidates, shortest_prompt
 from .grammar import max_forecast_tokens
 from .metering import FlopsSoFar

@@ -12,16 +12,33 @@ from pathlib import Path
 from common.args import bounded
 from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
 from common.fileio import ensure_writable_dir, os_error_text
-from ledger import (BudgetExceeded, Ledger, LedgerError, MixedConventions, OutsideRunsDir, RECORD_NAME, is_inside,
-                    read_record, record_present, recorded_runs_dir)
+from ledger import (
+    RECORD_NAME,
+    BudgetExceeded,
+    Ledger,
+    LedgerError,
+    MixedConventions,
+    OutsideRunsDir,
+    is_inside,
+    read_record,
+    record_present,
+    recorded_runs_dir,
+)
 from ledger.flags import CHANGE_MAX_FLOPS_HELP, MAX_FLOPS_HELP, add_budget_arguments
 from qwen_mini.generate import NonFiniteLogits
 from training.stopping import Interrupted, StopSignals
 
 from .budget import Booking, NothingScored, budgeted_evaluate, check_fits, check_fits_unloaded, check_run_record
 from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, DTYPES, SPLITS, ForecastConfig, ForecastConfigError
-from .evaluate import (OutputBusy, Protocol, check_output_names, format_table, lock_output, select_trajectories,
-                       write_outputs)
+from .evaluate import (
+    OutputBusy,
+    Protocol,
+    check_output_names,
+    format_table,
+    lock_output,
+    select_trajectories,
+    write_outputs,
+)
 from .forecast import GenerationTooLarge, check_samples_fit
 from .grammar import max_forecast_tokens
 from .source import from_model, from_run, parse_dtype, pick_device
@@ -47,7 +64,8 @@ and how often is reported).
 
 Writes metrics.json (point and probabilistic scores: CRPS, WQL, coverage_80, MASE, relative to seasonal naive),
 per_trajectory.csv, samples.npz (every method's forecasts: any score can be recomputed, forecasting.scores),
-trajectory_<index>.png, error_vs_horizon.png and error_distribution.png to --out. FLOPs (prefill once per prompt, every KV-cache decode step; the untrained baseline's too) are reserved
+trajectory_<index>.png, error_vs_horizon.png and error_distribution.png to --out. FLOPs (prefill once per prompt,
+every KV-cache decode step; the untrained baseline's too) are reserved
 before the first forecast and booked into the FLOP ledger of --runs-dir: into the run's flops.json, or for a plain
 --model into flops.json in --out, which then must lie inside --runs-dir (default RUNS_DIR/forecasts/<model>) and not be
 a training run's directory (metrics.json names the model and run that forecast: "forecaster"). The default --out

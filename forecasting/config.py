@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from common.args import MAX_SEED
-from common.devices import DTYPES  # noqa: F401  (re-exported: the --dtype choices)
+from common.devices import DTYPES
 from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT, DEFAULT_HORIZON
 

@@ -14,18 +14,25 @@ from pathlib import Path
 
 import numpy as np
 
+from common.fileio import FileLock, LockHeld, StagedFiles, atomic_write, describe_holder, write_json_atomic
 from data.dataset import EvalExample, make_eval_example
 from data.llmtime import ZERO_LEVEL, Scaler
 from data.lotka_volterra import LVData, Split
-from common.fileio import FileLock, LockHeld, StagedFiles, atomic_write, describe_holder, write_json_atomic
 
 from .baselines import LVFit, estimate_period, lotka_volterra_forecast, persistence, seasonal_naive
 from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_MEMORY_GB, ForecastConfig
 from .forecast import Forecast, GenerationStats, forecast_examples
 from .metrics import per_trajectory_errors
 from .plots import plot_error_distribution, plot_error_vs_horizon, plot_trajectory
-from .scores import (REFERENCE, SAMPLES_FILE, MethodForecast, SavedForecasts, score_methods, trajectory_scores,
-                     write_samples)
+from .scores import (
+    REFERENCE,
+    SAMPLES_FILE,
+    MethodForecast,
+    SavedForecasts,
+    score_methods,
+    trajectory_scores,
+    write_samples,
+)
 
 MODEL = "model"
 FORECAST_METRICS = "metrics.json"  # written last: a directory with it holds a finished forecast

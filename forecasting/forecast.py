@@ -6,8 +6,8 @@ same calls before they run (an upper bound, or an estimate from the targets' len
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def forecast_examples(model, tokenizer, examples: list[EvalExample], *, decimals
         head_rows = len(candidate_ids) if candidate_ids is not None else None
         counter = generation_counter(model, len(chunk), input_ids.shape[1], rows, gqa=gqa, head_rows=head_rows)
         constraint = hook if on_flops is None else ReportingConstraint(  # FLOPs so far reach on_flops as it runs
-            hook, decode, lambda forwards: counter.at(forwards + 1), on_flops)
+            hook, decode, lambda forwards, counter=counter: counter.at(forwards + 1), on_flops)
         constraint = ProgressConstraint(constraint, hook, bar, horizon)
         tokens = generate(model, input_ids.to(device), attention_mask.to(device), num_samples=samples,
                           max_new_tokens=max_new_tokens,
@@ -317,7 +317,8 @@ def grammar_candidates(allow_negative: bool = False) -> int:
 
 
 def generation_plan(model, prompt_tokens: list[int], new_tokens: list[int], *, batch: int | None = None,
-                    memory_gb: float = DEFAULT_MEMORY_GB, num_samples: int = 1, constrained: bool = True, allow_negative: bool = False,
+                    memory_gb: float = DEFAULT_MEMORY_GB, num_samples: int = 1, constrained: bool = True,
+                    allow_negative: bool = False,
                     gqa: str = "real", jump_forward: bool = False, compile: bool = False) -> int:
     """FLOPs of `forecast_examples` on examples whose prompts are `prompt_tokens` long, if each batch generates the
     largest of its examples' `new_tokens` (the rows of a batch decode until the last one stops): pass every

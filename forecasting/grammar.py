@@ -97,7 +97,7 @@ class NumberGrammar(LockstepCalls):
         self.column_ids = torch.tensor([self.ids[c] for c in chars] + [self.stop_id], device=self.device)
         self.is_digit = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
         self.is_digit[[self.ids[c] for c in DIGITS]] = True
-        zeros = lambda dtype: torch.zeros(batch, dtype=dtype, device=self.device)  # noqa: E731
+        zeros = lambda dtype: torch.zeros(batch, dtype=dtype, device=self.device)
         self.steps = zeros(torch.long)  # completed steps
         self.var = zeros(torch.long)  # which variable of the step is being written
         self.int_len = zeros(torch.long)  # integer digits of the current number so far

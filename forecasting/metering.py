@@ -5,8 +5,8 @@ is done) and then at least every `DECODE_STEPS_PER_REPORT` decode forwards. The 
 follows when it ends; a booker books each report's increase (`forecasting.budget.booker`)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from qwen_mini.flops import GenerationFlops
 from qwen_mini.generate import DecodeStats

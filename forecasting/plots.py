@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .metrics import SPECIES  # noqa: E402
+from .metrics import SPECIES
 
 MODEL_COLOR = "tab:blue"
 METHOD_COLORS = {"fine-tuned": MODEL_COLOR, "model": MODEL_COLOR, "zero-shot": "tab:green",

@@ -5,17 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from common.devices import device_from_flag, dtype_from_flag
+from common.fileio import sha256_file
 from data.lotka_volterra import DataError, LVData, Split, load_or_simulate, split_indices
 from qwen_mini import QwenConfig, load_model_and_tokenizer
 from qwen_mini.config import TINY_MODEL_SEED, config_for_model
-from common.devices import device_from_flag, dtype_from_flag
-from common.fileio import sha256_file
 
 from .config import DEFAULT_DECIMALS
 

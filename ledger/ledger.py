@@ -37,8 +37,23 @@ from qwen_mini.flop_report import format_flops
 from qwen_mini.flops import GQA_MODES
 
 from .cap import CHANGE_FLAG, Cap, read_cap, record_cap
-from .records import (DEFAULT_BUDGET, KINDS, RECORD_NAME, LedgerError, Record, count, log10_text, new_record, now,
-                      read_record, read_records, record_paths, record_present, reservation_lock, utc_now)
+from .records import (
+    DEFAULT_BUDGET,
+    KINDS,
+    RECORD_NAME,
+    LedgerError,
+    Record,
+    count,
+    log10_text,
+    new_record,
+    now,
+    read_record,
+    read_records,
+    record_paths,
+    record_present,
+    reservation_lock,
+    utc_now,
+)
 
 LOCK_NAME = ".ledger.lock"
 LOCK_WAIT = 60.0  # seconds a job waits for the ledger lock (others hold it for milliseconds)
@@ -246,12 +261,13 @@ class Ledger:
         and only a reservation made in it can keep its cap."""
         outer = enclosing_runs_dir(self.runs_dir)
         if outer is not None:
-            raise OutsideRunsDir(f"--runs-dir {self.runs_dir} lies inside the runs directory {outer}, whose FLOP ledger "
+            raise OutsideRunsDir(f"--runs-dir {self.runs_dir} lies inside the runs directory {outer}, whose FLOP "
+                                 "ledger "
                                  f"({outer / LOCK_NAME}) counts everything under it: pass --runs-dir {outer}, or use a "
                                  "runs directory outside it")
 
     def recorder(self, record_dir, *, run_name: str, gqa: str | None = None, config: dict | None = None,
-                 started: str | None = None) -> "Recorder":
+                 started: str | None = None) -> Recorder:
         """Book into `record_dir/flops.json` without a reservation (--no-budget). Inside the runs directory the
         record still joins the ledger (and its convention); outside it, nothing here counts it."""
         record_dir = Path(record_dir)
@@ -267,7 +283,7 @@ class Ledger:
 
     def reserve(self, record_dir, flops, *, kind: str, run_name: str, gqa: str | None = None, what: str = "",
                 holder_lock=None, config: dict | None = None, planned_flops=None, per_step_flops=None,
-                started: str | None = None) -> "Recorder":
+                started: str | None = None) -> Recorder:
         """Reserve `flops` for a job booking into `record_dir/flops.json` (inside the runs directory), or raise
         BudgetExceeded / MixedConventions / OutsideRunsDir before anything is written.
 
@@ -279,7 +295,8 @@ class Ledger:
         `finished` cleared, with the reservation."""
         record_dir = Path(record_dir)
         if not self.contains(record_dir):
-            raise OutsideRunsDir(f"{record_dir} lies outside the runs directory {self.runs_dir}, whose ledger would not "
+            raise OutsideRunsDir(f"{record_dir} lies outside the runs directory {self.runs_dir}, whose ledger would "
+                                 "not "
                                  "count it")
         if record_dir.resolve() == self.runs_dir.resolve():  # its flops.json would sit among the records it totals
             raise OutsideRunsDir(f"{record_dir} is the runs directory itself: a run or a forecast needs a directory "
@@ -468,7 +485,7 @@ class Recorder:
                     self.reservation_id = None
         self.settle()
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, *exc) -> None:

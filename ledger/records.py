@@ -27,7 +27,7 @@ import operator
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common.fileio import write_json_atomic
@@ -72,7 +72,7 @@ def now() -> str:
 
 def utc_now() -> str:
     """Wall-clock time in ISO 8601, UTC, to the second: a record's `started` and `finished`."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass

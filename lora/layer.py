@@ -7,7 +7,7 @@ code knows nothing about LoRA: it keeps calling `self.q_proj(x)`. Reading and wr
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn

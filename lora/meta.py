@@ -1,7 +1,7 @@
 """A weightless model carrying the adapters a run trains: what training's and flops.py's FLOP counts are read from."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 

@@ -57,9 +57,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     layers = dict(lora_layers(model))
     if not layers:
         raise AdapterError("the model has no LoRA layers to save (call lora.inject first)")
-    rank = _uniform({n: l.rank for n, l in layers.items()}, "rank")
-    alpha = _uniform({n: l.alpha for n, l in layers.items()}, "alpha")
-    dropout = _uniform({n: getattr(l.lora_dropout, "p", 0.0) for n, l in layers.items()}, "dropout")
+    rank = _uniform({n: layer.rank for n, layer in layers.items()}, "rank")
+    alpha = _uniform({n: layer.alpha for n, layer in layers.items()}, "alpha")
+    dropout = _uniform({n: getattr(layer.lora_dropout, "p", 0.0) for n, layer in layers.items()}, "dropout")
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -215,7 +215,8 @@ def export(work: Path, out: Path, wall: dict[str, float], threads: dict[str, int
         shutil.copyfile(source / name, out / name)
     stages = []
     for stage in recipe.stages:
-        metrics, config = read_metrics(work / stage["out"]), json.loads((work / stage["out"] / "config.json").read_text())
+        metrics = read_metrics(work / stage["out"])
+        config = json.loads((work / stage["out"] / "config.json").read_text())
         steps = metrics[-1]["step"]
         stages.append({
             "out": stage["out"], "data": stage["data"], "args": COMMON + stage["args"], "steps": steps,

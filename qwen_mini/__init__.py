@@ -7,4 +7,5 @@ from .model import KVCache, Qwen
 from .tokenizer import Tokenizer, char_tokenizer
 
 __all__ = ["PRESETS", "CheckpointError", "CheckpointNotFound", "ConfigError", "KVCache", "Qwen", "QwenConfig",
-           "Tokenizer", "char_tokenizer", "from_pretrained", "generate", "load_model_and_tokenizer", "sample_next", "save_pretrained"]
+           "Tokenizer", "char_tokenizer", "from_pretrained", "generate", "load_model_and_tokenizer", "sample_next",
+           "save_pretrained"]

@@ -74,14 +74,14 @@ class QwenConfig:
 
     # ---- presets -------------------------------------------------------------------------------------------------
     @classmethod
-    def from_name(cls, name: str) -> "QwenConfig":
+    def from_name(cls, name: str) -> QwenConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[name], name=name)
 
     # ---- Hugging Face config.json ----------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, path_or_dict: str | Path | dict) -> "QwenConfig":
+    def from_hf(cls, path_or_dict: str | Path | dict) -> QwenConfig:
         """Read an HF Qwen2 `config.json` (a file, a directory holding one, or the parsed dict)."""
         if isinstance(path_or_dict, dict):
             raw, where = dict(path_or_dict), "config dict"

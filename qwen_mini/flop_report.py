@@ -9,8 +9,8 @@ bottom of the import order, only reports).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = ["BACKWARD_FACTOR", "FlopCountError", "FlopReport", "FlopRow", "format_flops", "log10"]
 

@@ -56,9 +56,9 @@ Conventions (the users' spreadsheet rules, now in one place):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Iterable, Mapping
 
 from torch import nn
 
@@ -66,7 +66,8 @@ from .flop_report import FlopCountError, FlopReport, FlopRow
 from .model import MLP, Attention, Block, Qwen, RMSNorm, RotaryEmbedding
 
 __all__ = ["COSTS", "GQA_MODES", "CountContext", "GenerationCounter", "GenerationFlops", "count_forward",
-           "counter_for", "cross_entropy_flops", "eval_flops", "generation_counter", "generation_flops", "is_lora_linear", "linear_features", "matmul_flops",
+           "counter_for", "cross_entropy_flops", "eval_flops", "generation_counter", "generation_flops",
+           "is_lora_linear", "linear_features", "matmul_flops",
            "register_counter", "resolve_costs", "static_decode_flops", "training_step_flops", "unregister_counter"]
 
 # FLOPs per primitive operation (the users' table). Read-only: pass `costs=` to override entries.

@@ -24,8 +24,9 @@ plain decoding, sampled as well as greedy, given the same seed.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import torch
 

@@ -42,7 +42,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        self.inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.inv_freq = 1.0 / theta ** exponents
         self._inv_freq_on = {}  # device -> copy, so decoding does not copy it every step
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +296,7 @@ class KVCache:
         if not self.static:
             self.used = self.length
 
-    def repeat_interleave(self, repeats: int, max_len: int | None = None, static: bool | None = None) -> "KVCache":
+    def repeat_interleave(self, repeats: int, max_len: int | None = None, static: bool | None = None) -> KVCache:
         """A new cache (room for `max_len` positions, default the same) whose row b * repeats + r holds a copy of
         this cache's row b: the prompt's cache for each of its samples."""
         max_len = self.max_len if max_len is None else max_len
@@ -322,7 +323,7 @@ class KVCache:
         copy.used, copy._slots, copy.packed, copy.prefix = used, None, None, None
         return copy
 
-    def share(self, samples: int, suffix_len: int, static: bool = False) -> "KVCache":
+    def share(self, samples: int, suffix_len: int, static: bool = False) -> KVCache:
         """A cache for `samples` rows per row of this one (the prompts'), row b * samples + s for prompt b's sample
         s, that holds the prompts' keys/values once (`prefix`: this cache's filled slots, not copied) and gives each
         row room for `suffix_len` tokens of its own: KV memory of one prompt + `samples` suffixes, where

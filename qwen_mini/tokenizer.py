@@ -33,7 +33,7 @@ class Tokenizer:
         return token_id
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> "Tokenizer":
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> Tokenizer:
         """Read `tokenizer.json` (+ `tokenizer_config.json` for eos/pad tokens) from a directory or hub id."""
         root = resolve_dir(path_or_hub_id, ["tokenizer.json", "tokenizer_config.json", "*.json"])
         file = root / "tokenizer.json"
@@ -56,7 +56,8 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
-        config = {"eos_token": self.eos_token, "pad_token": self.pad_token, "tokenizer_class": "PreTrainedTokenizerFast"}
+        config = {"eos_token": self.eos_token, "pad_token": self.pad_token,
+                  "tokenizer_class": "PreTrainedTokenizerFast"}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     @property

@@ -30,7 +30,8 @@ def gpu_list(text: str) -> tuple[str, ...]:
     """argparse type: '0,1,2,3' -> ('0', '1', '2', '3')."""
     gpus = tuple(g.strip() for g in text.split(",") if g.strip())
     if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
-        raise argparse.ArgumentTypeError(f"give distinct GPU numbers separated by commas, such as 0,1,2,3; got {text!r}")
+        raise argparse.ArgumentTypeError(f"give distinct GPU numbers separated by commas, such as 0,1,2,3; "
+                                         f"got {text!r}")
     return gpus
 
 
@@ -52,7 +53,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> tuple[str, ...]:
                         "(default: %(default)s)")
     g.add_argument("--slurm-partition", default=None, help="--launcher slurm: the partition")
     g.add_argument("--slurm-time", type=positive_int, default=60, metavar="MINUTES",
-                   help="--launcher slurm: each job's time limit (also submitit-local's timeout) (default: %(default)s)")
+                   help="--launcher slurm: each job's time limit (also submitit-local's timeout) "
+                        "(default: %(default)s)")
     g.add_argument("--slurm-gpus-per-job", type=positive_int, default=None, metavar="N",
                    help="--launcher slurm: GPUs of each job (default: none requested)")
     g.add_argument("--slurm-account", default=None, help="--launcher slurm: the account charged")

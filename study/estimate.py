@@ -31,11 +31,9 @@ from training.budget import plan_run_flops
 from training.config import TrainConfig
 from training.rundir import holds_run, resume_point
 
-from .plan import (Plan, Stage, StudyRun, forecast_config, forecast_out, forecast_targets,
-                   is_complete, resolve)
 from .halving import keep_count
-from .search import replay, replicates
-
+from .plan import Plan, Stage, StudyRun, forecast_config, forecast_out, is_complete
+from .standing import forecast_targets, replay, replicates, resolve
 
 # ---- the estimate --------------------------------------------------------------------------------------------------
 

@@ -115,7 +115,8 @@ def parse_search(table: dict) -> SearchSpec | None:
 
 def _range(key: str, value: dict) -> tuple[str, float, float]:
     if len(value) != 1 or next(iter(value)) not in RANGE_KINDS:
-        raise SearchError(f"{key} = {value!r}: a range is one of {', '.join(f'{{{k} = [low, high]}}' for k in RANGE_KINDS)}")
+        kinds = ", ".join(f"{{{k} = [low, high]}}" for k in RANGE_KINDS)
+        raise SearchError(f"{key} = {value!r}: a range is one of {kinds}")
     kind, bounds = next(iter(value.items()))
     if not (isinstance(bounds, list) and len(bounds) == 2
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)

@@ -60,7 +60,8 @@ class StudyIdentity:
             return f"{data} (its command-line settings not recorded)"
         if not self.overrides:
             return f"{data} with the plan's own settings"
-        return f"{data} with " + " ".join(f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in self.overrides.items())
+        flags = " ".join(f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in self.overrides.items())
+        return f"{data} with {flags}"
 
     def record(self) -> dict:
         """study.json's "overrides" and "data"."""
@@ -110,7 +111,7 @@ def data_files(plan: Plan) -> list[tuple[str | None, Path, tuple]]:
 def check_forecasts_fit(plan: Plan) -> None:
     """Refuse (PlanError) data whose trajectories are shorter than a forecast stage's context + horizon, before any
     run trains for a forecast that could never be made."""
-    for value, path, shape in data_files(plan):
+    for _value, path, shape in data_files(plan):
         for stage in (s for s in plan.stages if s.kind == "forecast"):
             config = forecast_config(plan, stage)
             try:
@@ -137,7 +138,8 @@ def recorded_identity(study: dict, study_dir: Path) -> StudyIdentity:
         if not (isinstance(data, list) and all(isinstance(d, dict) and isinstance(d.get("sha256"), str)
                                                 and isinstance(d.get("path"), (str, type(None))) for d in data)
                 and isinstance(overrides, (dict, type(None)))):
-            raise PlanError(f"{study_dir / STUDY_FILE}: its \"data\" ({data!r:.80}) or \"overrides\" ({overrides!r:.80}) "
+            raise PlanError(f"{study_dir / STUDY_FILE}: its \"data\" ({data!r:.80}) or \"overrides\" "
+                            f"({overrides!r:.80}) "
                             "is not what train.py writes (a list of {\"path\", \"sha256\"}; a table of settings): "
                             "restore the record, or move it away to start the study again")
         return StudyIdentity(study["plan_sha256"], overrides, data)
@@ -175,6 +177,7 @@ def study_for(plan: Plan, log=print) -> Plan:
         return plan  # a damaged record: check_study_dir names it
     if recorded.matches(identity):
         return plan
-    log(f"[plan] {plan.study_dir}/ holds this plan's study {recorded.describe()}; this command's ({identity.describe()})"
+    log(f"[plan] {plan.study_dir}/ holds this plan's study {recorded.describe()}; this command's "
+        f"({identity.describe()})"
         f" would give other results, so it runs as a study of its own: {own.study_dir}/ (that one is left as it is)")
     return own

@@ -350,7 +350,7 @@ def _submitit_result(spec: dict, job, log) -> Failure | None:
         job.result()
         log(f"[plan] {spec['run']}: job {job.job_id} done")
         return None
-    except Exception as e:  # noqa: BLE001 (the job's own failure, with its traceback, is in its log)
+    except Exception as e:
         why = exception_line(str(e)) if str(e).strip() else type(e).__name__
         log(f"[plan] {spec['run']}: job {job.job_id} FAILED; log: {job.paths.stderr}")
         return Failure(spec["run"], f"job {job.job_id} failed: {why}", job.paths.stderr,

@@ -1,8 +1,8 @@
-"""A study plan: a TOML file of stages — a grid, a sweep from the best run of a stage, a final run, forecasts — read
-and checked (`load_plan`), and resolved into the runs each training stage trains (`resolve`, `stage_runs`) and what
-each forecast stage forecasts (`forecast_targets`). `study.estimate` counts its FLOPs before anything runs
-(`flops.py --plan`); `study.run` runs it stage by stage (`train.py --plan`), continuing a stopped study where it
-stopped.
+"""A study plan: a TOML file of stages — a grid, a sweep from the best run of a stage, a search, a final run,
+forecasts — read and checked (`load_plan`), and each training stage's runs (`stage_runs`). What the plan resolves to
+on disk (each stage's winner, the runs it then trains) is `study.standing`; `study.estimate` counts its FLOPs before
+anything runs (`flops.py --plan`); `study.run` runs it stage by stage (`train.py --plan`), continuing a stopped study
+where it stopped.
 
     [study]
     name = "coursework"              # its directory: <runs_dir>/<name>/<stage>/<run>
@@ -51,9 +51,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.fields import SettingsError
 from forecasting.config import ForecastConfig
 from qwen_mini.flops import GQA_MODES
-from common.fields import SettingsError
 from training.config import ConfigError, TrainConfig
 from training.run import ADAPTER_DIR, CONFIG_NAME, METRICS_NAME, MODEL_DIR, read_metrics
 
@@ -429,38 +429,6 @@ def best_run(runs: list[StudyRun], plan: Plan) -> StudyRun:
     return runs[choice.index]
 
 
-def finished_best(plan: Plan, stage: Stage, runs: list[StudyRun]) -> StudyRun | None:
-    """The best run of a training stage whose runs are all finished (a search: its winner, once its top rung is
-    done), else None."""
-    if stage.search is not None:
-        from .search import replay  # study.search runs searches with this module's runs
-
-        return replay(plan, stage, runs).winner
-    if all(is_complete(r.run_dir(plan), r.settings.get("steps", TrainConfig.steps)) for r in runs):
-        return best_run(runs, plan)
-    return None
-
-
-def resolve(plan: Plan) -> dict[str, list[list[StudyRun]]]:
-    """Each training stage's possible run lists: one list once its source stage is complete (its best run known),
-    else one per run the source stage could pick."""
-    options: dict[str, list[list[StudyRun]]] = {}
-    for stage in plan.stages:
-        if stage.kind != "train":
-            continue
-        if stage.source is None:
-            options[stage.name] = [stage_runs(stage, plan.train)]
-            continue
-        source = options[stage.source]
-        best = finished_best(plan, plan.stage(stage.source), source[0]) if len(source) == 1 else None
-        if best is not None:
-            bases = [best]
-        else:
-            bases = [r for runs in source for r in runs]
-        options[stage.name] = [stage_runs(stage, {**plan.train, **base.settings}, base) for base in bases]
-    return options
-
-
 # ---- forecasts -----------------------------------------------------------------------------------------------------
 
 def forecast_config(plan: Plan, stage: Stage) -> ForecastConfig:
@@ -471,16 +439,3 @@ def forecast_config(plan: Plan, stage: Stage) -> ForecastConfig:
 def forecast_out(plan: Plan, stage: Stage, run: StudyRun | None) -> Path:
     """A forecast's output directory: <study>/<stage>/ for the base model, <study>/<stage>/<run>/ for a run."""
     return plan.study_dir / stage.name / (run.name if run is not None else "")
-
-
-def forecast_targets(plan: Plan, stage: Stage, options: dict) -> list[list[StudyRun | None]]:
-    """Possible target lists of a forecast stage (None: the base model)."""
-    if stage.source == "base":
-        return [[None]]
-    lists = options[stage.source]
-    if stage.which == "all":
-        return [list(runs) for runs in lists]
-    best = finished_best(plan, plan.stage(stage.source), lists[0]) if len(lists) == 1 else None
-    if best is not None:
-        return [[best]]
-    return [[r] for runs in lists for r in runs]

@@ -8,20 +8,29 @@ import dataclasses
 import json
 from pathlib import Path
 
+from common.fileio import UnreadableFile, os_error_text, read_json, write_json_atomic
 from forecasting.budget import Booking, budgeted_evaluate
-from forecasting.evaluate import (FORECAST_METRICS, OutputBusy, Protocol, lock_output, select_trajectories,
-                                  write_outputs)
+from forecasting.evaluate import FORECAST_METRICS, OutputBusy, Protocol, lock_output, select_trajectories, write_outputs
 from forecasting.source import from_model, from_run, parse_dtype, pick_device
 from ledger import BudgetExceeded
-from common.fileio import UnreadableFile, os_error_text, read_json, write_json_atomic
 from qwen_mini.flop_report import format_flops
 from training.config import TrainConfig
 
 from .estimate import estimate_plan, format_estimate
 from .identity import recorded_identity, study_identity
 from .jobs import JobOptions, run_stage_jobs, train_or_resume
-from .plan import (STUDY_FILE, Plan, PlanError, Stage, StudyRun, best_run, best_val_loss,
-                   forecast_config, forecast_out, stage_runs)
+from .plan import (
+    STUDY_FILE,
+    Plan,
+    PlanError,
+    Stage,
+    StudyRun,
+    best_run,
+    best_val_loss,
+    forecast_config,
+    forecast_out,
+    stage_runs,
+)
 from .search import run_search
 from .selection import choose_best
 
@@ -71,7 +80,8 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
     if not estimate.fits:
         left = estimate.budget - estimate.committed
         raise BudgetExceeded(f"the rest of plan {plan.path} needs up to {format_flops(estimate.needed)} FLOPs, "
-                             f"{format_flops(left)} are left in {plan.runs_dir} (budget {format_flops(estimate.budget)})")
+                             f"{format_flops(left)} are left in {plan.runs_dir} "
+                             f"(budget {format_flops(estimate.budget)})")
     overrides = {k: v for k, v in (("device", device), ("dtype", dtype), ("seed", seed)) if v is not None}
     done: dict[str, dict] = {}
     bests: dict[str, tuple[list[StudyRun], StudyRun]] = {}

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
         watch_driver(int(os.environ[DRIVER_PID]))
     try:
         train_job(spec)
-    except BaseException as e:  # noqa: BLE001 (train.py's one line and exit status; a bug's traceback to the log)
+    except BaseException as e:
         status = failure_status(e, f"train.py: {spec['run']}", "the same train.py --plan command")
         if isinstance(e, SystemExit):
             raise

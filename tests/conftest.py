@@ -100,8 +100,10 @@ def left_padded_batch(vocab_size: int, lengths: list[int], seed: int = 0, pad_id
 
 def tiny_plan(name: str, data, stages: str, gqa: str | None = "mha", **train) -> str:
     """A study plan's text on the tiny model and a small data file: [study], a [train] table of small settings
-    (`train` adds or replaces keys; None drops one; no `data`: the command line's), then `stages` (the [forecast] table and [[stage]]s) as given."""
-    settings = {"model": "tiny", "data": None if data is None else str(data), "batch": 2, "ctx": 32, "val_batches": 1, "eval_every": 3,
+    (`train` adds or replaces keys; None drops one; no `data`: the command line's), then `stages` (the [forecast]
+    table and [[stage]]s) as given."""
+    settings = {"model": "tiny", "data": None if data is None else str(data), "batch": 2, "ctx": 32, "val_batches": 1,
+                "eval_every": 3,
                 "checkpoint_every": 3, "rank": 2, **train}
     lines = ["[study]", f'name = "{name}"'] + ([f'gqa = "{gqa}"'] if gqa else []) + ["", "[train]"]
     for key, value in settings.items():

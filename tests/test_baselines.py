@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from data.lotka_volterra import simulate
-from forecasting.baselines import (FALLBACK_FACTOR, estimate_period, fit_lotka_volterra, lotka_volterra_forecast,
-                                   lotka_volterra_path, persistence, seasonal_naive)
+from forecasting.baselines import (
+    FALLBACK_FACTOR,
+    estimate_period,
+    fit_lotka_volterra,
+    lotka_volterra_forecast,
+    lotka_volterra_path,
+    persistence,
+    seasonal_naive,
+)
 
 
 def test_period_of_a_sampled_sine_is_its_period_in_steps():
@@ -86,6 +93,7 @@ def test_a_runaway_forecast_falls_back_to_persistence():
 def test_lv_fit_is_finite_on_the_users_test_split():
     """The users' file (skipped where absent): the classic fit alone reached MSE ~1e34 on its test split."""
     from conftest import LV_H5
+
     from data.lotka_volterra import load, split_indices
 
     if not LV_H5.is_file():

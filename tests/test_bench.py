@@ -6,13 +6,13 @@ And the FLOPs it reports for a LoRA step are the ones torch's own counter sees t
 from types import SimpleNamespace
 
 import torch
+from conftest import random_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora
-from bench.tasks import GrammarProcessor, executed_step_flops
 from bench.hf_twin import hf_twin
-from conftest import random_model
+from bench.tasks import GrammarProcessor, executed_step_flops
 from forecasting.grammar import NumberGrammar, max_forecast_tokens
 from qwen_mini import PRESETS, QwenConfig, char_tokenizer, generate
 from qwen_mini.flops import count_forward
@@ -41,7 +41,7 @@ def test_hf_generate_with_the_grammar_processor_writes_our_tokens():
                              logits_processor=[GrammarProcessor(grammar(), input_ids.shape[1])])[:, input_ids.shape[1]:]
     assert ours.shape[0] == theirs.shape[0] == n_prompts * samples
     width = max(ours.shape[1], theirs.shape[1])
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=hook.stop_id)  # noqa: E731
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=hook.stop_id)
     assert torch.equal(pad(ours), pad(theirs))
     texts = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in ours]
     assert all(text.count(";") == horizon for text in texts), texts

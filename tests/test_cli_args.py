@@ -31,5 +31,6 @@ def test_values_outside_the_bounds_name_the_bound_and_the_value(parse, text, wan
 def test_a_trajectory_named_twice_is_forecast_once_in_the_order_first_given():
     from forecasting.cli import build_parser, requested_samples
 
-    args = build_parser().parse_args(["--model", "tiny", "--sample", "900", "972", "900", "--samples-idx", "972,5,,900"])
+    args = build_parser().parse_args(["--model", "tiny", "--sample", "900", "972", "900",
+                                      "--samples-idx", "972,5,,900"])
     assert requested_samples(args) == [900, 972, 5]

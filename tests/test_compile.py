@@ -4,9 +4,9 @@ so the model is the tiny preset with one layer (every block runs the same compil
 import copy
 
 import torch
+from conftest import random_model
 
 import lora
-from conftest import random_model
 from qwen_mini import PRESETS, QwenConfig
 from qwen_mini.loss import causal_lm_loss
 from training.setup import compile_blocks

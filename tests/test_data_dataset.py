@@ -86,7 +86,8 @@ def test_window_count_matches_a_hand_computation():
     tokenizer = char_tokenizer()
     trajectory = np.full((1, 10, 2), 1.0)  # scaled to 1.00 everywhere: "1.00,1.00" x 10 joined by ";" = 99 tokens
     assert len(tokenizer.encode(encode(trajectory[0], Scaler.fit(trajectory[0]), 2))) == 99
-    windows = TrainWindows(trajectory, tokenizer, ctx=40, fit_steps=10)  # stride 20: starts 0, 20, 40, 60 (60 + 40 >= 99)
+    # stride 20: starts 0, 20, 40, 60 (60 + 40 >= 99)
+    windows = TrainWindows(trajectory, tokenizer, ctx=40, fit_steps=10)
     assert windows.windows_per_trajectory == [4] and len(windows) == 4
     assert (windows.labels[3] != IGNORE_INDEX).sum() == 39  # tokens 60..98, then one padding position
     assert windows.n_tokens == 40 * 3 + 39

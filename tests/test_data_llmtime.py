@@ -3,8 +3,8 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import LV_H5
+
 from data.dataset import make_eval_example
 from data.llmtime import Scaler, decode, encode, format_prompt
 
@@ -22,7 +22,7 @@ def test_round_trip_equals_rounded_values(seed):
     expected = np.round(values / scaler.scale, decimals) * scaler.scale
     np.testing.assert_allclose(decoded, expected, rtol=0, atol=1e-9 * np.abs(expected).max() + 1e-12)
     # The text itself: steps and variables by the separators, every number with exactly `decimals` decimals.
-    number = re.compile(r"-?[0-9]+" + (r"\.[0-9]{%d}" % decimals if decimals else ""))
+    number = re.compile(r"-?[0-9]+" + (r"\.[0-9]{" + str(decimals) + "}" if decimals else ""))
     rows = text.split(";")
     assert len(rows) == steps and all(len(row.split(",")) == n_vars for row in rows)
     numbers = [x for row in rows for x in row.split(",")]

@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import LV_H5
+
 from data import lotka_volterra as lv
 
 
@@ -30,7 +30,8 @@ def test_lv_parameters_come_from_the_documented_ranges_and_are_recorded():
     data = lv.simulate(n=300, steps=10, seed=4, prior="lv")
     p = data.params
     for key, values in (("alpha", p["alpha"]), ("gamma", p["gamma"]), ("x0", p["x0"]), ("y0", p["y0"]),
-                        ("prey_equilibrium", p["gamma"] / p["delta"]), ("predator_equilibrium", p["alpha"] / p["beta"])):
+                        ("prey_equilibrium", p["gamma"] / p["delta"]),
+                        ("predator_equilibrium", p["alpha"] / p["beta"])):
         low, high = lv.PRIORS["lv"][key]
         assert low - 1e-12 <= values.min() and values.max() <= high + 1e-12, key
     assert all(not p[k].any() for k in lv.MODEL_PARAM_NAMES)  # classic LV: no extra terms, no noise

@@ -35,6 +35,8 @@ import forecasting.cli
 import lora
 import training.loop
 import training.setup
+from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE
+from common.fileio import FileLock, LockHeld
 from data.lotka_volterra import DataError, load, save, simulate
 from forecasting.source import from_run
 from ledger import read_record
@@ -43,8 +45,6 @@ from qwen_mini import Qwen, QwenConfig, char_tokenizer, from_pretrained, generat
 from qwen_mini.generate import NonFiniteLogits
 from qwen_mini.loading import CheckpointError
 from training import RunDirError, TrainConfig, read_metrics, read_run_config, train_run
-from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_USAGE
-from common.fileio import FileLock, LockHeld
 from training.cli import main
 from training.grid import resumed_runs
 from training.stopping import Interrupted, StopSignals, TrainingDiverged

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_faults import REPO, TINY, copy_run, data, finished, lines_of, train  # noqa: F401 (fixtures)
 
+import accounting.cli
 import forecasting.cli
-import study.flops_cli
 import training.setup
 from common.exit_codes import EXIT_FAILED, EXIT_USAGE
 from forecasting.metering import DECODE_STEPS_PER_REPORT
 from ledger import RECORD_NAME, Record, read_record, read_records
 from qwen_mini.loading import CheckpointError
-from test_faults import REPO, TINY, copy_run, data, finished, lines_of, train  # noqa: F401 (fixtures)
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -53,7 +53,7 @@ def forecast_main(capsys, *argv) -> tuple[int, list[str]]:
 
 
 def flops_main(capsys, *argv) -> tuple[int, list[str]]:
-    status = study.flops_cli.main([str(a) for a in argv])
+    status = accounting.cli.main([str(a) for a in argv])
     return status, lines_of(capsys.readouterr().err)
 
 

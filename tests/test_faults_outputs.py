@@ -21,19 +21,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_faults import REPO, TINY, copy_run, data, finished, flags, lines_of, snapshot, train  # noqa: F401 (fixtures)
 
 import flops as flops_cli
 import forecast
 import forecasting.cli
 import report as report_cli
-import study.report
+import reporting.report
 import training.loop
 import training.setup
 from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from forecasting.evaluate import FILES_KEY, OUTPUT_LOCK, lock_output
 from forecasting.forecast import check_samples_fit
-from test_faults import (REPO, TINY, copy_run, data, finished, flags, lines_of, snapshot,  # noqa: F401 (fixtures)
-                         train)
 from training.stopping import Interrupted
 
 EVALUATE = importlib.import_module("forecasting.evaluate")  # the module (the package exports a function of its name)
@@ -268,14 +267,14 @@ def test_a_full_disk_or_sigterm_while_the_report_is_written_leaves_no_temporary_
                                                                                      monkeypatch, capsys):
     runs = copy_run(finished, tmp_path).parent
     out = tmp_path / "report"
-    real = study.report.atomic_write
+    real = reporting.report.atomic_write
 
     def full(path, write):
         def then_fail(tmp):
             write(tmp)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(path, then_fail)
-    monkeypatch.setattr(study.report, "atomic_write", full)
+    monkeypatch.setattr(reporting.report, "atomic_write", full)
     assert report_cli.main([str(runs), "--out", str(out)]) == EXIT_FAILED
     [line] = lines_of(capsys.readouterr().err)
     assert line == f"report.py: error: {out / 'report.md'}: no space left on device: the report was not written"
@@ -286,7 +285,7 @@ def test_a_full_disk_or_sigterm_while_the_report_is_written_leaves_no_temporary_
             write(tmp)
             os.kill(os.getpid(), signal.SIGTERM)
         return real(path, then_stop)
-    monkeypatch.setattr(study.report, "atomic_write", sigterm)
+    monkeypatch.setattr(reporting.report, "atomic_write", sigterm)
     assert report_cli.main([str(runs), "--out", str(out)]) == 143
     assert lines_of(capsys.readouterr().err)[-1] == "report.py: stopped by SIGTERM; report.md was not written"
     assert not (out / "report.md").exists() and not leftovers(out)

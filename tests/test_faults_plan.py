@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_faults import lines_of
 
 import study.jobs
 import train as train_cli
 from common.exit_codes import EXIT_USAGE
 from study.jobs import JobOptions, run_local
-from test_faults import lines_of
 from training.cli import failure_status
 from training.stopping import Interrupted
 

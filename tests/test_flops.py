@@ -14,8 +14,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qwen_mini import Qwen, QwenConfig
 from qwen_mini.flop_report import FlopCountError
-from qwen_mini.flops import (COSTS, count_forward, eval_flops, generation_flops, matmul_flops, register_counter,
-                             training_step_flops, unregister_counter)
+from qwen_mini.flops import (
+    COSTS,
+    count_forward,
+    eval_flops,
+    generation_flops,
+    matmul_flops,
+    register_counter,
+    training_step_flops,
+    unregister_counter,
+)
 from qwen_mini.model import MLP, meta_model
 
 # Hidden 8, 4 query heads and 2 key/value heads of width 4 (heads * head_dim = 16 != hidden: a wrong width shows),
@@ -171,8 +179,8 @@ def test_matches_torch_flop_counter_on_every_linear():
     assert len(linears) == 2 * (7 + 2 * 3) + 1  # 7 projections + 3 adapters x (A, B) per layer, LM head
     tokens = B * 5
     for name, linear in linears:
-        matmul = ours.select(lambda r: r.module == name and r.component.endswith("matmul"))
-        bias = ours.select(lambda r: r.module == name and r.component.endswith("bias"))
+        matmul = ours.select(lambda r, name=name: r.module == name and r.component.endswith("matmul"))
+        bias = ours.select(lambda r, name=name: r.module == name and r.component.endswith("bias"))
         assert torch_counts[name] - matmul == tokens * linear.out_features, name
         if linear.bias is not None:
             assert bias == tokens * linear.out_features and matmul + bias == torch_counts[name], name

@@ -5,13 +5,13 @@ import json
 import time
 
 import pytest
+from test_flops import HAND, HAND_STEP, inject_stand_in
 
 import flops as flops_cli
-from qwen_mini import QwenConfig
 from ledger import Ledger
+from qwen_mini import QwenConfig
 from qwen_mini.flops import count_forward
 from qwen_mini.model import meta_model
-from test_flops import HAND, HAND_STEP, inject_stand_in
 
 
 def run(capsys, *argv):

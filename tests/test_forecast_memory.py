@@ -5,8 +5,15 @@ import torch
 
 from data.dataset import make_eval_example
 from data.lotka_volterra import simulate
-from forecasting.forecast import (GenerationTooLarge, call_memory, call_plan, forecast_examples, generation_plan,
-                                  grammar_candidates, rows_per_call)
+from forecasting.forecast import (
+    GenerationTooLarge,
+    call_memory,
+    call_plan,
+    forecast_examples,
+    generation_plan,
+    grammar_candidates,
+    rows_per_call,
+)
 from qwen_mini import load_model_and_tokenizer
 from qwen_mini.flops import generation_flops
 from qwen_mini.generate import JUMP_TOKENS
@@ -43,7 +50,7 @@ def test_call_memory_holds_the_caches_generate_builds(tiny):
         prompt_cache = model.new_cache(2, prompt_len)
         model(torch.ones(2, prompt_len, dtype=torch.long), kv_cache=prompt_cache)
         shared = prompt_cache.share(3, suffix_len=new + JUMP_TOKENS)
-    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
     assert memory.per_prompt >= nbytes(prompt_cache.k + prompt_cache.v) / 2
     assert memory.per_row >= nbytes(shared.k + shared.v) / 6
     assert memory.of(2, 6) == 2 * memory.per_prompt + 6 * memory.per_row
@@ -52,7 +59,7 @@ def test_call_memory_holds_the_caches_generate_builds(tiny):
 def test_rows_per_call_fills_the_budget_and_an_explicit_batch_wins(tiny):
     model, _ = tiny
     memory = call_memory(model, 40, 20, head_rows=None)
-    gb = lambda n: n / 2 ** 30  # noqa: E731
+    gb = lambda n: n / 2 ** 30
     exactly_three = gb(memory.of(3, 3 * 4))  # three trajectories of 4 samples fit, a fourth does not
     assert rows_per_call(model, 40, 20, 4, memory_gb=exactly_three) == 12
     assert rows_per_call(model, 40, 20, 4, memory_gb=exactly_three - gb(1)) == 8

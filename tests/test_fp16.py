@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import PARITY_CONFIGS, hf_reference, left_padded_batch, write_checkpoint
+from test_train import Killed, comparable, kill_after, tiny_config, write_small_data
 
 import training.setup
 from common.devices import dtype_from_flag
-from conftest import PARITY_CONFIGS, hf_reference, left_padded_batch, write_checkpoint
-from test_train import Killed, comparable, kill_after, tiny_config, write_small_data
 from training import TrainConfig, read_metrics, train_run
 from training.setup import resolve_precision
 from training.stopping import TrainingDiverged

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import PARITY_CONFIGS, hf_reference, left_padded_batch, random_model, write_checkpoint
+
 from qwen_mini import PRESETS, QwenConfig, char_tokenizer, from_pretrained, generate, sample_next
 from qwen_mini.generate import DecodeStats, inverse_transform
 
@@ -18,7 +18,8 @@ def test_prefill_plus_incremental_steps_equal_full_forward():
     with torch.no_grad():
         full = model(input_ids, mask)
         cache = model.new_cache(3, 20)
-        pieces = [model(input_ids[:, a:b], mask[:, a:b], kv_cache=cache) for a, b in [(0, 8), (8, 9), (9, 12), (12, 14)]]
+        pieces = [model(input_ids[:, a:b], mask[:, a:b], kv_cache=cache)
+                  for a, b in [(0, 8), (8, 9), (9, 12), (12, 14)]]
     incremental = torch.cat(pieces, dim=1)
     assert ((incremental - full).abs() * mask[..., None]).max().item() <= 1e-5
     assert cache.length == 14
@@ -233,7 +234,7 @@ def test_jump_forward_writes_the_tokens_of_plain_decoding_in_fewer_forwards(samp
     digit, stop after the horizon) are appended without a draw and fed with the next step; the tokens of every row,
     sampled (seeded) as well as greedy, are those of plain decoding."""
     model, tokenizer = random_model(TINY, seed=21), char_tokenizer()
-    seeded = lambda: {"generator": torch.Generator().manual_seed(5)} if sampling else {}  # noqa: E731
+    seeded = lambda: {"generator": torch.Generator().manual_seed(5)} if sampling else {}
     plain, plain_stats = grammar_generation(model, tokenizer, PROMPTS, **sampling, **seeded())
     jumped, jump_stats = grammar_generation(model, tokenizer, PROMPTS, jump_forward=True, **sampling, **seeded())
     assert torch.equal(jumped, plain)

@@ -15,6 +15,8 @@ import shutil
 
 import pytest
 import torch
+from test_faults import lines_of
+from test_forecast import make_run_dir, one_thread  # noqa: F401 (an autouse fixture: one thread)
 
 import forecasting.cli
 import qwen_mini
@@ -24,8 +26,6 @@ from forecasting.config import ForecastConfig, ForecastConfigError
 from forecasting.source import from_run
 from ledger import RECORD_NAME
 from qwen_mini import sample_next
-from test_faults import lines_of
-from test_forecast import make_run_dir, one_thread  # noqa: F401 (an autouse fixture: one thread)
 
 QUICK = ["--horizon", "4", "--context", "10", "--quiet"]
 
@@ -233,12 +233,12 @@ def test_a_prompt_longer_than_the_models_positions_is_refused(tmp_path, capsys):
 
 
 def test_a_plan_asking_a_billion_samples_is_refused_at_once_not_counted(tmp_path, small_h5, capsys):
-    import study.flops_cli
+    import accounting.cli
 
     plan = tmp_path / "absurd.toml"
     plan.write_text(f'[study]\nname = "absurd"\n\n[train]\nmodel = "tiny"\ndata = "{small_h5}"\n\n[forecast]\n'
                     'num_samples = 1000000000\ntemperature = 1.0\n\n[[stage]]\nname = "zero_shot"\nforecast = "base"\n')
-    status = study.flops_cli.main(["--plan", str(plan), "--runs", str(tmp_path / "runs")])
+    status = accounting.cli.main(["--plan", str(plan), "--runs", str(tmp_path / "runs")])
     lines = lines_of(capsys.readouterr().err)
     assert status == EXIT_USAGE and len(lines) == 1, lines
     assert "[forecast]" in lines[0] and "num_samples must be at most 10000, got 1000000000" in lines[0], lines

@@ -13,13 +13,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import tiny_plan
+from test_train import write_small_data
 
 import train as train_cli
-from conftest import tiny_plan
 from ledger import Ledger, read_record, read_records
 from study.jobs import JobOptions, JobsFailed, run_stage_jobs
 from study.plan import PlanError, load_plan, stage_runs
-from test_train import write_small_data
 from training import read_metrics
 from training.budget import plan_run_flops
 from training.loop import train_run

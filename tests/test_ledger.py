@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from ledger import (BudgetExceeded, Ledger, LedgerError, MixedConventions, OutsideRunsDir, format_ledger, read_record,
-                    read_records, summary)
+from ledger import (
+    BudgetExceeded,
+    Ledger,
+    LedgerError,
+    MixedConventions,
+    OutsideRunsDir,
+    format_ledger,
+    read_record,
+    read_records,
+    summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +132,8 @@ def test_ledger_table(tmp_path):
 RESERVE_AND_DIE = """
 import os, sys, time
 from ledger import Ledger
-job = Ledger(sys.argv[1]).reserve(sys.argv[2], int(sys.argv[3]), kind="train", run_name=os.path.basename(sys.argv[2]), what="test")
+job = Ledger(sys.argv[1]).reserve(sys.argv[2], int(sys.argv[3]), kind="train",
+                                  run_name=os.path.basename(sys.argv[2]), what="test")
 job.add("train", 40)
 print("reserved", flush=True)
 if sys.argv[4] == "die":

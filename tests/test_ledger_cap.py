@@ -9,18 +9,27 @@ import json
 import re
 
 import pytest
-
-import forecasting.cli
-import report
-import study.flops_cli
-import train
-from common.exit_codes import EXIT_OVER_BUDGET, EXIT_USAGE
 from conftest import tiny_plan
-from ledger import (CAP_NAME, BudgetExceeded, CapConflict, Ledger, LedgerError, read_cap, read_record, read_records,
-                    totals)
-from qwen_mini.flop_report import format_flops
 from test_faults import lines_of
 from test_train import write_small_data
+
+import accounting.cli
+import forecasting.cli
+import report
+import train
+from common.exit_codes import EXIT_OVER_BUDGET, EXIT_USAGE
+from ledger import (
+    CAP_NAME,
+    BudgetExceeded,
+    CapConflict,
+    Ledger,
+    LedgerError,
+    read_cap,
+    read_record,
+    read_records,
+    totals,
+)
+from qwen_mini.flop_report import format_flops
 
 
 def run_main(main, capsys, *argv) -> tuple[int, str, list[str]]:
@@ -66,7 +75,7 @@ def test_a_refused_or_unbudgeted_job_records_no_cap(tmp_path):
 def test_a_damaged_cap_file_is_named_not_guessed(tmp_path):
     (tmp_path / CAP_NAME).write_text('{"max_flops": -5}')
     with pytest.raises(LedgerError, match=re.escape(str(tmp_path / CAP_NAME))):
-        Ledger(tmp_path).max_flops
+        _ = Ledger(tmp_path).max_flops  # reading the cap is what raises
 
 
 def test_a_plain_forecast_after_a_plan_draws_on_the_plans_cap(tmp_path, small_data, capsys):
@@ -76,7 +85,7 @@ def test_a_plain_forecast_after_a_plan_draws_on_the_plans_cap(tmp_path, small_da
     runs, plan = tmp_path / "runs", tmp_path / "small.toml"
     text = tiny_plan("small", small_data, '[[stage]]\nname = "final"\nsteps = 2\n')
     plan.write_text(text)
-    status, out, _ = run_main(study.flops_cli.main, capsys, "--plan", plan, "--runs", runs, "--json")
+    status, out, _ = run_main(accounting.cli.main, capsys, "--plan", plan, "--runs", runs, "--json")
     needed = json.loads(out)["total"]  # the plan's training and validation, exactly
     plan.write_text(text.replace("[study]\n", f"[study]\nmax_flops = {needed}\n"))
     status, out, lines = run_main(train.main, capsys, "--plan", plan, "--runs-dir", runs)
@@ -90,7 +99,7 @@ def test_a_plain_forecast_after_a_plan_draws_on_the_plans_cap(tmp_path, small_da
     assert status == EXIT_OVER_BUDGET and len(refusals) == 1, lines
     assert f"> budget {format_flops(needed)}" in refusals[0] and "0 FLOPs left" in refusals[0], lines
     assert totals(read_records(runs)).spent == spent  # nothing spent past the plan's cap
-    status, out, _ = run_main(study.flops_cli.main, capsys, "--model", "tiny", "--runs", runs)
+    status, out, _ = run_main(accounting.cli.main, capsys, "--model", "tiny", "--runs", runs)
     budget_line = next(line for line in out.splitlines() if line.startswith("budget"))
     assert f"cap recorded in {runs / CAP_NAME}" in budget_line and "train.py" in budget_line, budget_line
     assert "100.00% of the budget" not in out
@@ -106,7 +115,7 @@ def test_another_cap_is_refused_by_every_tool_and_changed_only_explicitly(tmp_pa
     assert run_main(forecasting.cli.main, capsys, *common, "--max-flops", "1e12", "--out", runs / "a")[0] == 0
     assert read_cap(runs).max_flops == 10 ** 12
     for main, argv in ((forecasting.cli.main, [*common, "--max-flops", "1e17", "--out", runs / "b"]),
-                       (study.flops_cli.main, ["--model", "tiny", "--runs", runs, "--max-flops", "1e17"]),
+                       (accounting.cli.main, ["--model", "tiny", "--runs", runs, "--max-flops", "1e17"]),
                        (train.main, ["--model", "tiny", "--data", small_data, "--steps", "1", "--ctx", "32",
                                             "--batch", "2", "--val-batches", "1", "--runs-dir", runs,
                                             "--out", runs / "t", "--max-flops", "1e17"])):
@@ -117,7 +126,7 @@ def test_another_cap_is_refused_by_every_tool_and_changed_only_explicitly(tmp_pa
     assert not (runs / "b").exists() and not (runs / "t").exists()
     status, _, lines = run_main(forecasting.cli.main, capsys, *common, "--change-max-flops", "--out", runs / "b")
     assert status == EXIT_USAGE and "--change-max-flops needs --max-flops" in lines[0]
-    status, out, _ = run_main(study.flops_cli.main, capsys, "--model", "tiny", "--runs", runs, "--max-flops", "3e12",
+    status, out, _ = run_main(accounting.cli.main, capsys, "--model", "tiny", "--runs", runs, "--max-flops", "3e12",
                               "--change-max-flops")
     assert status == 0 and "3.0e12 FLOPs is now the cap" in out
     assert read_cap(runs).max_flops == 3 * 10 ** 12 and read_cap(runs).changes[0]["max_flops"] == 10 ** 12
@@ -167,9 +176,9 @@ def test_a_record_with_an_untrusted_lock_is_named_the_rest_reported_and_settle_d
     text = (runs / "report.md").read_text()
     assert "bad/flops.json" in text and "good" in text
     capsys.readouterr()
-    status, out, lines = run_main(study.flops_cli.main, capsys, "--model", "tiny", "--runs", runs, "--settle")
+    status, out, lines = run_main(accounting.cli.main, capsys, "--model", "tiny", "--runs", runs, "--settle")
     assert status == EXIT_USAGE and "--drop-untrusted" in lines[0], lines  # --settle alone names it, changes nothing
-    status, out, lines = run_main(study.flops_cli.main, capsys, "--model", "tiny", "--runs", runs, "--settle",
+    status, out, lines = run_main(accounting.cli.main, capsys, "--model", "tiny", "--runs", runs, "--settle",
                                   "--drop-untrusted")
     assert status == 0, lines
     assert "bad: released 990 FLOPs" in out and "not a lock file beside" in out, out

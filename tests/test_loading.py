@@ -3,11 +3,10 @@ import json
 
 import pytest
 import torch
+from conftest import PARITY_CONFIGS, QWEN_TOKENIZER_DIR, write_checkpoint
 from safetensors.torch import load_file, save_file
 
-from conftest import PARITY_CONFIGS, QWEN_TOKENIZER_DIR, write_checkpoint
-from qwen_mini import (CheckpointError, CheckpointNotFound, ConfigError, QwenConfig, from_pretrained,
-                       save_pretrained)
+from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError, QwenConfig, from_pretrained, save_pretrained
 
 CONFIG = PARITY_CONFIGS["untied"]
 

@@ -123,14 +123,15 @@ def test_merge_matches_unmerged_and_unmerge_restores_weights():
     model = tiny_model()
     lora.inject(model, rank=4, alpha=8, targets=ALL)
     randomize_b(model, std=0.5)
-    base_weights = {n: l.base_layer.weight.detach().clone() for n, l in lora.lora_layers(model)}
+    base_weights = {n: layer.base_layer.weight.detach().clone() for n, layer in lora.lora_layers(model)}
     x, mask = ids(), torch.ones(2, 7, dtype=torch.long)
     mask[0, :2] = 0  # left padding takes the masked attention path
     with torch.no_grad():
         unmerged = model(x, attention_mask=mask)
         assert lora.merge_all(model) == 14
-        assert all(l.merged for _, l in lora.lora_layers(model))
-        changed = [n for n, l in lora.lora_layers(model) if not torch.equal(l.base_layer.weight, base_weights[n])]
+        assert all(layer.merged for _, layer in lora.lora_layers(model))
+        changed = [n for n, layer in lora.lora_layers(model)
+                   if not torch.equal(layer.base_layer.weight, base_weights[n])]
         assert len(changed) == 14
         merged = model(x, attention_mask=mask)
         lora.merge_all(model)  # idempotent: merging twice must not add the update twice
@@ -168,7 +169,8 @@ def test_only_lora_parameters_train():
     model = tiny_model()
     n = lora.inject(model, rank=4, alpha=4, targets=("q_proj", "v_proj", "up_proj"))
     randomize_b(model)  # with B = 0, A's gradient would be exactly zero
-    lora_params = {id(p) for _, l in lora.lora_layers(model) for p in (l.lora_A.weight, l.lora_B.weight)}
+    lora_params = {id(p) for _, layer in lora.lora_layers(model)
+                   for p in (layer.lora_A.weight, layer.lora_B.weight)}
     assert n == sum(p.numel() for p in lora.trainable_parameters(model))
     assert {id(p) for p in lora.trainable_parameters(model)} == lora_params
     frozen_before = {k: v.detach().clone() for k, v in model.named_parameters() if id(v) not in lora_params}
@@ -266,7 +268,7 @@ def test_save_and_load_round_trip(tmp_path):
     layer = fresh.model.layers[1].mlp.gate_proj
     assert isinstance(layer, LoRALinear) and (layer.rank, layer.alpha, layer.scaling) == (4, 8, 2.0)
     assert {id(p) for p in lora.trainable_parameters(fresh)} == \
-        {id(p) for _, l in lora.lora_layers(fresh) for p in (l.lora_A.weight, l.lora_B.weight)}
+        {id(p) for _, layer in lora.lora_layers(fresh) for p in (layer.lora_A.weight, layer.lora_B.weight)}
     # A model that already has matching LoRA layers (resuming training) loads the same weights.
     resumed = tiny_model()
     lora.inject(resumed, rank=4, alpha=8, targets=("gate_proj", "q_proj", "v_proj"))

@@ -129,7 +129,7 @@ def test_our_adapter_loads_in_peft(base_dir, tmp_path):
     lora.inject(ours, rank=RANK, alpha=ALPHA, targets=TARGETS)
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
-        for name, t in lora.lora_state_dict(ours).items():
+        for t in lora.lora_state_dict(ours).values():
             t.copy_(torch.randn(t.shape, generator=g) * 0.2)
     lora.save_adapter(ours, tmp_path, base_model_name_or_path=str(base_dir))
     ref = peft.PeftModel.from_pretrained(hf_model(base_dir), tmp_path)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import PARITY_CONFIGS, random_model
+
 from qwen_mini.loss import causal_lm_loss
 
 

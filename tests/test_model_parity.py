@@ -1,10 +1,9 @@
 """Logit parity with HF transformers' Qwen2ForCausalLM loaded from the same safetensors files."""
 import pytest
 import torch
-
 from conftest import PARITY_CONFIGS, left_padded_batch, write_checkpoint
-from qwen_mini import Qwen, QwenConfig
 
+from qwen_mini import Qwen, QwenConfig
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -118,6 +117,7 @@ def reduced_precision_failures(directory, config, precision: str, device: str) -
     import contextlib
 
     from conftest import hf_reference
+
     from qwen_mini import from_pretrained, generate
 
     weights_dtype, use_autocast = PRECISIONS[precision]

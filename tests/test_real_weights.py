@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-
 HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 
 

@@ -12,11 +12,11 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import LV_H5, tiny_plan
 
 import forecast
 import report as report_cli
 import train
-from conftest import LV_H5, tiny_plan
 from ledger.records import new_record
 
 TABLE_ROW = re.compile(r"^\|.*\|$")
@@ -88,8 +88,8 @@ def section(text: str, name: str) -> str:
 # ---- the bootstrap -------------------------------------------------------------------------------------------------
 
 def test_the_paired_bootstrap_interval_is_the_hand_example():
-    from study import report_format as fmt
-    from study.report_uncertainty import paired_bootstrap
+    from reporting import format as fmt
+    from reporting.uncertainty import paired_bootstrap
 
     # Two trajectories: fine-tuned MSE 1 and 3, reference 4 and 4. A resample takes (1, 1), (3, 3) or one of each:
     # the ratio of the means is 1/4, 3/4 or 2/4 with probabilities 1/4, 1/4, 1/2, so the 2.5th and 97.5th
@@ -107,7 +107,7 @@ def test_the_paired_bootstrap_interval_is_the_hand_example():
 
 
 def test_changes_read_as_factors_past_100_percent_and_equal_values_as_equal():
-    from study import report_format as fmt
+    from reporting import format as fmt
 
     assert fmt.relative(88.737, 1.0) == "x88.7" and fmt.relative(1530.5, 1.0) == "x1530"
     assert fmt.relative(0.51, 1.0) == "-49.0 %" and fmt.relative(1.632, 1.0) == "+63.2 %"

@@ -11,19 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LV_H5, tiny_plan
+from test_study import write_plan
 
 import report as report_cli
-from conftest import tiny_plan
 import train
-from conftest import LV_H5
 from data.dataset import IGNORE_INDEX
-from qwen_mini.flop_report import format_flops
 from qwen_mini.config import QwenConfig
+from qwen_mini.flop_report import format_flops
 from qwen_mini.loss import causal_lm_loss, token_losses
 from qwen_mini.model import Qwen
 from study.plan import PlanError, best_run, load_plan, stage_runs
 from study.selection import choose_best, choose_by_forecast, forecast_score
-from test_study import write_plan
 from training.validation import last_target_counts, last_targets_mask
 
 

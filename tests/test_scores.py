@@ -9,9 +9,21 @@ import torch
 import forecast
 from data.lotka_volterra import save, simulate
 from forecasting.evaluate import json_safe
-from forecasting.scores import (MethodForecast, SavedForecasts, crps, naive_scale, pinball_loss, probabilistic_scores,
-                                read_samples, sample_quantiles, score_methods, scores_from_samples,
-                                trajectory_scores, weighted_quantile_loss, write_samples)
+from forecasting.scores import (
+    MethodForecast,
+    SavedForecasts,
+    crps,
+    naive_scale,
+    pinball_loss,
+    probabilistic_scores,
+    read_samples,
+    sample_quantiles,
+    score_methods,
+    scores_from_samples,
+    trajectory_scores,
+    weighted_quantile_loss,
+    write_samples,
+)
 
 SPECIES = ("prey", "predator")
 

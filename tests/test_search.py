@@ -8,21 +8,21 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_plan
+from test_train import comparable, write_small_data
 
 import flops as flops_cli
 import report as report_cli
 import train as train_cli
 from ledger import Ledger, read_record
 from study import search as search_module
+from study import standing
 from study.estimate import estimate_plan
 from study.halving import Cut, SearchSpec, cut_rung, keep_count, rung_steps, survivor_counts
-from study.plan import PlanError, load_plan, resolve
+from study.plan import PlanError, load_plan
 from study.run import run_plan
-from test_train import comparable, write_small_data
+from study.standing import resolve
 from training import TrainConfig, read_metrics, train_run
-from training.budget import plan_run_flops
 from training.stopping import TrainingDiverged
 
 LRS = [1e-4, 1e-3, 3e-3, 1e-2]
@@ -167,7 +167,8 @@ def test_which_configurations_reach_which_steps(searched):
     for rung in record["rungs"]:
         steps = rung["steps"]
         scores = {name: lowest_loss_up_to(stage_dir / name, steps) for name in alive}
-        assert rung["runs"] == sorted(rung["runs"], key=lambda n: list(first).index(n)) and set(rung["runs"]) == set(alive)
+        assert rung["runs"] == sorted(rung["runs"], key=lambda n: list(first).index(n))
+        assert set(rung["runs"]) == set(alive)
         for name in alive:
             reached[name] = steps
         if "winner" in rung:
@@ -315,19 +316,17 @@ def test_a_diverged_configuration_is_cut_not_a_failed_study(tmp_path, small_data
 def test_ties_within_the_noise_go_on_only_while_the_plan_fits_and_the_verdict_is_kept(tmp_path, small_data,
                                                                                       monkeypatch):
     plan_path, runs = write(tmp_path / "t.toml", small_data, SEARCH), tmp_path / "runs"
-    real_cut = search_module.cut_rung
+    real_cut = standing.cut_rung
 
     def a_tie_at_the_first_rung(scores, eta, noise):  # the third within the noise of the second
         return Cut([0, 1], [2], [3]) if len(scores) == 4 else real_cut(scores, eta, noise)
 
-    monkeypatch.setattr(search_module, "cut_rung", a_tie_at_the_first_rung)
+    monkeypatch.setattr(standing, "cut_rung", a_tie_at_the_first_rung)
 
     class DoesNotFit:
         fits = False
 
-    import study.estimate
-
-    monkeypatch.setattr(study.estimate, "estimate_plan", lambda plan: DoesNotFit())
+    monkeypatch.setattr(search_module, "estimate_plan", lambda plan: DoesNotFit())
     lines = []
     run_plan(load_plan(plan_path, runs_dir=runs), progress=False, log=lines.append)
     record = json.loads((runs / "t" / "study.json").read_text())["stages"][0]
@@ -336,16 +335,17 @@ def test_ties_within_the_noise_go_on_only_while_the_plan_fits_and_the_verdict_is
     assert any("would not leave the rest of the plan room in the budget" in line for line in lines)
     tie_dir = runs / "t" / "search" / first["runs"][2]
     assert read_metrics(tie_dir)[-1]["step"] == 2  # cut at the first rung
-    monkeypatch.setattr(study.estimate, "estimate_plan", lambda plan: type("Fits", (), {"fits": True})())
+    monkeypatch.setattr(search_module, "estimate_plan", lambda plan: type("Fits", (), {"fits": True})())
     run_plan(load_plan(plan_path, runs_dir=runs), progress=False, log=lambda line: None)
     assert read_metrics(tie_dir)[-1]["step"] == 2  # the recorded verdict holds on a rerun: not trained on
     assert json.loads((runs / "t" / "study.json").read_text())["stages"][0]["rungs"][0] == first
 
 
 def test_ties_within_the_noise_go_on_when_the_plan_fits(tmp_path, small_data, monkeypatch):
-    plan_path, runs = write(tmp_path / "f.toml", small_data, SEARCH.replace("steps = 8", "steps = 4")), tmp_path / "runs"
-    real_cut = search_module.cut_rung
-    monkeypatch.setattr(search_module, "cut_rung", lambda scores, eta, noise:
+    plan_path = write(tmp_path / "f.toml", small_data, SEARCH.replace("steps = 8", "steps = 4"))
+    runs = tmp_path / "runs"
+    real_cut = standing.cut_rung
+    monkeypatch.setattr(standing, "cut_rung", lambda scores, eta, noise:
                         Cut([0, 1], [2], [3]) if len(scores) == 4 else real_cut(scores, eta, noise))
     run_plan(load_plan(plan_path, runs_dir=runs), progress=False, log=lambda line: None)
     first = json.loads((runs / "f" / "study.json").read_text())["stages"][0]["rungs"][0]
@@ -413,7 +413,8 @@ def test_the_noise_is_measured_on_the_criterion_the_cuts_use(tmp_path, small_dat
     n = max(counts)
 
     def last_n(run_dir):
-        return min(m["val_loss_last"][str(n)] for m in read_metrics(run_dir) if m["step"] <= 2 and m.get("val_loss_last"))
+        return min(m["val_loss_last"][str(n)] for m in read_metrics(run_dir)
+                   if m["step"] <= 2 and m.get("val_loss_last"))
 
     first = record["rungs"][0]
     assert first["scores"] == pytest.approx([last_n(d) for d in dirs[:2]], abs=0)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import PARITY_CONFIGS, left_padded_batch, random_model
+
 from qwen_mini import PRESETS, QwenConfig, char_tokenizer, generate
 from qwen_mini.generate import DecodeStats, decode_step
 from qwen_mini.model import merge_attention, partial_attention, shared_prefix_attention

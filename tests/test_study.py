@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_plan
+from test_train import write_small_data
 
 import flops as flops_cli
 import forecast as forecast_cli
@@ -20,8 +20,8 @@ import report as report_cli
 import train as train_cli
 from ledger import Ledger, read_record, read_records
 from study.estimate import estimate_plan
-from study.plan import PlanError, best_run, load_plan, resolve, stage_runs
-from test_train import write_small_data
+from study.plan import PlanError, best_run, load_plan, stage_runs
+from study.standing import resolve
 from training import TrainConfig, read_metrics
 from training.budget import plan_run_flops
 

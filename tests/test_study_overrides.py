@@ -7,12 +7,11 @@ import argparse
 import json
 
 import pytest
+from test_train import write_small_data
 
 import train as train_cli
 from common.args import typed_dests
 from common.fileio import sha256_file
-from data.lotka_volterra import default_data_path
-from test_train import write_small_data
 
 
 def test_typed_dests_names_a_flag_given_with_its_default_value():

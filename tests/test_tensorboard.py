@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from conftest import tiny_plan
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import Killed, kill_after, tiny_config, write_small_data
 
-import train as train_cli  # noqa: E402
-from study.plan import PlanError, load_plan  # noqa: E402
-from conftest import tiny_plan  # noqa: E402
-from test_train import Killed, kill_after, tiny_config, write_small_data  # noqa: E402
-from training import read_metrics, train_run  # noqa: E402
-from training.tensorboard import FLOPS_DIR, STEP_TAGS  # noqa: E402
+import train as train_cli
+from study.plan import PlanError, load_plan
+from training import read_metrics, train_run
+from training.tensorboard import FLOPS_DIR, STEP_TAGS
 
 TINY = ["--model", "tiny", "--batch", "2", "--ctx", "32", "--val-batches", "1", "--rank", "2", "--lr", "1e-3",
         "--checkpoint-every", "0"]

@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train import write_small_data
 
+from common.exit_codes import EXIT_OVER_BUDGET
 from ledger import Ledger, read_records
 from qwen_mini.flop_report import format_flops
-from test_train import write_small_data
 from training import TrainConfig, read_metrics, read_run_config
-from common.exit_codes import EXIT_OVER_BUDGET
-from training.cli import main
 from training.budget import per_step_flops, plan_run_flops
+from training.cli import main
 
 TINY = ["--model", "tiny", "--ctx", "64", "--batch", "2", "--val-batches", "1"]
 

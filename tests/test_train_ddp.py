@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_train import write_small_data
+
 from training import TrainConfig, read_metrics, read_run_config, train_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_faults import lines_of
+from test_train import tiny_config, write_small_data
 
 import train as train_cli
 from common.exit_codes import EXIT_OVER_BUDGET, EXIT_USAGE
 from data.lotka_volterra import save, simulate
 from ledger import read_records
-from test_faults import lines_of
-from test_train import tiny_config, write_small_data
 from training import train_run
 from training.budget import evaluation_count
 from training.cli import failure_status

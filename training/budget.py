@@ -116,7 +116,8 @@ def proven_spending(run_dir: Path, per_step: int, eval_pass: int) -> tuple[dict[
     passes = sum(row.get("val_loss") is not None for row in later)
     proof = (f"{CHECKPOINT_NAME} (step {saved_step}) and " if state is not None else "") + \
         f"{METRICS_NAME} ({steps} step(s), {passes} validation pass(es) after it)"
-    return {"train": train + steps * per_step, "eval": spent_eval + passes * eval_pass}, saved_step + steps, passes, proof
+    flops = {"train": train + steps * per_step, "eval": spent_eval + passes * eval_pass}
+    return flops, saved_step + steps, passes, proof
 
 
 def rebuild_lost_record(config: TrainConfig, ledger: Ledger, start: ResumePoint, plan: RunFlopPlan, gqa: str

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.lotka_volterra import SPLIT_MODES, DataError
-from qwen_mini import CheckpointError, CheckpointNotFound, ConfigError as ModelConfigError
-from ledger import BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
-from ledger.flags import CHANGE_MAX_FLOPS_HELP, MAX_FLOPS_HELP, add_budget_arguments
-from lora import check_targets
 from common.args import non_negative_float, non_negative_int, positive_float, positive_int, seed_int, typed_dests
 from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
 from common.fileio import os_error_text
+from data.lotka_volterra import SPLIT_MODES, DataError
+from ledger import BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
+from ledger.flags import CHANGE_MAX_FLOPS_HELP, MAX_FLOPS_HELP, add_budget_arguments
+from lora import check_targets
+from qwen_mini import CheckpointError, CheckpointNotFound
+from qwen_mini import ConfigError as ModelConfigError
 
 from .config import DEFAULT_MODEL, DTYPES, SCHEDULES, ConfigError, TrainConfig
 from .distributed import from_environment, shutdown
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None, run_plan=None, plan_arguments=None) -> i
             results = [train_run(configs[0], dist=dist)]
         else:
             results = run_grid(configs, dist=dist)
-    except BaseException as e:  # noqa: BLE001 (each failure the user can act on is one line; the rest re-raise)
+    except BaseException as e:
         again = "the same command" + ("" if args.plan is not None else " with --resume")
         status = failure_status(e, "train.py", again, configs)
         if status is None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.args import MAX_SEED
-from common.devices import DTYPES  # noqa: F401  (re-exported: the --dtype choices)
+from common.devices import DTYPES
 from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT
 from data.lotka_volterra import SPLIT_MODES

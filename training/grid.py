@@ -9,13 +9,13 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from ledger import BudgetExceeded, Ledger
 from common.fileio import write_json_atomic
+from ledger import BudgetExceeded, Ledger
 from qwen_mini.flop_report import format_flops, log10
 
+from .budget import check_inside_runs_dir, plan_run_flops
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed
-from .budget import check_inside_runs_dir, plan_run_flops
 from .loop import train_run
 from .run import FINAL_TRAIN_STEPS, RunDirError, RunResult
 from .rundir import holds_run, resume_point

@@ -27,9 +27,9 @@ import math
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -46,11 +46,29 @@ from .checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed
 from .plot import plot_losses
-from .run import (ADAPTER_DIR, CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, MODEL_DIR, PLOT_NAME, RunDirError,
-                  RunResult, read_metrics)
+from .run import (
+    ADAPTER_DIR,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    METRICS_NAME,
+    MODEL_DIR,
+    PLOT_NAME,
+    RunDirError,
+    RunResult,
+    read_metrics,
+)
 from .rundir import check_same_trajectory, claim_run_dir
-from .setup import (build_optimizer, build_training_model, check_settings, lr_factor, optimizer_step,
-                    overflow_skipped, resolve_device, resolve_precision, summed_token_loss)
+from .setup import (
+    build_optimizer,
+    build_training_model,
+    check_settings,
+    lr_factor,
+    optimizer_step,
+    overflow_skipped,
+    resolve_device,
+    resolve_precision,
+    summed_token_loss,
+)
 from .stopping import Interrupted, StopSignals, TrainingDiverged
 from .tensorboard import NoBoard, open_board, summary_writer_class
 from .validation import validation_losses

@@ -17,8 +17,17 @@ from ledger import RECORD_NAME, read_record, record_present
 
 from .checkpoint import read_checkpoint
 from .config import TRAJECTORY_KEYS, TrainConfig
-from .run import (ADAPTER_DIR, CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, METRICS_NAME, MODEL_DIR, RunDirError,
-                  read_metrics, read_run_config)
+from .run import (
+    ADAPTER_DIR,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    LOCK_NAME,
+    METRICS_NAME,
+    MODEL_DIR,
+    RunDirError,
+    read_metrics,
+    read_run_config,
+)
 
 # Files whose presence means a run directory already holds a run.
 RUN_FILES = (CONFIG_NAME, METRICS_NAME, CHECKPOINT_NAME, RECORD_NAME)

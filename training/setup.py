@@ -17,7 +17,8 @@ import lora
 from common.devices import device_from_flag, dtype_from_flag
 from data.lotka_volterra import trajectories_shape
 from qwen_mini import load_model_and_tokenizer
-from qwen_mini.config import TINY_MODEL_SEED, ConfigError as ModelConfigError, config_for_model
+from qwen_mini.config import TINY_MODEL_SEED, config_for_model
+from qwen_mini.config import ConfigError as ModelConfigError
 from qwen_mini.loss import causal_lm_loss
 
 from .config import ConfigError, TrainConfig

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report_format as fmt
+from . import format as fmt
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0

@@ -13,10 +13,10 @@ from pathlib import Path
 from qwen_mini.flop_report import format_flops
 from training.config import TRAJECTORY_KEYS
 
-from . import report_figures as figs
-from . import report_format as fmt
-from .report_figures import slug
-from .report_runs import Group, Noise, RunInfo, improved, ranking
+from . import figures as figs
+from . import format as fmt
+from .figures import slug
+from .runs import Group, Noise, RunInfo, improved, ranking
 
 SHARED_SETTINGS = (("model", "model"), ("rank", "LoRA rank"), ("targets", "LoRA on"), ("lr", "lr"),
                    ("batch", "batch"), ("ctx", "ctx"), ("steps", "steps"), ("seed", "seed"), ("data", "data"))
@@ -132,11 +132,11 @@ def group_section(group: Group, figures: Path, out: Path, noise: Noise, budget: 
 
 
 def search_lines(group: Group, figures: Path, out: Path) -> list[str]:
-    """A successive-halving stage's rungs (study.report_search, the lead's)."""
+    """A successive-halving stage's rungs (reporting.search, the lead's)."""
     if not group.record.get("search"):
         return []
     try:
-        from .report_search import search_section
+        from .search import search_section
     except ImportError:  # an older checkout without the search report: the stage's runs above still stand
         return []
     try:

@@ -5,7 +5,7 @@ shipped), or one found in the ledger outside any study (`forecast.py --run R`, o
 whose record is its output directory's). Its rows: the fine-tuned model (a trained run's forecast), the zero-shot
 model (the forecast's own "untrained" baseline, the study's `forecast = "base"` stage over the same trajectories and
 protocol, or the plain model itself) and every baseline. The tables, figures and the bootstrap intervals of each
-result are written by report_forecasts.py.
+result are written by forecasts.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from forecasting.metrics import SPECIES
 from ledger import Record, record_label
 from training.run import CONFIG_NAME, METRICS_NAME
 
-from .report_uncertainty import TrajectoryErrors, read_trajectory_errors
+from .uncertainty import TrajectoryErrors, read_trajectory_errors
 
 FINE_TUNED, ZERO_SHOT = "fine-tuned", "zero-shot"
 GENERATED = {"model": None, "untrained": ZERO_SHOT}  # metrics.json's generated methods -> rows (None: the subject)

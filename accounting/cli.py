@@ -1,6 +1,6 @@
 """flops.py's three views: one training step's FLOPs per layer, counted from the model's own modules on the meta
 device (`main` without --runs or --plan); the FLOP ledger of a runs directory, with --settle and whether a planned
-run fits (`show_ledger`); a study plan's FLOPs stage by stage (`show_plan`). It sits in study, above training, lora
+run fits (`show_ledger`); a study plan's FLOPs stage by stage (`show_plan`). It sits above study, training, lora
 and the ledger, because the plan view needs `study.estimate`."""
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from qwen_mini import PRESETS, ConfigError, QwenConfig
 from qwen_mini.config import HUB_PRESETS, config_for_model
 from qwen_mini.flop_report import FlopCountError, format_flops, log10
 from qwen_mini.flops import COSTS, count_forward
+from study.estimate import estimate_plan, format_estimate
+from study.plan import PlanError, load_plan
 from training.cli import target_list
 from training.config import TrainConfig
-
-from .estimate import estimate_plan, format_estimate
-from .plan import PlanError, load_plan
 
 # Defaults of train.py (TrainConfig's): the setting the users quote; the model is its architecture's preset.
 DEFAULT_MODEL = "qwen2.5-0.5b"

@@ -14,9 +14,9 @@ from qwen_mini.config import QwenConfig
 from qwen_mini.flop_report import BACKWARD_FACTOR, FlopReport, format_flops
 from qwen_mini.flops import COSTS, count_forward
 
-from . import report_format as fmt
-from .report_figures import plot_budget
-from .report_results import moved_out
+from . import format as fmt
+from .figures import plot_budget
+from .results import moved_out
 
 # Component groups of the per-step table, in model order: (label, test on FlopReport.by_component's key).
 COMPONENTS = (
@@ -135,7 +135,7 @@ def reconciliation(gqa_used: str) -> list[str]:
     parts = component_steps(report)
     lm_head, mlp = parts["LM head"], parts["MLP (gate, up, SiLU, down)"]
     qkv = sum(parts[k] for k in ("q projection", "k projection", "v projection"))
-    share = lambda flops: f"{100 * flops / report.step:.1f} %"  # noqa: E731
+    share = lambda flops: f"{100 * flops / report.step:.1f} %"
     return [
         f"The five seed reports count one step of Qwen2.5-0.5B at batch 4 x 512 with LoRA r4 on q, v; ours, counted "
         f"the way they count attention (gqa=mha), is {format_flops(report.step, 4)} FLOPs "
@@ -212,7 +212,7 @@ def left_share(records: list[Record], budget: int) -> str:
 
 def flop_section(settings: list[StepSetting], records: list[Record], runs_dir: Path, gains: list, budget: int,
                  gqa: str) -> list[str]:
-    """`gains`: per stage (study order) its FLOPs and what they bought (report_findings.StageGain)."""
+    """`gains`: per stage (study order) its FLOPs and what they bought (findings.StageGain)."""
     lines = ["## FLOPs", "", f"Attention convention of every count here: gqa={gqa}.", ""]
     lines += fmt.table(["rule", "count"], [[rule, text] for rule, text in RULES]) + [""]
     if settings:

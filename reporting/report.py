@@ -2,20 +2,20 @@
 a student can hand in next to the coursework reports, and one a marker can check: every number of the Findings and
 Conclusions is printed, the same way, in a table of the report.
 
-    # Report: <model> fine-tuned with LoRA on <data>     the first line (report_setup.py)
+    # Report: <model> fine-tuned with LoRA on <data>     the first line (setup.py)
     ## Findings      each stage's winner, by which criterion and margin, against the noise measured on that
                      criterion, split into what step 0 held and what training added where the settings change the
                      untouched model; fine-tuned vs zero-shot with paired bootstrap intervals; every baseline the
-                     fine-tuned model loses to, by score (report_findings.py)
+                     fine-tuned model loses to, by score (findings.py)
     ## Conclusions   what fine-tuning bought, which settings mattered, what the budget bought, what to try next
     ## Setup         the model's architecture, an LLMTIME example (text, tokens, scaler), the split
     ## Runs          the seed replicates and the noise; per stage in the study's order: its Runs table (short
-                     names), winner, margin table, loss curves, heat map, loss against context (report_stages.py)
+                     names), winner, margin table, loss curves, heat map, loss against context (stages.py)
     ## Results       per forecast: fine-tuned, zero-shot and baselines per species, the changes, the bootstrap
                      intervals, loss curve, error against horizon, error distribution, trajectories
-                     (report_forecasts.py)
+                     (forecasts.py)
     ## Budget, ## FLOPs   the ledger against the budget, counting rules, per component, per stage with what it
-                     bought, per record, the reconciliation with the seed reports (report_flops.py)
+                     bought, per record, the reconciliation with the seed reports (flops.py)
     ## Unreadable    runs and forecasts the report could not read, by name (also on stderr)
 
 Everything is read from disk: the report can be written again at any time.
@@ -28,16 +28,16 @@ from pathlib import Path
 
 from common.fileio import atomic_write
 from ledger import DEFAULT_BUDGET, LedgerError, read_cap, read_records
+from study.plan import STUDY_FILE
 from training.run import PLOT_NAME
 
-from .plan import STUDY_FILE
-from .report_findings import conclusions, findings, stage_gain, StageGain
-from .report_flops import budget_section, flop_section, left_share, stage_flops, step_setting
-from .report_forecasts import results_section
-from .report_results import forecast_results, moved_study
-from .report_runs import collect_groups, collect_runs, measure_noise, seed_replicates
-from .report_setup import data_files, overview, setup_section, title
-from .report_stages import group_section, noise_section
+from .findings import StageGain, conclusions, findings, stage_gain
+from .flops import budget_section, flop_section, left_share, stage_flops, step_setting
+from .forecasts import results_section
+from .results import forecast_results, moved_study
+from .runs import collect_groups, collect_runs, measure_noise, seed_replicates
+from .setup import data_files, overview, setup_section, title
+from .stages import group_section, noise_section
 
 REPORT_NAME = "report.md"
 

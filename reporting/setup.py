@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import report_format as fmt
-from .report_results import StageResult
-from .report_runs import RunInfo
+from . import format as fmt
+from .results import StageResult
+from .runs import RunInfo
 
 REAL_MODEL = "Qwen2.5-0.5B"
 STAND_INS = ("series-tiny", "lv-tiny")  # the shipped bases (models/, models.recipe.RECIPES)

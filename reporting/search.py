@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen_mini.flop_report import format_flops
+from study.selection import run_metrics
 
-from . import report_figures as figs
-from .report_format import loss
-from .selection import run_metrics
+from . import figures as figs
+from .format import loss
 
 OUTCOME_ORDER = {"winner": 0, "reached the top": 1}
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ledger import KINDS, Record
+from study.selection import best_finite, choose_best, common_last_count, lowest
 from training.config import TRAJECTORY_KEYS
 from training.run import CONFIG_NAME, METRICS_NAME, read_metrics, read_run_config
-
-from .selection import best_finite, choose_best, common_last_count, lowest
 
 REPORTED_SETTINGS = ("lr", "rank", "batch", "ctx", "steps")
 # What makes two runs measure the same thing but the seed: every setting of their trajectory, the steps, and the

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 
 from qwen_mini.flop_report import format_flops
 
-from . import report_format as fmt
-from .report_forecasts import (HIGHER_IS_BETTER, NOT_RANKED, result_differences, shown_columns,
-                               validation_choice)
-from .report_results import FINE_TUNED, ZERO_SHOT, StageResult
-from .report_runs import Group, Noise, improved, ranking
-from .report_stages import decomposition
-from .report_uncertainty import LEVEL
+from . import format as fmt
+from .forecasts import HIGHER_IS_BETTER, NOT_RANKED, result_differences, shown_columns, validation_choice
+from .results import FINE_TUNED, ZERO_SHOT, StageResult
+from .runs import Group, Noise, improved, ranking
+from .stages import decomposition
+from .uncertainty import LEVEL
 
 ORDERED = ("lr", "rank", "ctx", "steps", "batch")  # settings with a highest and a lowest value
 
@@ -81,7 +80,7 @@ def stage_findings(group: Group, noise: Noise, whole: Noise) -> list[str]:
     step 0 against the noise of the whole-window loss (`whole`)."""
     if group.record.get("search"):
         try:
-            from .report_search import search_findings
+            from .search import search_findings
         except ImportError:
             pass
         else:

@@ -16,15 +16,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-from common.fileio import atomic_write  # noqa: E402
-from forecasting.metrics import SPECIES  # noqa: E402
-from forecasting.plots import METHOD_COLORS, MODELS  # noqa: E402
-from qwen_mini.flop_report import format_flops  # noqa: E402
-from training.plot import moving_average  # noqa: E402
+from common.fileio import atomic_write
+from forecasting.metrics import SPECIES
+from forecasting.plots import METHOD_COLORS, MODELS
+from qwen_mini.flop_report import format_flops
+from training.plot import moving_average
 
 KIND_COLORS = {"train": "tab:blue", "eval": "tab:orange", "forecast": "tab:green", "reserved": "lightgray"}
 LEDGER_AXIS = (1e9, 1e17)  # the log axis of budget.png: from a tiny run's cost to the coursework budget
@@ -59,7 +59,7 @@ def plot_budget(path: Path, by_kind: dict[str, int], by_group: dict[str, int], b
     rows.insert(0, ("spent, all", spent, "black"))
     fig, ax = plt.subplots(figsize=(9, 0.9 + 0.38 * len(rows)))
     low, high = LEDGER_AXIS[0], max(LEDGER_AXIS[1], budget) * 3
-    for y, (label, flops, color) in enumerate(rows):
+    for y, (_label, flops, color) in enumerate(rows):
         if flops > 0:
             ax.barh(y, flops - low if flops > low else 0, left=low, color=color, height=0.6)
         ax.text(max(flops, low) * 1.15, y, f"{format_flops(flops)} ({100 * flops / budget:.3g} %)" if flops else "0",

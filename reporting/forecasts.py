@@ -18,12 +18,12 @@ from forecasting.evaluate import NAMED_SAMPLES, ranked_trajectories
 from forecasting.metrics import SPECIES
 from forecasting.plots import plot_error_distribution, plot_trajectory
 from forecasting.scores import SAMPLES_FILE, read_samples
+from study.selection import forecast_score
 
-from . import report_format as fmt
-from .report_figures import plot_horizon, slug
-from .report_results import FINE_TUNED, ZERO_SHOT, StageResult
-from .report_uncertainty import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL, differences, differences_table
-from .selection import forecast_score
+from . import format as fmt
+from .figures import plot_horizon, slug
+from .results import FINE_TUNED, ZERO_SHOT, StageResult
+from .uncertainty import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL, differences, differences_table
 
 POINT = (("mse", "MSE"), ("mae", "MAE"), ("r2", "R²"), ("median_trajectory_mse", "medMSE"))
 PROBABILISTIC = (("crps", "CRPS"), ("wql", "WQL"), ("coverage_80", "cover 80 %"), ("mase", "MASE"),
