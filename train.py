@@ -10,8 +10,9 @@ import training.cli
 from study.cli import add_job_arguments, plan_command
 
 
-def main(argv: list[str] | None = None) -> int:
-    return training.cli.main(argv, run_plan=plan_command, plan_arguments=add_job_arguments)
+def main(argv: list[str] | None = None, again: str | None = None) -> int:
+    """`again`: the command that continues a stopped training, for its line (demo.py passes its own)."""
+    return training.cli.main(argv, run_plan=plan_command, plan_arguments=add_job_arguments, again=again)
 
 
 if __name__ == "__main__":

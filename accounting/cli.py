@@ -20,7 +20,9 @@ from qwen_mini.config import HUB_PRESETS, config_for_model
 from qwen_mini.flop_report import FlopCountError, format_flops, log10
 from qwen_mini.flops import COSTS, count_forward
 from study.estimate import estimate_plan, format_estimate
+from study.identity import study_for
 from study.plan import PlanError, load_plan
+from study.run import check_study_dir
 from training.cli import target_list
 from training.config import TrainConfig
 
@@ -55,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Counting conventions (primitive costs, matmul = m*p*(2n-1), softmax, RoPE tables, loss, KV-cache "
                "generation): see the docstring of qwen_mini/flops.py. A runs directory has one cap, recorded in its "
                "ledger.json by the first job that gives one: --runs DIR shows it, --runs DIR --max-flops N "
-               "--change-max-flops changes it. Exit status: 0 ok, 2 bad arguments, 3 over budget: the ledger of "
-               "--runs has spent more than its cap, or a planned run (--steps) or plan (--plan) does not fit what "
-               "is left, or --max-flops differs from the runs directory's cap without --change-max-flops.")
+               "--change-max-flops changes it. Exit status: 0 ok, 2 bad arguments (a plan that train.py --plan "
+               "would refuse, such as a study directory holding another version of the plan, included), 3 over "
+               "budget: the ledger of --runs has spent more than its cap, or a planned run (--steps) or plan "
+               "(--plan) does not fit what is left, or --max-flops differs from the runs directory's cap without "
+               "--change-max-flops.")
     model = parser.add_argument_group("model")
     which = model.add_mutually_exclusive_group()
     which.add_argument("--model", default=None, metavar="NAME",
@@ -210,6 +214,10 @@ def show_plan(args) -> int:
         plan = load_plan(args.plan, runs_dir=args.runs, max_flops=args.max_flops, gqa=args.gqa,
                          change_max_flops=args.change_max_flops)
         Ledger(plan.runs_dir, plan.max_flops, change_max_flops=plan.change_max_flops).cap()  # the cap agrees
+        # The study train.py --plan would run: its own directory, or a study of its own beside it when the data's
+        # bytes changed since (said on stderr with --json, so that stdout stays JSON).
+        plan = study_for(plan, log=lambda line: print(line, file=sys.stderr if args.json else sys.stdout))
+        check_study_dir(plan)  # a directory train.py would refuse (another version of the plan) is refused here too
         estimate = estimate_plan(plan)
     except MixedConventions as e:  # CapConflict: the plan's cap is not the runs directory's
         print(f"flops.py: refused by the FLOP ledger: {e}", file=sys.stderr)

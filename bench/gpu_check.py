@@ -23,8 +23,13 @@ OUT receives 7 files and no folder (the device tool brings back at most 8, at mo
 short) and log.txt (everything the parts printed); the summary is printed last. Nothing is downloaded: the weights
 are random, the forecasts' tokenizer is the product's own where the Qwen2.5 fixture is absent.
 
+OUT may be relative: it is the directory of the command's working directory (the parts run in the repository's).
+It is checked before any part runs: a file, a place under a file or one that cannot be made, a summary.md or log.txt
+that is not a file, or a part file that this run keeps (a part not in --parts) but that is not a part's JSON, is
+refused in one line (exit 2).
+
 Exit status: 0 when every part ran to its end (goals met or not: falling short is a measurement), 1 when a part
-failed or was stopped, 2 for bad usage (such as no CUDA device without --cpu-smoke).
+failed or was stopped, 2 for bad usage (such as no CUDA device without --cpu-smoke, or an OUT that cannot serve).
 """
 from __future__ import annotations
 
@@ -44,10 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_parts import GPU, PARTS, SMOKE, Mode, PartRecord
-from bench.gpu_summary import LOG_NAME, write_summary
+from bench.gpu_summary import LOG_NAME, SUMMARY_NAME, read_part, write_summary
 from common.args import positive_float
-from common.exit_codes import EXIT_FAILED, EXIT_OK
-from common.fileio import write_json_atomic
+from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from common.fileio import os_error_text, write_json_atomic
 
 STOP_GRACE_S = 10  # after SIGTERM, before SIGKILL
 
@@ -181,6 +186,41 @@ def part_list(text: str) -> tuple[str, ...]:
     return names
 
 
+class BadOut(ValueError):
+    """An OUT the check cannot write its files to, or holding files it cannot read."""
+
+
+def check_out(out: Path, names) -> None:
+    """Refuse (BadOut) an OUT that is not a directory and cannot be one, a summary.md or log.txt that is not a
+    file, and a part file the summary will read unchanged (a part not run now: `names` are those run) that is not
+    that part's JSON; nothing is created."""
+    existing = next(d for d in (out, *out.parents) if d.exists() or d.is_symlink())
+    if not existing.is_dir():
+        where = "is" if existing == out else f"lies under {existing}, which is"
+        raise BadOut(f"{out}: {where} not a directory; give a directory for the check's files")
+    if existing != out and not os.access(existing, os.W_OK | os.X_OK):
+        raise BadOut(f"{out}: cannot be made: {existing} is not writable; give a directory that can be written")
+    if existing == out and not os.access(out, os.W_OK | os.X_OK):
+        raise BadOut(f"{out}: not writable; give a directory that can be written")
+    for name in (SUMMARY_NAME, LOG_NAME):
+        if (out / name).exists() and not (out / name).is_file():
+            raise BadOut(f"{out / name}: not a file; move it away (the check writes its {name} there)")
+    for name in PARTS:
+        if name not in names and (out / f"{name}.json").exists():
+            try:
+                read_part(out / f"{name}.json", name)
+            except ValueError as e:
+                raise BadOut(f"{e}; move it away, or run that part again (--parts {name})") from None
+
+
+def make_out(out: Path) -> None:
+    """OUT, made (BadOut for what `check_out` could not foresee, such as a full disk)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadOut(f"{out}: cannot be made: {os_error_text(e)}") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="directory for the parts' JSON files, summary.md and log.txt")
@@ -197,6 +237,14 @@ def main(argv=None) -> int:
     mode = SMOKE if args.cpu_smoke else GPU
     if args.part:
         return run_part(args.part, mode, args.out)
+    # The parts run in the repository root: a relative OUT is this command's, made absolute before they start.
+    args.out = Path(os.path.abspath(args.out))
+    names = {*args.parts, *(["machine"] if "train" in args.parts else [])}  # train's MFU needs machine's peaks
+    try:
+        check_out(args.out, names)
+    except BadOut as e:
+        print(f"gpu_check.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if mode is GPU:
         import torch
 
@@ -207,7 +255,11 @@ def main(argv=None) -> int:
     # a SIGTERM (a timeout around this command) stops the running part's process group too (run_part_process)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.monotonic()
-    names = {*args.parts, *(["machine"] if "train" in args.parts else [])}  # train's MFU needs machine's peaks
+    try:
+        make_out(args.out)
+    except BadOut as e:
+        print(f"gpu_check.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     statuses = run_parts(part_specs(mode, args.out, names), args.out, wall_s)
     text = write_summary(args.out, wall_s, time.monotonic() - start)
     print("\n" + text, flush=True)

@@ -23,13 +23,33 @@ class Goal:
     verdict: str  # "met", "falls short" or "not measured"
 
 
+def read_part(path: Path, name: str) -> dict:
+    """A part's file: a JSON object of that part with a list of cases; ValueError naming the file otherwise."""
+    try:
+        part = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a part's JSON ({e})") from None
+    if not isinstance(part, dict) or part.get("part") != name or not isinstance(part.get("cases", []), list) \
+            or not all(isinstance(c, dict) for c in part.get("cases", [])):
+        raise ValueError(f"{path}: not the {name} part's JSON (an object with \"part\": \"{name}\" and a list of "
+                         "cases)")
+    return part
+
+
 def load_parts(out: Path) -> dict[str, dict]:
-    """part name -> its JSON, for the parts whose file is in OUT."""
+    """part name -> its JSON, for the parts whose file is in OUT; one that cannot be read is a part that failed,
+    its error naming the file (gpu_check.py refuses such a file before any part runs; this is for one damaged
+    since)."""
     parts = {}
     for name in PARTS:
         path = out / f"{name}.json"
         if path.is_file():
-            parts[name] = json.loads(path.read_text())
+            try:
+                parts[name] = read_part(path, name)
+            except ValueError as e:
+                parts[name] = {"part": name, "status": "failed", "error": str(e), "cases": []}
     return parts
 
 

@@ -2,7 +2,9 @@
 
 Scaling: both fit each trajectory's scaler on its first steps only — training on the first `fit_steps`, evaluation
 on the `n_context` steps of the prompt — so with fit_steps == n_context a training text and an evaluation prompt of
-the same trajectory are scaled identically, and no evaluation prompt carries information about its target.
+the same trajectory are scaled identically, and no evaluation prompt carries information about its target. Both take
+the scaling rule by name (`scaler`: data.llmtime.scaling_rule; default "p95"): whatever the rule, it sees only those
+steps.
 
 Windows: each trajectory's text is tokenized on its own (windows never mix trajectories), cut into windows of `ctx`
 tokens starting every `stride` tokens (the last window reaches the end of the text), and a window shorter than
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .llmtime import Scaler, encode, format_prompt
+from .llmtime import DEFAULT_SCALER, Scaler, ScalingRule, encode, format_prompt, scaling_rule
 
 IGNORE_INDEX = -100
 DEFAULT_CONTEXT, DEFAULT_HORIZON = 50, 50
@@ -41,7 +43,7 @@ class TrainWindows(Dataset):
     length would only say "stop after T steps"."""
 
     def __init__(self, trajectories: np.ndarray, tokenizer, ctx: int, stride: int | None = None, decimals: int = 2,
-                 fit_steps: int = DEFAULT_CONTEXT, eos: bool = False):
+                 fit_steps: int = DEFAULT_CONTEXT, eos: bool = False, scaler: str | ScalingRule = DEFAULT_SCALER):
         stride = ctx // 2 if stride is None else stride
         if ctx < 2 or not 0 < stride <= ctx:
             raise ValueError(f"TrainWindows needs ctx >= 2 and 0 < stride <= ctx, got ctx={ctx}, stride={stride}")
@@ -54,9 +56,10 @@ class TrainWindows(Dataset):
         if eos and tokenizer.eos_id is None:
             raise ValueError("TrainWindows(eos=True): the tokenizer has no eos token")
         self.ctx, self.stride, self.decimals, self.fit_steps, self.eos = ctx, stride, decimals, fit_steps, eos
+        self.rule = scaling_rule(scaler)
         windows, self.windows_per_trajectory = [], []
         for trajectory in trajectories:
-            scaler = Scaler.fit(trajectory[:fit_steps])  # the trajectory's first steps only, as at evaluation
+            scaler = self.rule.fit(trajectory[:fit_steps])  # the trajectory's first steps only, as at evaluation
             tokens = tokenizer.encode(encode(trajectory, scaler, decimals)) + ([tokenizer.eos_id] if eos else [])
             starts = window_starts(len(tokens), ctx, stride)
             self.windows_per_trajectory.append(len(starts))
@@ -93,7 +96,7 @@ class EvalExample:
     index: int  # trajectory index in the data file
     context: np.ndarray  # (n_context, V) original units
     target: np.ndarray  # (horizon, V) original units
-    scaler: Scaler  # fitted on `context` only
+    scaler: Scaler  # fitted on `context` only, by the forecast's scaling rule
     prompt: str  # LLMTIME text of the context, ending with the step separator
 
 
@@ -113,14 +116,15 @@ def check_forecast_fits(n_steps: int, n_context: int, horizon: int, what: str) -
 
 
 def make_eval_example(trajectory: np.ndarray, index: int, n_context: int = DEFAULT_CONTEXT,
-                      horizon: int = DEFAULT_HORIZON, decimals: int = 2) -> EvalExample:
+                      horizon: int = DEFAULT_HORIZON, decimals: int = 2,
+                      scaler: str | ScalingRule = DEFAULT_SCALER) -> EvalExample:
     """Split trajectory (T, V) into its first `n_context` steps (the prompt) and the next `horizon` (the target).
-    The scaler sees the context only, so the prompt is the same whatever the target holds."""
+    The scaler (rule `scaler`) sees the context only, so the prompt is the same whatever the target holds."""
     trajectory = np.asarray(trajectory, dtype=np.float64)
     if trajectory.ndim != 2:
         raise ValueError(f"trajectory {index}: expected shape (T, V), got {trajectory.shape}")
     check_forecast_fits(len(trajectory), n_context, horizon, f"trajectory {index}")
     # Copies: the example must not change if the caller later edits its array.
     context, target = trajectory[:n_context].copy(), trajectory[n_context:n_context + horizon].copy()
-    scaler = Scaler.fit(context)
-    return EvalExample(index, context, target, scaler, format_prompt(context, scaler, decimals))
+    fitted = scaling_rule(scaler).fit(context)
+    return EvalExample(index, context, target, fitted, format_prompt(context, fitted, decimals))

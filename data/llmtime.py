@@ -18,6 +18,19 @@ Scaling rule (`Scaler.fit`): each variable's 95th percentile of |history| is map
     * A percentile rather than the maximum, so one spike in the history does not squash the rest towards 0.
     * 2 decimals then resolve 1 % of that level: a rounding error of at most 0.5 % of it, far below forecast errors.
 Larger values stay representable (more integer digits); they just cost more tokens.
+
+Other scaling rules (`ScalingRule`, `scaling_rule(name)`; train.py and forecast.py --scaler, a plan's `scaler`), for
+comparing with the coursework reports in ../shared/seeds, each fitted on the history only like the default:
+    * "p95" (the default): the rule above, one scale per variable.
+    * "joint-p95x10" (seeds 000, 004): one alpha for all variables = max over the variables of the 95th percentile
+      of |history| / 10; every value is divided by alpha, so the larger variable's level reads 10.
+    * "p99x10" (seed 002): per variable x * 10 / P99(|history|), i.e. a scale of P99 / 10.
+    * "fixed=<alpha>" (seeds 001, 003): every value divided by the same alpha (seed 003's x / 5 * 10 is fixed=0.5).
+Percentiles are numpy's default (linear interpolation between order statistics), as the seeds computed them; they
+are taken of |history|, which for populations (never negative) is the history itself.
+
+`python -m data.llmtime encode --scaler NAME --prey V... --predator V... [--decimals D] [--tokenizer DIR]` prints
+the scale factor(s), the text and its token ids: a seed report's worked example can be put beside it.
 """
 from __future__ import annotations
 
@@ -50,19 +63,7 @@ class Scaler:
 
         Pass the history only — never steps that are to be forecast. A variable whose history is all zeros gets
         scale 1.0; one whose percentile level is ~0 but not its maximum (mostly zeros, a few spikes) gets its max."""
-        history = np.asarray(history, dtype=np.float64)
-        if history.ndim == 1:
-            history = history[:, None]
-        if history.ndim != 2 or history.shape[0] == 0 or history.shape[1] == 0:
-            raise ValueError(f"Scaler.fit needs a (T, V) history with T, V >= 1, got shape {history.shape}")
-        if not np.isfinite(history).all():
-            step, var = np.argwhere(~np.isfinite(history))[0]
-            raise ValueError(f"Scaler.fit: history[{step}, {var}] is {history[step, var]}; the history must be finite")
-        if not 0 < percentile <= 100:
-            raise ValueError(f"Scaler.fit: percentile must be in (0, 100], got {percentile}")
-        magnitude = np.abs(history)
-        level = np.percentile(magnitude, percentile, axis=0)
-        level = np.where(level > ZERO_LEVEL, level, magnitude.max(axis=0))
+        level = percentile_levels(history, percentile)
         return cls(np.where(level > ZERO_LEVEL, level, 1.0))
 
     @staticmethod
@@ -94,6 +95,103 @@ class Scaler:
     @classmethod
     def from_dict(cls, d: dict) -> Scaler:
         return cls(np.asarray(d["scale"]))
+
+
+def percentile_levels(history: np.ndarray, percentile: float, what: str = "Scaler.fit") -> np.ndarray:
+    """(V,): each variable's `percentile` of |history| (numpy's linear interpolation), or its maximum where that
+    percentile is ~0 (ZERO_LEVEL) but the maximum is not; 0 for an all-zero variable. `what` names the caller in
+    the errors (a history that is empty, not (T, V) or (T,), or not finite)."""
+    history = np.asarray(history, dtype=np.float64)
+    if history.ndim == 1:
+        history = history[:, None]
+    if history.ndim != 2 or history.shape[0] == 0 or history.shape[1] == 0:
+        raise ValueError(f"{what} needs a (T, V) history with T, V >= 1, got shape {history.shape}")
+    if not np.isfinite(history).all():
+        step, var = np.argwhere(~np.isfinite(history))[0]
+        raise ValueError(f"{what}: history[{step}, {var}] is {history[step, var]}; the history must be finite")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"{what}: percentile must be in (0, 100], got {percentile}")
+    magnitude = np.abs(history)
+    level = np.percentile(magnitude, percentile, axis=0)
+    return np.where(level > ZERO_LEVEL, level, magnitude.max(axis=0))
+
+
+# ---- scaling rules -------------------------------------------------------------------------------------------------
+
+DEFAULT_SCALER = "p95"
+SCALER_KINDS = ("p95", "joint-p95x10", "p99x10", "fixed")
+SCALER_CHOICES = "p95, joint-p95x10, p99x10 or fixed=<alpha> (alpha > 0, e.g. fixed=0.5)"
+
+
+class ScalerNameError(ValueError):
+    """A --scaler / `scaler` value that names no scaling rule (or a fixed alpha that is not a number > 0)."""
+
+
+def _short(value: float) -> str:
+    """A float as short as it reads back exactly: 0.5, 5, 1e-07, 0.123456789."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
+
+
+@dataclass(frozen=True)
+class ScalingRule:
+    """How a trajectory's Scaler is fitted on its history (the context a forecast may see, never what it forecasts):
+    the rules of the module docstring. `name` is the canonical text (`scaling_rule(rule.name) == rule`)."""
+    kind: str  # one of SCALER_KINDS
+    alpha: float | None = None  # fixed's divisor
+
+    @property
+    def name(self) -> str:
+        return f"fixed={_short(self.alpha)}" if self.kind == "fixed" else self.kind
+
+    @property
+    def joint(self) -> bool:
+        """One divisor for all variables (alpha), rather than one per variable."""
+        return self.kind in ("joint-p95x10", "fixed")
+
+    def fit(self, history: np.ndarray) -> Scaler:
+        """The Scaler of a (T, V) (or (T,)) history under this rule (a variable or a history that is all zeros, or
+        within ZERO_LEVEL of it, gets the divisor 1.0: its text shows the values as they are)."""
+        if self.kind == "p95":
+            return Scaler.fit(history)
+        levels = percentile_levels(history, 99.0 if self.kind == "p99x10" else 95.0, f"scaler {self.name}")
+        if self.kind == "fixed":
+            return Scaler.fixed(self.alpha, len(levels))
+        if self.kind == "p99x10":
+            return Scaler(np.where(levels > ZERO_LEVEL, levels / 10, 1.0))
+        top = levels.max()  # joint-p95x10
+        return Scaler.fixed(top / 10 if top > ZERO_LEVEL else 1.0, len(levels))
+
+    def describe(self) -> str:
+        """What the rule does, in a phrase for metrics.json's protocol and the report."""
+        return {"p95": "each species divided by the 95th percentile of its |context|",
+                "joint-p95x10": "both species divided by one alpha = max over the species of the 95th percentile of "
+                                "|context| / 10 (seeds 000, 004)",
+                "p99x10": "each species divided by the 99th percentile of its |context| / 10 (seed 002)",
+                "fixed": f"every value divided by {_short(self.alpha or 0.0)}"}[self.kind]
+
+
+def scaling_rule(name) -> ScalingRule:
+    """The ScalingRule `name` names (a ScalingRule is returned as it is); ScalerNameError, one line naming the value,
+    for anything else: an unknown name, fixed= without a finite number > 0."""
+    if isinstance(name, ScalingRule):
+        return name
+    if not isinstance(name, str):
+        raise ScalerNameError(f"scaler must be a string naming a rule ({SCALER_CHOICES}), got {name!r}")
+    text = name.strip()
+    if text.startswith("fixed="):
+        value = text[len("fixed="):]
+        try:
+            alpha = float(value)
+        except ValueError:
+            raise ScalerNameError(f"scaler {name!r}: alpha must be a number > 0, e.g. fixed=0.5, got {value!r}") \
+                from None
+        if not (np.isfinite(alpha) and alpha > 0):
+            raise ScalerNameError(f"scaler {name!r}: alpha must be a finite number > 0, got {value}")
+        return ScalingRule("fixed", alpha)
+    if text in SCALER_KINDS and text != "fixed":
+        return ScalingRule(text)
+    raise ScalerNameError(f"unknown scaler {name!r}: choose {SCALER_CHOICES}")
 
 
 def format_number(value: float, decimals: int) -> str:
@@ -206,3 +304,81 @@ def _could_continue(segment: str, number: str, decimals: int | None, n_vars: int
     complete = re.compile(number)
     return (all(complete.fullmatch(p) for p in parts[:-1])
             and re.fullmatch(partial, parts[-1]) is not None)
+
+
+# ---- python -m data.llmtime encode ---------------------------------------------------------------------------------
+
+ENCODE_DESCRIPTION = """\
+Encode one trajectory as LLMTIME text under a scaling rule, the way train.py and forecast.py write it: the scale
+factor(s) the rule fits on the values given (all of them are the history here), the text on a line of its own, and,
+with --tokenizer, its token ids. Put it beside a seed report's worked example:
+
+    python -m data.llmtime encode --scaler joint-p95x10 --prey 2.9 3.2 3.8 4.5 5.1 --predator 1.1 0.9 0.7 0.6 0.5
+    python -m data.llmtime encode --scaler fixed=0.5 --decimals 3 --prey 1.1335121 0.55542254 \\
+        --predator 1.1031258 1.2579137 --tokenizer DIR    # DIR: a directory holding Qwen2.5's tokenizer.json
+
+Exit status: 0 done, 2 bad arguments (an unknown scaler, a fixed alpha that is not a number > 0, prey and predator
+of different lengths, a value that is not finite, a tokenizer directory that cannot be read)."""
+
+
+def scale_line(rule: ScalingRule, scaler: Scaler, names=("prey", "predator")) -> str:
+    """"scaler joint-p95x10: alpha 0.498 (...)" or "scaler p95: scale prey 4.98, predator 1.06 (...)"."""
+    if rule.joint:
+        return f"scaler {rule.name}: alpha {scaler.scale[0]:.6g} (every value divided by it)"
+    scales = ", ".join(f"{name} {value:.6g}" for name, value in zip(names, scaler.scale))
+    return f"scaler {rule.name}: scale {scales} (each value divided by its species' scale)"
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m data.llmtime", description=ENCODE_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("encode", help="print a trajectory's scale, LLMTIME text and token ids",
+                            description=ENCODE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scaler", default=DEFAULT_SCALER, help=f"{SCALER_CHOICES} (default: %(default)s)")
+    p.add_argument("--decimals", type=int, default=2, help="digits after the point (default: %(default)s)")
+    p.add_argument("--prey", type=float, nargs="+", required=True, metavar="V", help="prey values, in time order")
+    p.add_argument("--predator", type=float, nargs="+", required=True, metavar="V",
+                   help="predator values, as many as --prey")
+    p.add_argument("--tokenizer", metavar="DIR", help="a directory with tokenizer.json (e.g. Qwen2.5's): also print "
+                                                      "the token ids")
+    args = parser.parse_args(argv)
+    try:
+        rule = scaling_rule(args.scaler)
+        if len(args.prey) != len(args.predator):
+            raise ValueError(f"--prey has {len(args.prey)} values and --predator {len(args.predator)}: give one "
+                             "predator value per prey value")
+        if args.decimals < 0:
+            raise ValueError(f"--decimals must be >= 0, got {args.decimals}")
+        values = np.stack([args.prey, args.predator], axis=1)
+        if not np.isfinite(values).all():
+            step, var = np.argwhere(~np.isfinite(values))[0]
+            raise ValueError(f"--{('prey', 'predator')[var]} value {step + 1} is {values[step, var]}: only finite "
+                             "values can be encoded")
+        scaler = rule.fit(values)
+        text = encode(values, scaler, args.decimals)
+        ids = None
+        if args.tokenizer is not None:
+            from pathlib import Path
+
+            from qwen_mini.tokenizer import Tokenizer
+
+            if not (Path(args.tokenizer) / "tokenizer.json").is_file():
+                raise ValueError(f"--tokenizer {args.tokenizer}: no tokenizer.json there (give the directory that "
+                                 "holds it)")
+            ids = Tokenizer.from_pretrained(args.tokenizer).encode(text)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(scale_line(rule, scaler))
+    print(text)
+    if ids is not None:
+        print(f"token ids ({len(ids)}): {ids}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -338,7 +338,7 @@ def main(argv=None) -> int:
                    help="RK4 steps between samples (default %(default)s)")
     p.add_argument("--seed", type=seed_int, default=DEFAULT_SEED, help="random seed (default %(default)s)")
     p.add_argument("--prior", choices=list(PRIORS), default=DEFAULT_PRIOR,
-                   help="parameter prior (see PRIORS in data/lotka_volterra.py): varied = logistic prey, "
+                   help="parameter prior (see PRIORS in data/lv_simulator.py): varied = logistic prey, "
                         "saturating predator, observation noise; lv = classic Lotka-Volterra (default %(default)s)")
     args = p.parse_args(argv)
     if args.simulate and not args.out:

@@ -10,7 +10,7 @@ FLOPs are booked.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from data.dataset import make_eval_example
@@ -23,6 +23,7 @@ from .forecast import check_call_fits, generation_plan, grammar_candidates, shor
 from .grammar import max_forecast_tokens
 from .metering import FlopsSoFar
 from .source import ForecastSource, planned_model
+from .tuning import check_apart, run_validation, validation_selection, validation_temperatures
 
 
 class NothingScored(RuntimeError):
@@ -66,8 +67,9 @@ def generated_methods(source: ForecastSource, baselines) -> list[str]:
 
 def prompt_tokens(source: ForecastSource, selection: Selection, protocol: Protocol) -> list[int]:
     """Each selected trajectory's prompt length in tokens, as `evaluate` will write it."""
+    scaler = protocol.scaler or source.scaler
     return [len(source.tokenizer.encode(make_eval_example(source.data.trajectories[i], i, protocol.context,
-                                                          protocol.horizon, protocol.decimals).prompt))
+                                                          protocol.horizon, protocol.decimals, scaler).prompt))
             for i in selection.indices]
 
 
@@ -103,22 +105,36 @@ def check_fits_unloaded(run_dir, spec: str | None, config: ForecastConfig) -> No
 def forecast_bound(source: ForecastSource, selection: Selection, protocol: Protocol, *, baselines,
                    batch: int | None, gqa: str, jump_forward: bool = False, compile: bool = False,
                    memory_gb: float = DEFAULT_MEMORY_GB) -> int:
-    """The most FLOPs `evaluate` can spend on these trajectories: exact prefills, the longest forecasts."""
-    prompts = prompt_tokens(source, selection, protocol)
-    check_fits(source, selection, protocol, memory_gb, prompts)
-    longest = longest_forecast(source, protocol)
-    one = generation_plan(source.model, prompts, [longest] * len(prompts), batch=batch, memory_gb=memory_gb,
-                          num_samples=protocol.num_samples, constrained=protocol.constrained,
-                          allow_negative=protocol.allow_negative, gqa=gqa, jump_forward=jump_forward,
-                          compile=compile)
-    return one * len(generated_methods(source, baselines))
+    """The most FLOPs `evaluate` can spend on these trajectories: exact prefills, the longest forecasts; and, for
+    temperature "auto" or calibrate, the model's forecasts of the validation trajectories before them, one per
+    temperature tried (forecasting.tuning)."""
+    def bound(trajectories: Selection) -> int:
+        prompts = prompt_tokens(source, trajectories, protocol)
+        check_fits(source, trajectories, protocol, memory_gb, prompts)
+        return generation_plan(source.model, prompts, [longest_forecast(source, protocol)] * len(prompts),
+                               batch=batch, memory_gb=memory_gb, num_samples=protocol.num_samples,
+                               constrained=protocol.constrained, allow_negative=protocol.allow_negative, gqa=gqa,
+                               jump_forward=jump_forward, compile=compile)
+
+    total = bound(selection) * len(generated_methods(source, baselines))
+    temperatures = validation_temperatures(protocol)
+    if temperatures:
+        total += bound(validation_selection(source.split, protocol.val_limit)) * len(temperatures)
+    return total
 
 
 def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Protocol, *, out, run_dir, baselines,
                       batch: int | None, booking: Booking, progress: bool = True, jump_forward: bool = False,
                       compile: bool = False, memory_gb: float = DEFAULT_MEMORY_GB) -> tuple[Evaluation, Path]:
     """`evaluate`, with its FLOPs reserved (BudgetExceeded, MixedConventions, OutsideRunsDir before any forecast),
-    booked call by call and settled. Returns (evaluation, the record it was booked into)."""
+    booked call by call and settled. Returns (evaluation, the record it was booked into). A protocol with temperature
+    "auto" or calibrate forecasts the validation split first (forecasting.tuning), within the same reservation; its
+    choice and calibration are the evaluation's `validation` (metrics.json)."""
+    protocol = protocol.for_source(source.scaler)
+    validation = None
+    if protocol.validated:  # before anything is reserved: validation trajectories that are not forecast ones
+        validation = validation_selection(source.split, protocol.val_limit)
+        check_apart(validation, selection)
     record_dir = record_dir_of(run_dir, out)
     ledger = Ledger(booking.runs_dir, booking.max_flops, change_max_flops=booking.change_max_flops)
     inside = ledger.contains(record_dir)
@@ -135,17 +151,28 @@ def budgeted_evaluate(source: ForecastSource, selection: Selection, protocol: Pr
     what = f"forecast.py {source.label} -> {out}"
     if booking.no_budget:
         check_fits(source, selection, protocol, memory_gb)
+        if validation is not None:
+            check_fits(source, validation, protocol, memory_gb)
         recorder = ledger.recorder(record_dir, run_name=name, gqa=gqa)
     else:
         bound = forecast_bound(source, selection, protocol, baselines=baselines, batch=batch, gqa=gqa,
                                jump_forward=jump_forward, compile=compile, memory_gb=memory_gb)
         recorder = ledger.reserve(record_dir, bound, kind="forecast", run_name=name, gqa=gqa, what=what)
+    generation = dict(batch=batch, memory_gb=memory_gb, progress=progress, gqa=gqa, jump_forward=jump_forward,
+                      compile=compile)
     with recorder, source.autocast():  # --dtype float16: generation under fp16 autocast
+        tuned = calibration = None
+        if validation is not None:
+            tuned = run_validation(source.model, source.tokenizer, source.data, source.split, validation, protocol,
+                                   on_flops=booker(recorder, source, validation, out), **generation)
+            protocol, calibration = replace(protocol, temperature=tuned.chosen, tuned=tuned.tuned), tuned.calibration
         evaluation = evaluate(source.model, source.tokenizer, source.data, source.split, selection, protocol,
-                              baselines=baselines, load_untrained=source.load_untrained, batch=batch,
-                              memory_gb=memory_gb,
-                              progress=progress, gqa=gqa, on_flops=booker(recorder, source, selection, out),
-                              jump_forward=jump_forward, compile=compile)
+                              baselines=baselines, load_untrained=source.load_untrained,
+                              on_flops=booker(recorder, source, selection, out), calibration=calibration,
+                              **generation)
+    if tuned is not None:
+        evaluation.validation = tuned.summary()
+        evaluation.generation.update(tuned.generation)  # metrics.json's "flops" and the printed total hold them
     evaluation.forecaster = {"model": source.model_name, "run": None if run_dir is None else str(run_dir)}
     check_scored(evaluation, source.label)
     return evaluation, record_dir

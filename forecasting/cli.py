@@ -29,7 +29,16 @@ from qwen_mini.generate import NonFiniteLogits
 from training.stopping import Interrupted, StopSignals
 
 from .budget import Booking, NothingScored, budgeted_evaluate, check_fits, check_fits_unloaded, check_run_record
-from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_RUNS_DIR, DTYPES, SPLITS, ForecastConfig, ForecastConfigError
+from .config import (
+    AUTO,
+    BASELINES,
+    DEFAULT_DECIMALS,
+    DEFAULT_RUNS_DIR,
+    DTYPES,
+    SPLITS,
+    ForecastConfig,
+    ForecastConfigError,
+)
 from .evaluate import (
     OutputBusy,
     Protocol,
@@ -42,6 +51,7 @@ from .evaluate import (
 from .forecast import GenerationTooLarge, check_samples_fit
 from .grammar import max_forecast_tokens
 from .source import from_model, from_run, parse_dtype, pick_device
+from .tuning import check_apart, validation_selection
 
 DESCRIPTION = """\
 Forecast Lotka-Volterra trajectories with a trained run (or a plain model) and compare with baselines.
@@ -50,10 +60,15 @@ Forecast Lotka-Volterra trajectories with a trained run (or a plain model) and c
     python forecast.py --run runs/demo --sample 972                 # one trajectory (its index in the h5), plotted
     python forecast.py --model Qwen/Qwen2.5-0.5B-Instruct --limit 50   # the untrained model, 50 test trajectories
     python forecast.py --run runs/demo --num-samples 10 --temperature 0.8 --top-p 0.9   # median + 10-90 % band
+    python forecast.py --run runs/demo --num-samples 20 --temperature auto --calibrate  # tuned and calibrated
 
 Protocol (printed with the results and written to metrics.json): the first --context steps (default 50) of each
 trajectory are the prompt and the next --horizon steps (default 50) the target; each trajectory's LLMTIME scaler
-is fitted on its context only; the decimals are the run's (2 for a plain model). Generation is batched over
+is fitted on its context only, by the run's rule (--scaler: p95 for a plain model); the decimals are the run's (2
+for a plain model). --temperature auto first forecasts the validation split (--val-limit of it) at each
+--temperature-grid value and keeps the lowest CRPS; --calibrate calibrates the model's bands on that validation
+forecast (conformal, per species and horizon step); both are booked like the test forecast, and metrics.json's
+"validation" records the candidates, the choice and the calibration. Generation is batched over
 trajectories with a KV cache, greedy unless sampling is asked for, and constrained to the number grammar, so every
 forecast parses to exactly --horizon steps. Metrics (MSE, MAE, R2, error per horizon step) are on original units,
 per species, over all forecast trajectories. Baselines on the same contexts: persistence (the last context
@@ -62,7 +77,8 @@ run's base model, before training), lv_fit (classic and logistic Lotka-Volterra 
 the better one integrated over the horizon on the data's time grid; a runaway forecast falls back to persistence,
 and how often is reported).
 
-Writes metrics.json (point and probabilistic scores: CRPS, WQL, coverage_80, MASE, relative to seasonal naive),
+Writes metrics.json (point and probabilistic scores: CRPS, WQL, coverage_80, MASE; WQL and MASE also relative to
+seasonal naive, a geometric mean over trajectories),
 per_trajectory.csv, samples.npz (every method's forecasts: any score can be recomputed, forecasting.scores),
 trajectory_<index>.png, error_vs_horizon.png and error_distribution.png to --out. FLOPs (prefill once per prompt,
 every KV-cache decode step; the untrained baseline's too) are reserved
@@ -100,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trajectory index(es) in the h5 file, whatever their split (the split is reported; "
                             "a training-split one is warned about; so neither --split nor --limit)")
     which.add_argument("--samples-idx", metavar="I,J,...", help="comma list of indices: the same as --sample")
+    which.add_argument("--val-limit", type=bounded(int, 1),
+                       help="--temperature auto / --calibrate: forecast only the first N trajectories of the "
+                            "validation split (default: --limit, else all of it)")
 
     protocol = p.add_argument_group("protocol")
     protocol.add_argument("--context", type=bounded(int, 1), default=d.context,
@@ -118,8 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--num-samples", type=bounded(int, 1), default=d.num_samples,
                           help="samples per trajectory; > 1 reports their median and 10-90 %% band "
                                "(default: %(default)s)")
-    protocol.add_argument("--temperature", type=bounded(float, 0.0), default=d.temperature,
-                          help="0 = greedy (default: %(default)s)")
+    protocol.add_argument("--temperature", type=temperature_value, default=d.temperature,
+                          help="0 = greedy; auto = forecast the validation split at each --temperature-grid value "
+                               "first and keep the lowest CRPS (the geometric mean over the species; booked like "
+                               "every forecast) (default: %(default)s)")
+    protocol.add_argument("--temperature-grid", metavar="T,T,...",
+                          help="the temperatures --temperature auto tries (default: "
+                               f"{','.join(f'{t:g}' for t in d.temperature_grid)})")
+    protocol.add_argument("--calibrate", action="store_true",
+                          help="calibrate the model's bands on the validation split (split-conformal CQR per species "
+                               "and horizon step, forecasting.calibration): the reported quantiles, coverage and WQL "
+                               "are the calibrated ones, the samples' own beside them (*_uncalibrated)")
+    protocol.add_argument("--scaler", help="the LLMTIME scaling rule, fitted on each context: p95, joint-p95x10 (seeds "
+                                          "000/004), p99x10 (seed 002) or fixed=<alpha> (default: the run's, else "
+                                          "p95)")
     protocol.add_argument("--top-p", type=bounded(float, 0.0, 1.0, low_open=True),
                           help="nucleus sampling mass (default: off)")
     protocol.add_argument("--baselines", default=",".join(d.baselines),
@@ -199,12 +230,36 @@ def forecast_config(args) -> ForecastConfig:
         raise ValueError(f"{flag}: {e}") from None
 
 
+def temperature_value(text: str):
+    """argparse type of --temperature: "auto", or a finite number >= 0."""
+    return AUTO if text.strip() == AUTO else bounded(float, 0.0)(text)
+
+
+def temperature_grid(args) -> tuple[float, ...]:
+    """--temperature-grid as numbers (the default grid when it is not given); ValueError naming it."""
+    if args.temperature_grid is None:
+        return ForecastConfig.temperature_grid
+    try:
+        return tuple(float(t) for t in args.temperature_grid.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--temperature-grid must be a comma list of numbers > 0 such as 0.3,0.5,0.7,1, got "
+                         f"{args.temperature_grid!r}") from None
+
+
 def settings_of(args) -> ForecastConfig:
+    auto = args.temperature == AUTO
+    if args.temperature_grid is not None and not auto:
+        raise ValueError("--temperature-grid is what --temperature auto tries: give --temperature auto with it")
+    if args.val_limit is not None and not (auto or args.calibrate):
+        raise ValueError("--val-limit counts the validation trajectories of --temperature auto and --calibrate: give "
+                         "one of them with it")
     return ForecastConfig(split=args.split or ForecastConfig.split, limit=args.limit, context=args.context,
                           horizon=args.horizon,
                           decimals=args.decimals, constrained=not args.unconstrained, int_digits=args.int_digits,
                           allow_negative=args.allow_negative, num_samples=args.num_samples,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          temperature_grid=temperature_grid(args), calibrate=args.calibrate,
+                          val_limit=args.val_limit, scaler=args.scaler,
                           baselines=requested_baselines(args), batch=args.batch, memory_gb=args.memory_budget,
                           device=args.device,
                           dtype=args.dtype, jump_forward=args.jump_forward, compile=args.compile)
@@ -282,7 +337,7 @@ def forecast(args, signals: StopSignals) -> int:
         samples, config = requested_samples(args), forecast_config(args)
         if args.out is not None and not args.out.strip():
             raise ValueError(f"--out must name a directory, got {args.out!r}")
-        if config.num_samples > 1 and config.temperature <= 0:
+        if config.num_samples > 1 and not config.auto_temperature and config.temperature <= 0:
             raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy samples are all the same)")
         if args.change_max_flops and args.max_flops is None:
             raise ValueError("--change-max-flops needs --max-flops: the cap it makes the runs directory's")
@@ -291,20 +346,26 @@ def forecast(args, signals: StopSignals) -> int:
         check_fits_unloaded(args.run, args.model, config)
         if args.run:
             source = from_run(args.run, data_path=args.data, decimals=config.decimals, context=config.context,
-                              device=device, dtype=dtype)
+                              device=device, dtype=dtype, scaler=config.scaler)
         else:
             source = from_model(args.model, data_path=args.data, decimals=config.decimals, device=device,
-                                dtype=dtype)
+                                dtype=dtype, scaler=config.scaler)
         steps = source.data.trajectories.shape[1]
         if config.context + config.horizon > steps:
             raise ValueError(f"--context {config.context} + --horizon {config.horizon} steps exceed the {steps} "
                              f"steps of each trajectory in {source.data.path}")
         selection = select_trajectories(source.split, config.split, samples or None, config.limit)
+        protocol = Protocol.of(config, source.decimals, source.scaler)
         n_vars = source.data.trajectories.shape[2]
-        check_samples_fit(len(selection.indices), config.num_samples,
-                          max_forecast_tokens(config.horizon, n_vars, source.decimals, config.int_digits,
-                                              config.allow_negative), config.horizon, n_vars, config.memory_gb)
-        protocol = Protocol.of(config, source.decimals)
+        held = [len(selection.indices)]
+        if protocol.validated:  # the validation trajectories exist and are not forecast ones
+            validation = validation_selection(source.split, protocol.val_limit)
+            check_apart(validation, selection)
+            held.append(2 * len(validation.indices))  # a validation forecast's samples, and the best one so far's
+        for trajectories in held:
+            check_samples_fit(trajectories, config.num_samples,
+                              max_forecast_tokens(config.horizon, n_vars, source.decimals, config.int_digits,
+                                                  config.allow_negative), config.horizon, n_vars, config.memory_gb)
         check_fits(source, selection, protocol, config.memory_gb)
         runs_dir = runs_dir_of(args)
         if not args.no_budget:  # a cap that differs from the runs directory's: refused before any output or FLOP

@@ -9,6 +9,7 @@ from common.args import MAX_SEED
 from common.devices import DTYPES
 from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT, DEFAULT_HORIZON
+from data.llmtime import ScalerNameError, scaling_rule
 
 BASELINES = ("persistence", "seasonal_naive", "untrained", "lv_fit")
 # Context steps a baseline needs (others: 1). lv_fit fits a trajectory through its context: one point is no fit.
@@ -22,6 +23,11 @@ DEFAULT_RUNS_DIR = "runs"  # the ledger a forecast books into when neither --run
 MAX_SAMPLES = 10_000  # samples per trajectory (LLMTIME draws 20)
 MAX_DIGITS = 15  # decimals and integer digits: float64 holds 15-17 significant digits, the rest would be noise
 MAX_MEMORY_GB = 2.0 ** 20  # a pebibyte
+AUTO = "auto"  # temperature = "auto": chosen on the validation split (forecasting.tuning)
+# The temperatures --temperature auto tries by default: LLMTIME's and the seed reports' range (LLMTIME samples at
+# 0.7-1.0; the demo's hand pick was 0.5; below 0.3 twenty samples barely differ).
+DEFAULT_TEMPERATURE_GRID = (0.3, 0.5, 0.7, 1.0)
+MAX_GRID = 20  # temperatures one --temperature auto may try (each is a forecast of the validation split)
 
 
 class ForecastConfigError(SettingsError):
@@ -41,7 +47,11 @@ class ForecastConfig:
     int_digits: int = 3  # integer digits the grammar allows per number (scaled values below 1000)
     allow_negative: bool = False  # populations are non-negative
     num_samples: int = 1
-    temperature: float = 0.0  # 0: greedy
+    temperature: float | str = 0.0  # 0: greedy; "auto": the grid's best by CRPS on the validation split
+    temperature_grid: tuple[float, ...] = DEFAULT_TEMPERATURE_GRID  # what "auto" tries
+    calibrate: bool = False  # conformal calibration of the bands on the validation split (forecasting.calibration)
+    val_limit: int | None = None  # validation trajectories for auto / calibrate: None = `limit` (None: all)
+    scaler: str | None = None  # the LLMTIME scaling rule (data.llmtime.scaling_rule); None: the run's, else p95
     top_p: float | None = None
     seed: int = 0
     baselines: tuple[str, ...] = BASELINES
@@ -56,6 +66,7 @@ class ForecastConfig:
     def __post_init__(self):
         check_field_types(self, ForecastConfigError)
         object.__setattr__(self, "baselines", tuple(self.baselines))  # a plan's TOML list, kept hashable
+        object.__setattr__(self, "temperature_grid", tuple(self.temperature_grid))
         self.validate()
 
     def validate(self) -> None:
@@ -70,7 +81,7 @@ class ForecastConfig:
             if value is not None and value > high:
                 raise ForecastConfigError(f"{name} must be at most {what or high}, got {value!r}", key=name)
 
-        for name in ("limit", "context", "horizon", "int_digits", "num_samples", "batch"):
+        for name in ("limit", "context", "horizon", "int_digits", "num_samples", "batch", "val_limit"):
             at_least(name, 1)
         for name in ("decimals", "seed"):
             at_least(name, 0)
@@ -78,9 +89,25 @@ class ForecastConfig:
         at_most("decimals", MAX_DIGITS)
         at_most("int_digits", MAX_DIGITS)
         at_most("seed", MAX_SEED, "2**63 - 1")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ForecastConfigError(f"temperature must be a finite number >= 0, got {self.temperature!r}",
-                                      key="temperature")
+        number = not isinstance(self.temperature, str)
+        if not number and self.temperature != AUTO or number and not (math.isfinite(self.temperature)
+                                                                       and self.temperature >= 0):
+            raise ForecastConfigError(f"temperature must be a finite number >= 0 or \"{AUTO}\", got "
+                                      f"{self.temperature!r}", key="temperature")
+        grid = self.temperature_grid
+        if not grid or len(grid) > MAX_GRID or not all(math.isfinite(t) and t > 0 for t in grid) \
+                or len(set(grid)) != len(grid):
+            raise ForecastConfigError(f"temperature_grid must be 1 to {MAX_GRID} different finite numbers > 0, got "
+                                      f"{list(grid)!r}", key="temperature_grid")
+        if self.scaler is not None:
+            try:
+                object.__setattr__(self, "scaler", scaling_rule(self.scaler).name)  # canonical
+            except ScalerNameError as e:
+                raise ForecastConfigError(str(e), key="scaler") from None
+        if self.split == "val" and (self.auto_temperature or self.calibrate):
+            what = "temperature \"auto\"" if self.auto_temperature else "calibrate"
+            raise ForecastConfigError(f"{what} is fitted on the validation split, so it cannot forecast the validation "
+                                      "split itself: forecast the test split", key="split")
         if not (math.isfinite(self.memory_gb) and 0 < self.memory_gb <= MAX_MEMORY_GB):
             raise ForecastConfigError(f"memory_gb must be a number > 0 and at most {MAX_MEMORY_GB:.0f} (GiB), got "
                                       f"{self.memory_gb!r}", key="memory_gb")
@@ -100,3 +127,7 @@ class ForecastConfig:
             raise ForecastConfigError(f"context {self.context} is too short for the baseline {', '.join(too_short)}, "
                                       f"which needs at least {needs} steps: give a longer context or leave "
                                       f"{', '.join(too_short)} out of the baselines", key="context")
+
+    @property
+    def auto_temperature(self) -> bool:
+        return self.temperature == AUTO

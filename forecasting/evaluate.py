@@ -9,26 +9,30 @@ import fnmatch
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from common.fileio import FileLock, LockHeld, StagedFiles, atomic_write, describe_holder, write_json_atomic
 from data.dataset import EvalExample, make_eval_example
-from data.llmtime import ZERO_LEVEL, Scaler
+from data.llmtime import DEFAULT_SCALER, ZERO_LEVEL, Scaler, scaling_rule
 from data.lotka_volterra import LVData, Split
 
 from .baselines import LVFit, estimate_period, lotka_volterra_forecast, persistence, seasonal_naive
-from .config import BASELINES, DEFAULT_DECIMALS, DEFAULT_MEMORY_GB, ForecastConfig
+from .calibration import Calibration
+from .config import AUTO, BASELINES, DEFAULT_DECIMALS, DEFAULT_MEMORY_GB, ForecastConfig
 from .forecast import Forecast, GenerationStats, forecast_examples
 from .metrics import per_trajectory_errors
 from .plots import plot_error_distribution, plot_error_vs_horizon, plot_trajectory
 from .scores import (
+    COVERAGE_BANDS,
     REFERENCE,
     SAMPLES_FILE,
+    UNCALIBRATED,
     MethodForecast,
     SavedForecasts,
+    coverage_key,
     score_methods,
     trajectory_scores,
     write_samples,
@@ -60,29 +64,60 @@ class Protocol:
     decimals: int = DEFAULT_DECIMALS  # LLMTIME decimals: those the model was trained with
     constrained: bool = ForecastConfig.constrained
     num_samples: int = ForecastConfig.num_samples
-    temperature: float = ForecastConfig.temperature
+    temperature: float | str = ForecastConfig.temperature  # "auto" until the validation forecasts choose one
     top_p: float | None = ForecastConfig.top_p
     seed: int = ForecastConfig.seed
     int_digits: int = ForecastConfig.int_digits
     allow_negative: bool = ForecastConfig.allow_negative
+    scaler: str | None = None  # the LLMTIME scaling rule; None: the forecast source's (a run's own, else p95)
+    temperature_grid: tuple[float, ...] = ForecastConfig.temperature_grid  # what temperature "auto" tries
+    calibrate: bool = ForecastConfig.calibrate
+    val_limit: int | None = None  # validation trajectories of "auto" / calibrate (None: the whole split)
+    tuned: bool = False  # the temperature was chosen on the validation split (from temperature_grid)
 
     @classmethod
-    def of(cls, config: ForecastConfig, decimals: int) -> Protocol:
-        """The protocol `config` asks for, at `decimals` (the run's, or the plain model's)."""
+    def of(cls, config: ForecastConfig, decimals: int, scaler: str | None = None) -> Protocol:
+        """The protocol `config` asks for, at `decimals` (the run's, or the plain model's), with `config`'s scaler,
+        else `scaler` (the run's), else the source's when the forecast runs (`for_source`)."""
         return cls(config.context, config.horizon, decimals, config.constrained, config.num_samples,
-                   config.temperature, config.top_p, config.seed, config.int_digits, config.allow_negative)
+                   config.temperature, config.top_p, config.seed, config.int_digits, config.allow_negative,
+                   config.scaler or scaler, config.temperature_grid, config.calibrate,
+                   config.val_limit if config.val_limit is not None else config.limit)
+
+    def for_source(self, scaler: str | None) -> Protocol:
+        """This protocol with the source's scaler (a run's own) where it names none, else the default."""
+        return self if self.scaler is not None else replace(self, scaler=scaler or DEFAULT_SCALER)
+
+    @property
+    def auto_temperature(self) -> bool:
+        return self.temperature == AUTO
+
+    @property
+    def validated(self) -> bool:
+        """The validation split is forecast first (temperature "auto", or calibrate)."""
+        return self.auto_temperature or self.calibrate
 
     def describe(self) -> str:
-        how = "greedy decoding" if self.temperature <= 0 else (
-            f"{self.num_samples} samples per trajectory at temperature {self.temperature:g}"
-            f"{f', top-p {self.top_p:g}' if self.top_p is not None else ''} (median scored, 10-90 % band), "
-            f"seed {self.seed}")
+        if self.auto_temperature:
+            how = (f"{self.num_samples} sample(s) per trajectory at the temperature of "
+                   f"{', '.join(f'{t:g}' for t in self.temperature_grid)} with the lowest validation CRPS")
+        elif self.temperature <= 0:
+            how = "greedy decoding"
+        else:
+            chosen = (f" (chosen on the validation split from {', '.join(f'{t:g}' for t in self.temperature_grid)}, "
+                      "by CRPS)" if self.tuned else "")
+            how = (f"{self.num_samples} samples per trajectory at temperature {self.temperature:g}{chosen}"
+                   f"{f', top-p {self.top_p:g}' if self.top_p is not None else ''} (median scored, 10-90 % band), "
+                   f"seed {self.seed}")
+        if self.calibrate:
+            how += "; bands calibrated on the validation split (conformal, forecasting.calibration)"
         grammar = (f"number grammar on (<= {self.int_digits} integer digits, "
                    f"{'signed' if self.allow_negative else 'non-negative'})" if self.constrained
                    else "number grammar off (unparseable forecasts counted, not scored)")
+        rule = scaling_rule(self.scaler or DEFAULT_SCALER)
         return (f"context {self.context} steps -> horizon {self.horizon} steps; LLMTIME scaler fitted on the context "
-                f"only; {self.decimals} decimals; {how}; {grammar}; metrics on original units, every method on the "
-                f"same trajectories")
+                f"only: {rule.name} ({rule.describe()}); {self.decimals} decimals; {how}; {grammar}; metrics on "
+                "original units, every method on the same trajectories")
 
 
 @dataclass
@@ -139,11 +174,16 @@ class Evaluation:
     generation: dict[str, GenerationStats] = field(default_factory=dict)  # per generated method, FLOPs included
     periods: list[int | None] | None = None  # seasonal_naive's period per trajectory (None: none found)
     forecaster: dict = field(default_factory=dict)  # {"model": spec, "run": run dir or None}: who forecast
+    calibrated: dict[str, tuple[np.ndarray, tuple[float, ...]]] = field(default_factory=dict)  # method -> quantiles
+    validation: dict | None = None  # what the validation forecasts chose (forecasting.tuning): metrics.json's
+
+    def method_forecasts(self) -> dict[str, MethodForecast]:
+        return method_forecasts(self.forecasts, self.predictions, self.calibrated)
 
     def saved_forecasts(self) -> SavedForecasts:
         """Every method's forecasts with what they are scored on: samples.npz's content."""
         return SavedForecasts(np.array([ex.index for ex in self.examples]), contexts_of(self.examples), self.targets,
-                              self.scored, method_forecasts(self.forecasts, self.predictions))
+                              self.scored, self.method_forecasts())
 
     def summary(self) -> dict:
         """Everything metrics.json records."""
@@ -172,7 +212,10 @@ class Evaluation:
             "metrics": self.metrics,
             "notes": self.notes,
             "forecaster": self.forecaster,
+            "scaler": self.protocol.scaler or DEFAULT_SCALER,
         }
+        if self.validation is not None:
+            summary["validation"] = self.validation
         if self.lv_fit is not None:
             fit, n = self.lv_fit, len(self.lv_fit.loss)
             summary["lv_fit"] = {"median_context_mse_scaled": float(np.median(fit.loss)),
@@ -190,7 +233,8 @@ class Evaluation:
 def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection, protocol: Protocol | None = None, *,
              baselines=BASELINES, load_untrained=None, batch: int | None = None,
              memory_gb: float = DEFAULT_MEMORY_GB, progress: bool = True, gqa: str = "real", on_flops=None,
-             jump_forward: bool = False, compile: bool = False) -> Evaluation:
+             jump_forward: bool = False, compile: bool = False, calibration: Calibration | None = None,
+             label: str = "") -> Evaluation:
     """Forecast the selected trajectories with `model` and the chosen baselines under `protocol`.
 
     `load_untrained`: a callable returning the base model before training (the "untrained" baseline); None when
@@ -198,13 +242,17 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
     after every generate call of a generated method ("model", "untrained") with its GenerationFlops (gqa: how
     attention is counted); `Evaluation.generation` holds each method's totals. `jump_forward`, `compile`: how the
     generated methods decode (`qwen_mini.generate`), the same tokens either way; `batch` (None: as many as
-    `memory_gb` holds) their rows per generate call."""
+    `memory_gb` holds) their rows per generate call. `calibration` (from a validation forecast, forecasting.tuning):
+    the model's reported quantiles, WQL and coverage are its calibrated bands'. `label` prefixes the progress bars'
+    names (a validation forecast's)."""
     protocol = protocol or Protocol()
+    if protocol.auto_temperature:
+        raise ValueError("evaluate needs a temperature: \"auto\" is chosen first (forecasting.tuning)")
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
-    examples = [make_eval_example(data.trajectories[i], i, protocol.context, protocol.horizon, protocol.decimals)
-                for i in selection.indices]
+    examples = [make_eval_example(data.trajectories[i], i, protocol.context, protocol.horizon, protocol.decimals,
+                                  protocol.scaler or DEFAULT_SCALER) for i in selection.indices]
     generation = dict(decimals=protocol.decimals, batch=batch, memory_gb=memory_gb, constrained=protocol.constrained,
                       num_samples=protocol.num_samples, temperature=protocol.temperature, top_p=protocol.top_p,
                       seed=protocol.seed, int_digits=protocol.int_digits, allow_negative=protocol.allow_negative,
@@ -217,7 +265,7 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
         """forecast_examples arguments that keep `method`'s statistics and report its FLOPs."""
         generated.setdefault(method, GenerationStats())
         report = (lambda flops: on_flops(method, flops)) if on_flops is not None else None
-        return dict(stats=generated[method], label=method, on_flops=report)
+        return dict(stats=generated[method], label=f"{label}{method}", on_flops=report)
 
     forecasts = {MODEL: forecast_examples(model, tokenizer, examples, **counted(MODEL), **generation)}
     if "untrained" in baselines:
@@ -249,11 +297,18 @@ def evaluate(model, tokenizer, data: LVData, split: Split, selection: Selection,
     # The generated methods may fail to parse (without the grammar); all methods are scored on the trajectories
     # that every generated method forecast in full, so each row of the table covers the same trajectories.
     scored = np.all([~np.isnan(predictions[name]).any(axis=(1, 2)) for name in forecasts], axis=0)
-    metrics = score_methods(method_forecasts(forecasts, predictions), targets, contexts_of(examples), scored)
+    calibrated = {}
+    if calibration is not None:
+        calibrated[MODEL] = (calibration.apply(np.stack([f.samples for f in forecasts[MODEL]]), contexts_of(examples)),
+                             calibration.levels)
+        if "untrained" in forecasts:
+            notes.append("calibrated bands: the model's only; the untrained baseline's are its samples' own")
+    metrics = score_methods(method_forecasts(forecasts, predictions, calibrated), targets, contexts_of(examples),
+                            scored)
     if REFERENCE not in predictions:
         notes.append(f"no *_gmean_relative scores: they are relative to {REFERENCE}, which was not run")
     return Evaluation(protocol, selection, data, split, examples, forecasts, predictions, targets, scored, metrics,
-                      stats, lv_fit, notes, generated, periods)
+                      stats, lv_fit, notes, generated, periods, calibrated=calibrated)
 
 
 def zero_level_notes(examples: list[EvalExample]) -> list[str]:
@@ -272,10 +327,14 @@ def contexts_of(examples: list[EvalExample]) -> np.ndarray:
     return np.stack([ex.context for ex in examples])
 
 
-def method_forecasts(forecasts: dict[str, list[Forecast]], predictions: dict[str, np.ndarray]
+def method_forecasts(forecasts: dict[str, list[Forecast]], predictions: dict[str, np.ndarray],
+                     calibrated: dict[str, tuple[np.ndarray, tuple[float, ...]]] | None = None
                      ) -> dict[str, MethodForecast]:
-    """Every method's point forecast (table order), with the samples of the generated ones."""
-    return {name: MethodForecast(p, np.stack([f.samples for f in forecasts[name]]) if name in forecasts else None)
+    """Every method's point forecast (table order), with the samples of the generated ones and the calibrated
+    quantiles (and their levels) of a calibrated one."""
+    calibrated = calibrated or {}
+    return {name: MethodForecast(p, np.stack([f.samples for f in forecasts[name]]) if name in forecasts else None,
+                                 *calibrated.get(name, (None, ())))
             for name, p in predictions.items()}
 
 
@@ -356,7 +415,7 @@ def write_per_trajectory_csv(path: Path, evaluation: Evaluation) -> Path:
     contexts = contexts_of(evaluation.examples)
     errors = {name: {**per_trajectory_errors(f.point, evaluation.targets),
                      **trajectory_scores(f, evaluation.targets, contexts)}
-              for name, f in method_forecasts(evaluation.forecasts, evaluation.predictions).items()}
+              for name, f in evaluation.method_forecasts().items()}
     columns = [f"{name}_{metric}" for name, e in errors.items() for metric in e]
     lv = evaluation.lv_fit
     lv_columns = ["lv_alpha", "lv_beta", "lv_gamma", "lv_delta", "lv_inv_capacity", "lv_x0", "lv_y0",
@@ -408,7 +467,7 @@ def write_plots(out_dir: Path, evaluation: Evaluation) -> list[Path]:
         row = row_of[index]
         ex = evaluation.examples[row]
         others = {name: p[row] for name, p in evaluation.predictions.items() if name != MODEL}
-        band = evaluation.forecasts[MODEL][row].band() if banded else None
+        band = model_band(evaluation, row) if banded else None
         title = (f"trajectory {index} ({evaluation.split.which(index)} split): context {len(ex.context)} steps, "
                  f"forecast {len(ex.target)}")
         written.append(plot_trajectory(out_dir / f"trajectory_{index}.png", evaluation.data.time, ex.context,
@@ -423,6 +482,15 @@ def write_plots(out_dir: Path, evaluation: Evaluation) -> list[Path]:
                       for name, p in evaluation.predictions.items()}
             written.append(plot_error_distribution(out_dir / "error_distribution.png", errors, model_label=label))
     return written
+
+
+def model_band(evaluation: Evaluation, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's 80 % band of trajectory `row` as the forecast reports it: its calibrated 0.1 and 0.9 quantiles,
+    else its samples' 10-90 %."""
+    if MODEL in evaluation.calibrated:
+        quantiles, levels = evaluation.calibrated[MODEL]
+        return quantiles[levels.index(0.1), row], quantiles[levels.index(0.9), row]
+    return evaluation.forecasts[MODEL][row].band()
 
 
 def forecaster_label(forecaster: dict) -> str | None:
@@ -444,8 +512,68 @@ def format_table(summary: dict) -> str:
     lines += method_rows(summary["metrics"])
     lines.append("medMSE: median over trajectories of each one's MSE; R2 over all scored values of the species")
     lines += probabilistic_table(summary["metrics"])
+    lines += band_table(summary["metrics"])
+    lines += validation_lines(summary.get("validation"))
     lines += [f"note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)
+
+
+def band_table(metrics: dict[str, dict | None], names: dict[str, str] | None = None) -> list[str]:
+    """format_table's central bands: per sampled method and species, the share of targets inside the 50, 80 and
+    95 % bands and the WQL, a calibrated method's samples' own (uncalibrated) beside them. `names`: the methods to
+    show, in order, and what to call them (metrics.json key -> name; default: every sampled method by its key)."""
+    names = names if names is not None else {key: key for key in metrics}
+    rows = {names[key]: metrics[key] for key in names if metrics.get(key)
+            and coverage_key(0.8) in (metrics[key].get("prey") or {})}
+    if not rows:
+        return []
+    calibrated = any(f"wql{UNCALIBRATED}" in (m.get("prey") or {}) for m in rows.values())
+    keys = [coverage_key(b) for b in COVERAGE_BANDS] + ["wql"]
+    labels = [f"cov{round(100 * b)}" for b in COVERAGE_BANDS] + ["WQL"]
+    width = max([15] + [len(name) + 1 for name in rows])
+    header = f"{'central bands':<{width}}{'species':<9}" + "".join(f"{label:>8}" for label in labels)
+    if calibrated:
+        header += "  | uncalibrated" + "".join(f"{label:>8}" for label in labels)
+    lines = ["", header, "-" * len(header)]
+    for name, m in rows.items():
+        for species in ("prey", "predator"):
+            values = m[species]
+            cells = "".join(f"{values[k]:>8.3g}" if values.get(k) is not None else f"{'-':>8}" for k in keys)
+            if calibrated:
+                cells += "  | " + " " * len("uncalibrated") + "".join(
+                    f"{values[k + UNCALIBRATED]:>8.3g}" if values.get(k + UNCALIBRATED) is not None else f"{'-':>8}"
+                    for k in keys)
+            lines.append(f"{name if species == 'prey' else '':<{width}}{species:<9}{cells}")
+    lines.append("covN: share of targets inside the central N % band (the quantiles 0.5 -/+ N/200)"
+                 + ("; calibrated on the validation split where the uncalibrated ones are beside them"
+                    if calibrated else ""))
+    return lines
+
+
+def validation_lines(validation: dict | None) -> list[str]:
+    """format_table's lines on the validation forecasts: the temperature chosen (each candidate's score) and the
+    calibration."""
+    if not validation:
+        return []
+    lines = [""]
+    candidates = ", ".join(
+        f"{c['temperature']:g}: {c['score']:.4g}" if c.get("score") is not None else f"{c['temperature']:g}: -"
+        for c in validation["candidates"])
+    where = f"on the validation split ({validation['selection']})"
+    if validation.get("temperature_chosen"):
+        lines.append(f"temperature {validation['temperature']:g} chosen {where} by {validation['criterion']}: "
+                     f"{candidates}")
+    else:
+        lines.append(f"validation forecast {where} at temperature {validation['temperature']:g}: "
+                     f"{validation['criterion']} {candidates}")
+    calibration = validation.get("calibration")
+    if calibration:
+        capped = ", ".join(f"{round(100 * b)} %" for b in calibration.get("capped_bands") or [])
+        lines.append(f"bands calibrated on {calibration['n_trajectories']} validation trajectories: "
+                     f"{calibration['method']}" + (f"; too few of them for a finite correction of the {capped} "
+                                                   "band(s): the largest score was used (coverage not guaranteed)"
+                                                   if capped else ""))
+    return lines
 
 
 def method_rows(metrics: dict[str, dict | None], names: dict[str, str] | None = None) -> list[str]:

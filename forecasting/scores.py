@@ -2,18 +2,24 @@
 computed from (`samples.npz`, so any score can be recomputed from it alone).
 
 Every score is per species, on original units, over the trajectories scored (metrics.py keeps the point metrics):
-- CRPS (LLMTIME; properscoring's `crps_ensemble`): per point E|X - y| - 0.5 E|X - X'| over the complete samples X,
-  X' of the forecast (all K^2 pairs), averaged over trajectories and horizon. A point forecast is one sample: its
-  CRPS is its absolute error.
+- CRPS: the plain energy-form ensemble estimator, per point mean_i |X_i - y| - 1/2 mean_ij |X_i - X_j| over the m
+  complete samples of the forecast (all m^2 pairs, i = j included), the same as properscoring's `crps_ensemble`;
+  averaged over trajectories and horizon. Not the "fair" estimator (which divides the pair sum by m(m - 1) and
+  scores lower, 7-9 % at 20 samples), nor LLMTIME's CRPS (a pinball loss over 20 quantile levels divided by the sum
+  of |y|). A point forecast is one sample: its CRPS is its absolute error.
 - WQL (Chronos, GIFT-Eval): for each level q in 0.1..0.9, 2 * sum of the pinball loss of the samples' q-quantile /
   sum of |y| over all points; averaged over the nine levels. A point forecast is its every quantile, which makes
   its WQL sum |error| / sum |y|.
 - coverage_80: the share of targets inside the samples' 10-90 % quantiles (inclusive). A point forecast (or one
-  sample) has no interval: the key is left out and the method's "probabilistic" line says so.
+  sample) has no interval: the key is left out and the method's "probabilistic" line says so. coverage_50 and
+  coverage_95 likewise, inside the 25-75 % and 2.5-97.5 % quantiles. A forecast calibrated on the validation split
+  (forecast.py --calibrate, forecasting.calibration) reports its calibrated quantiles' WQL and coverage, and its
+  samples' own beside them (<score>_uncalibrated); its CRPS stays the samples'.
 - MASE: each trajectory's MAE of the point forecast / its context's one-step naive MAE (mean |c_t - c_t-1|), per
   species, averaged over trajectories (a constant context has no scale: left out, and counted).
-- Relative to seasonal naive (Chronos's aggregate): the geometric mean over trajectories of each trajectory's WQL
-  (MASE) divided by seasonal naive's on the same trajectory; seasonal naive scores 1 by construction.
+- Relative to seasonal naive (`<score>_gmean_relative`): the geometric mean over trajectories of each trajectory's
+  WQL (MASE) divided by seasonal naive's on the same trajectory; seasonal naive scores 1 by construction. (Not
+  Chronos's aggregate, which is the geometric mean over data sets of each data set's pooled score ratio.)
 Quantiles are numpy's (linear interpolation between order statistics), as Forecast.band draws the 10-90 % band.
 """
 from __future__ import annotations
@@ -30,6 +36,10 @@ from .metrics import forecast_metrics, variable_names
 
 QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 INTERVAL = (0.1, 0.9)  # the 80 % interval of coverage_80
+# The central bands whose coverage is reported (coverage_50, coverage_80, coverage_95): each from the quantiles at
+# 0.5 -/+ band / 2 (the samples', or the calibrated ones of a forecast calibrated on the validation split).
+COVERAGE_BANDS = (0.5, 0.8, 0.95)
+UNCALIBRATED = "_uncalibrated"  # suffix of a calibrated forecast's scores of its samples' own quantiles
 REFERENCE = "seasonal_naive"  # the method the relative scores divide by
 SAMPLES_FILE = "samples.npz"
 RELATIVE = ("wql", "mase")  # the scores reported relative to REFERENCE, as <score>_gmean_relative
@@ -97,11 +107,41 @@ def naive_scale(contexts: np.ndarray) -> np.ndarray:
     return np.abs(np.diff(contexts, axis=1)).mean(axis=1)
 
 
+def band_levels(band: float) -> tuple[float, float]:
+    """The quantile levels (0.5 - band / 2, 0.5 + band / 2) of a central band, rounded so that 0.8's are 0.1 and 0.9
+    exactly (the levels a calibration stores its quantiles at are found by equality)."""
+    return round(0.5 - band / 2, 6), round(0.5 + band / 2, 6)
+
+
+def coverage_key(band: float) -> str:
+    return f"coverage_{round(100 * band):d}"
+
+
 @dataclass
 class MethodForecast:
-    """One method's forecast of N trajectories: its point forecast and, for a generated method, its samples."""
+    """One method's forecast of N trajectories: its point forecast and, for a generated method, its samples; for a
+    forecast calibrated on the validation split (forecasting.calibration), its calibrated quantiles, which its
+    reported quantiles, WQL and coverage use (`quantiles`)."""
     point: np.ndarray  # (N, H, V)
     samples: np.ndarray | None = None  # (N, K, H, V), NaN where a sample did not parse; None: a point forecast
+    calibrated: np.ndarray | None = None  # (L, N, H, V) quantiles at `levels`; None: not calibrated
+    levels: tuple[float, ...] = ()  # the calibrated quantiles' levels, ascending
+
+    def quantiles(self, levels, calibrated: bool = True) -> np.ndarray:
+        """(len(levels), N, H, V): the reported quantiles at `levels`: the calibrated ones when there are (and
+        `calibrated`), else the samples' (`sample_quantiles`; a point forecast is its every quantile)."""
+        if calibrated and self.calibrated is not None:
+            stored = [round(float(level), 6) for level in self.levels]
+            missing = [level for level in levels if round(float(level), 6) not in stored]
+            if missing:
+                raise ValueError(f"no calibrated quantile at level(s) {missing}; calibrated at {list(self.levels)}")
+            return self.calibrated[[stored.index(round(float(level), 6)) for level in levels]]
+        return sample_quantiles(self.ensemble, levels)
+
+    def with_rows(self, rows) -> MethodForecast:
+        """The forecast of the trajectories `rows` (a mask or indices) only."""
+        return MethodForecast(self.point[rows], None if self.samples is None else self.samples[rows],
+                              None if self.calibrated is None else self.calibrated[:, rows], self.levels)
 
     @property
     def ensemble(self) -> np.ndarray:
@@ -128,7 +168,7 @@ def trajectory_scores(forecast: MethodForecast, targets: np.ndarray, contexts: n
     targets = np.asarray(targets, float)
     ensemble = forecast.ensemble
     point_crps = crps(ensemble, targets).mean(axis=1)  # (N, V)
-    quantiles = sample_quantiles(ensemble)  # (L, N, H, V)
+    quantiles = forecast.quantiles(QUANTILE_LEVELS)  # (L, N, H, V): the calibrated ones of a calibrated forecast
     with np.errstate(invalid="ignore", divide="ignore"):
         mase = np.abs(forecast.point - targets).mean(axis=1) / naive_scale(contexts)
     mase[~np.isfinite(mase)] = np.nan  # a zero scale: no MASE, not infinity
@@ -140,26 +180,41 @@ def trajectory_scores(forecast: MethodForecast, targets: np.ndarray, contexts: n
     return out
 
 
+def band_coverage(forecast: MethodForecast, targets: np.ndarray, band: float, calibrated: bool = True) -> np.ndarray:
+    """(N, V): each trajectory's share of target values inside the forecast's central `band` (0.8: between its
+    0.1 and 0.9 quantiles, inclusive), from its reported quantiles (`MethodForecast.quantiles`)."""
+    targets = np.asarray(targets, float)
+    low, high = forecast.quantiles(band_levels(band), calibrated)
+    return ((low <= targets) & (targets <= high)).mean(axis=1)
+
+
 def probabilistic_scores(forecast: MethodForecast, targets: np.ndarray, contexts: np.ndarray) -> dict:
-    """{variable: {"crps", "wql", "coverage_80" (samples only), "mase", "mase_undefined"}} pooled over the N
-    trajectories, whose forecasts must be complete."""
+    """{variable: {"crps", "wql", "coverage_50", "coverage_80", "coverage_95" (samples only), "mase",
+    "mase_undefined"}} pooled over the N trajectories, whose forecasts must be complete. A calibrated forecast's WQL
+    and coverage are its calibrated quantiles'; its samples' own are beside them as "wql_uncalibrated",
+    "coverage_80_uncalibrated", ... (CRPS is always the samples')."""
     targets = np.asarray(targets, float)
     ensemble = forecast.ensemble
     point_crps = crps(ensemble, targets)
-    quantiles = sample_quantiles(ensemble)
-    low, high = sample_quantiles(ensemble, INTERVAL)
-    inside = (low <= targets) & (targets <= high)
     per_trajectory = trajectory_scores(forecast, targets, contexts)
-    interval = forecast.samples is not None and forecast.samples.shape[1] > 1
+    sampled = forecast.samples is not None and forecast.samples.shape[1] > 1  # the samples span a band
+    calibrated_bands = forecast.calibrated is not None  # (a calibrated greedy forecast has bands too)
+    versions = [(True, "", sampled or calibrated_bands)] + ([(False, UNCALIBRATED, sampled)] if calibrated_bands
+                                                             else [])
     out = {}
     for v, name in enumerate(variable_names(targets.shape[2])):
         mase = per_trajectory[f"{name}_mase"]
         defined = ~np.isnan(mase)
-        out[name] = {"crps": float(point_crps[..., v].mean()),
-                     "wql": float(weighted_quantile_loss(quantiles[..., v], targets[..., v])),
-                     **({"coverage_80": float(inside[..., v].mean())} if interval else {}),
-                     "mase": float(mase[defined].mean()) if defined.any() else float("nan"),
-                     "mase_undefined": int((~defined).sum())}
+        out[name] = {"crps": float(point_crps[..., v].mean())}
+        for calibrated, suffix, interval in versions:
+            quantiles = forecast.quantiles(QUANTILE_LEVELS, calibrated)
+            out[name][f"wql{suffix}"] = float(weighted_quantile_loss(quantiles[..., v], targets[..., v]))
+            if interval:
+                for band in COVERAGE_BANDS:
+                    covered = band_coverage(forecast, targets, band, calibrated)[:, v]
+                    out[name][f"{coverage_key(band)}{suffix}"] = float(covered.mean())
+        out[name].update({"mase": float(mase[defined].mean()) if defined.any() else float("nan"),
+                          "mase_undefined": int((~defined).sum())})
     return out
 
 
@@ -191,8 +246,7 @@ def score_methods(forecasts: dict[str, MethodForecast], targets: np.ndarray, con
     targets, contexts, scored = np.asarray(targets, float), np.asarray(contexts, float), np.asarray(scored, bool)
     if not scored.any():
         return {name: None for name in forecasts}
-    kept = {name: MethodForecast(f.point[scored], None if f.samples is None else f.samples[scored])
-            for name, f in forecasts.items()}
+    kept = {name: f.with_rows(scored) for name, f in forecasts.items()}
     relative = relative_geometric_means({name: trajectory_scores(f, targets[scored], contexts[scored])
                                          for name, f in kept.items()})
     out = {}
@@ -219,7 +273,8 @@ class SavedForecasts:
 
 def write_samples(path: str | Path, saved: SavedForecasts) -> Path:
     """samples.npz (compressed, no pickled objects): `methods` (names in order), `indices`, `contexts`, `targets`,
-    `scored`, `point_<method>` for every method and `samples_<method>` (N, K, H, V) for each generated one."""
+    `scored`, `point_<method>` for every method and `samples_<method>` (N, K, H, V) for each generated one; for a
+    calibrated method, `calibrated_<method>` (L, N, H, V) and its levels `levels_<method>` (L,)."""
     arrays = {"methods": np.array(list(saved.forecasts), dtype=str), "indices": np.asarray(saved.indices),
               "contexts": np.asarray(saved.contexts, float), "targets": np.asarray(saved.targets, float),
               "scored": np.asarray(saved.scored, bool)}
@@ -227,6 +282,9 @@ def write_samples(path: str | Path, saved: SavedForecasts) -> Path:
         arrays[f"point_{name}"] = np.asarray(forecast.point, float)
         if forecast.samples is not None:
             arrays[f"samples_{name}"] = np.asarray(forecast.samples, float)
+        if forecast.calibrated is not None:
+            arrays[f"calibrated_{name}"] = np.asarray(forecast.calibrated, float)
+            arrays[f"levels_{name}"] = np.asarray(forecast.levels, float)
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
@@ -247,9 +305,12 @@ def read_samples(path: str | Path) -> SavedForecasts:
         missing = [key for key in ("methods", "indices", "contexts", "targets", "scored") if key not in f.files]
         methods = [str(m) for m in f["methods"]] if "methods" in f.files else []
         missing += [f"point_{m}" for m in methods if f"point_{m}" not in f.files]
+        missing += [f"levels_{m}" for m in methods if f"calibrated_{m}" in f.files and f"levels_{m}" not in f.files]
         if missing:
             raise ValueError(f"{path}: not a samples file of a forecast: missing {', '.join(missing)}")
-        forecasts = {m: MethodForecast(f[f"point_{m}"], f[f"samples_{m}"] if f"samples_{m}" in f.files else None)
+        forecasts = {m: MethodForecast(f[f"point_{m}"], f[f"samples_{m}"] if f"samples_{m}" in f.files else None,
+                                       f[f"calibrated_{m}"] if f"calibrated_{m}" in f.files else None,
+                                       tuple(f[f"levels_{m}"].tolist()) if f"levels_{m}" in f.files else ())
                      for m in methods}
         return SavedForecasts(f["indices"], f["contexts"], f["targets"], f["scored"], forecasts)
 

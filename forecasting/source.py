@@ -13,6 +13,7 @@ import torch
 
 from common.devices import device_from_flag, dtype_from_flag
 from common.fileio import sha256_file
+from data.llmtime import DEFAULT_SCALER, scaling_rule
 from data.lotka_volterra import DataError, LVData, Split, load_or_simulate, split_indices
 from qwen_mini import QwenConfig, load_model_and_tokenizer
 from qwen_mini.config import TINY_MODEL_SEED, config_for_model
@@ -36,6 +37,7 @@ class ForecastSource:
     model_name: str = ""  # the model that forecasts: a run's --model, or the plain model's spec (metrics.json says it)
     notes: list[str] = field(default_factory=list)  # mismatches worth telling the user (also written to the output)
     autocast_dtype: torch.dtype | None = None  # float16: generation under fp16 autocast over float32 weights
+    scaler: str = DEFAULT_SCALER  # the LLMTIME scaling rule: a run's own (config.json), else the one asked for
 
     def autocast(self):
         """The autocast the forecasts run under (--dtype float16), else nothing."""
@@ -71,7 +73,8 @@ def weights_and_autocast(dtype: torch.dtype | None) -> tuple[torch.dtype | None,
 
 
 def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decimals: int | None = None,
-             context: int | None = None, device=None, dtype: torch.dtype | None = None) -> ForecastSource:
+             context: int | None = None, device=None, dtype: torch.dtype | None = None,
+             scaler: str | None = None) -> ForecastSource:
     """A trained run: its model (adapter merged), its data file and train/val/test split, its decimals. Another
     data file (`data_path`) is split afresh the way the run's data was (ordered, or random with its seed), with a
     note saying so. The data is found before the weights are loaded: a run whose data file is gone is refused first."""
@@ -107,6 +110,10 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
     run_decimals = config.get("decimals", DEFAULT_DECIMALS)
     if decimals is not None and decimals != run_decimals:
         source_note.append(f"--decimals {decimals} differs from the {run_decimals} the run trained with")
+    run_scaler = config.get("scaler", DEFAULT_SCALER)  # runs recorded before the setting: the p95 rule
+    if scaler is not None and scaling_rule(scaler) != scaling_rule(run_scaler):
+        source_note.append(f"--scaler {scaler} differs from the {run_scaler} the run trained with: prompts are "
+                           "scaled differently from what the model learned")
     fit_steps = config.get("fit_steps")
     if context is not None and fit_steps is not None and context != fit_steps:
         source_note.append(f"--context {context}: the run's training texts were scaled on their first {fit_steps} "
@@ -119,7 +126,7 @@ def from_run(run_dir: str | os.PathLike, *, data_path: str | None = None, decima
 
     source = ForecastSource(model, tokenizer, str(run_dir), run_decimals if decimals is None else decimals, data,
                             split, origin, load_untrained, Path(run_dir) / "forecast", model_name=config["model"],
-                            autocast_dtype=autocast_dtype)
+                            autocast_dtype=autocast_dtype, scaler=scaling_rule(scaler or run_scaler).name)
     for message in source_note:
         source.note(message)
     return source
@@ -162,7 +169,7 @@ def run_data_file(run_dir, config: dict, data_path: str | None) -> tuple[str | N
 
 
 def from_model(spec: str, *, data_path: str | None = None, decimals: int | None = None, device=None,
-               dtype: torch.dtype | None = None) -> ForecastSource:
+               dtype: torch.dtype | None = None, scaler: str | None = None) -> ForecastSource:
     """A model as it is (no run): the trajectories are split as train.py splits them by default (in file order,
     the last 15 % test)."""
     dtype, autocast_dtype = weights_and_autocast(dtype)
@@ -173,7 +180,8 @@ def from_model(spec: str, *, data_path: str | None = None, decimals: int | None 
     name = Path(str(spec).rstrip("/")).name or str(spec)
     return ForecastSource(model.eval(), tokenizer, str(spec), DEFAULT_DECIMALS if decimals is None else decimals,
                           data, split, f"{split.describe()}, as train.py splits it by default", None,
-                          Path("forecasts") / name, model_name=str(spec), autocast_dtype=autocast_dtype)
+                          Path("forecasts") / name, model_name=str(spec), autocast_dtype=autocast_dtype,
+                          scaler=scaling_rule(scaler or DEFAULT_SCALER).name)
 
 
 def planned_model(run_dir=None, spec: str | None = None) -> tuple[QwenConfig | None, int]:

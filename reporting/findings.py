@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from qwen_mini.flop_report import format_flops
 
 from . import format as fmt
+from .calibration import calibration_findings, read_band_check
 from .forecasts import HIGHER_IS_BETTER, NOT_RANKED, result_differences, shown_columns, validation_choice
 from .results import FINE_TUNED, ZERO_SHOT, StageResult
 from .runs import Group, Noise, improved, ranking
+from .search import search_findings
 from .stages import decomposition
 from .uncertainty import LEVEL
 
@@ -60,8 +62,8 @@ def _winner_line(group: Group, noise: Noise) -> list[str]:
     (winner, best), (second, score) = ranked[0], ranked[1]
     margin = score - best
     verdict = ("noise unmeasured" if not noise.measured else
-               f"beyond the noise ({fmt.number(noise.value)})" if margin > noise.value else
-               f"**within the noise** ({fmt.number(noise.value)}): this stage did not tell its settings apart")
+               f"beyond the noise ({noise_value(noise)})" if margin > noise.value else
+               f"**within the noise** ({noise_value(noise)}): this stage did not tell its settings apart")
     text = (f"- **{group.name}** ({', '.join(group.varied) or 'runs'}): `{winner.short_name(group.home)}` won by the "
             f"{group.criterion} ({fmt.loss(best)}); the runner-up `{second.short_name(group.home)}` scored "
             f"{fmt.delta(margin)} above it: {verdict}.")
@@ -75,19 +77,21 @@ def _winner_line(group: Group, noise: Noise) -> list[str]:
     return [text]
 
 
+def noise_value(noise: Noise) -> str:
+    """The noise's value, and where a search measured it."""
+    return fmt.number(noise.value) + (f" at step {noise.steps}" if noise.steps is not None else "")
+
+
 def stage_findings(group: Group, noise: Noise, whole: Noise) -> list[str]:
     """The stage's winner and margin against the noise of its criterion (`noise`); a one-run stage's change from
     step 0 against the noise of the whole-window loss (`whole`)."""
     if group.record.get("search"):
         try:
-            from .search import search_findings
-        except ImportError:
-            pass
-        else:
-            try:
-                return search_findings(group.record, group.name)
-            except (KeyError, TypeError, ValueError, IndexError):  # named in the stage's section
-                return [f"- **{group.name}**: its search record cannot be read (see its section)."]
+            return search_findings(group)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # named in the stage's section
+            return [f"- **{group.name}**: its search record cannot be read (see its section)."]
+    if group.no_winner:
+        return [f"- **{group.name}**: {group.no_winner}: no run is named its winner."]
     if len(group.runs) > 1:
         return _winner_line(group, noise)
     run = group.runs[0]
@@ -95,8 +99,8 @@ def stage_findings(group: Group, noise: Noise, whole: Noise) -> list[str]:
         return []
     judged = improved(run, whole)
     verdict = ("noise unmeasured" if judged is None else
-               f"improved beyond the noise ({fmt.number(whole.value)})" if judged else
-               f"**not improved** beyond the noise ({fmt.number(whole.value)})")
+               f"improved beyond the noise ({noise_value(whole)})" if judged else
+               f"**not improved** beyond the noise ({noise_value(whole)})")
     return [f"- **{group.name}**: one run, `{run.short_name(group.home)}`: best validation loss "
             f"{fmt.loss(run.best_val)}, {fmt.delta(run.change)} from step 0: {verdict}."]
 
@@ -127,7 +131,7 @@ def result_findings(result: StageResult) -> list[str]:
         winner, fine, zero = choice
         lines.append(f"{head}: this validation forecast chooses the {winner} model by the geometric mean over the "
                      f"species of the MSE ({fmt.number(fine)} fine-tuned, {fmt.number(zero)} zero-shot).")
-    return lines
+    return lines + calibration_findings(result, read_band_check(result, []))  # its faults: named in Results
 
 
 def _difference_text(d) -> str:
@@ -159,19 +163,22 @@ def baseline_comparison(result: StageResult, species: str, rows) -> tuple[dict[s
     return losses, wins
 
 
-def findings(groups: list[Group], noises: dict[str, Noise], whole: Noise, results: list[StageResult]) -> list[str]:
-    """`noises`: per stage, the noise of its criterion; `whole`: of the whole-window loss (each run's change)."""
+def findings(groups: list[Group], noises: dict[str, Noise], wholes: dict[str, Noise], results: list[StageResult]
+             ) -> list[str]:
+    """Per stage, from its own study (reporting.runs.stage_noises): `noises`, the noise of its criterion; `wholes`, of
+    the whole-window loss (each run's change)."""
     lines = ["## Findings", ""]
-    used = list(dict.fromkeys([whole, *noises.values()]))
-    unmeasured = [n.criterion for n in used if not n.measured]
-    lines += [noise_line(n) for n in used if n.measured]
+    used = list(dict.fromkeys([*wholes.values(), *noises.values()]))
+    unmeasured = list(dict.fromkeys(n.criterion for n in used if not n.measured))
+    lines += list(dict.fromkeys(noise_line(n) for n in used if n.measured))
     if unmeasured:
-        lines.append(f"Noise of the {' and of the '.join(unmeasured)}: unmeasured (no runs that differ in the seed "
-                     "alone); no margin below is held against it.")
+        stages = [g.name for g in groups if not noises[g.name].measured or not wholes[g.name].measured]
+        lines.append(f"Noise of the {' and of the '.join(unmeasured)} of {', '.join(stages)}: unmeasured (no seed "
+                     "replicates of its study measure it); no margin there is held against it.")
     lines.append("")
     for group in groups:
-        lines += stage_findings(group, noises[group.name], whole)
-    flat = [(g, r) for g in groups for r in g.runs if improved(r, whole) is False and len(g.runs) > 1]
+        lines += stage_findings(group, noises[group.name], wholes[group.name])
+    flat = [(g, r) for g in groups for r in g.runs if improved(r, wholes[g.name]) is False and len(g.runs) > 1]
     if flat:
         lines.append("- Not improved on step 0 beyond the noise: " + ", ".join(
             f"{g.name} `{r.short_name(g.home)}` ({fmt.delta(r.change)})" for g, r in flat) + ".")
@@ -182,9 +189,13 @@ def findings(groups: list[Group], noises: dict[str, Noise], whole: Noise, result
 
 def noise_line(noise: Noise) -> str:
     members = ", ".join(f"`{r.stage_name}`" for r in noise.replicates)
+    seeds = ", ".join(str(r.config.get("seed")) for r in noise.replicates)
+    if noise.steps is not None:
+        return (f"Noise of the {noise.criterion}: {fmt.number(noise.value)}, measured by the search at step "
+                f"{noise.steps}: the spread of one configuration's loss there between seeds {seeds} ({members}; table "
+                "\"Seed replicates and the noise\").")
     return (f"Noise of the {noise.criterion}: {fmt.number(noise.value)}, the spread of the best score between seeds "
-            f"{', '.join(str(r.config.get('seed')) for r in noise.replicates)} of one setting ({members}; table "
-            "\"Seed replicates and the noise\").")
+            f"{seeds} of one setting ({members}; table \"Seed replicates and the noise\").")
 
 
 # ---- conclusions ---------------------------------------------------------------------------------------------------
@@ -201,7 +212,7 @@ def conclusions(groups: list[Group], noises: dict[str, Noise], results: list[Sta
             lines.append(f"- Budget, **{gain.name}**: {format_flops(gain.flops)} FLOPs on seed replicates, which "
                          "measure the noise.")
         elif gain.change is not None:
-            bought = (f"lowered its criterion by {fmt.delta(gain.change)} from {gain.start_label}: "
+            bought = (f"lowered its criterion by {fmt.number(-gain.change)} from {gain.start_label}: "
                       f"{gain.per_nat} FLOPs per nat" if gain.change < 0 else
                       f"bought no improvement on {gain.start_label} ({fmt.delta(gain.change)})")
             lines.append(f"- Budget, **{gain.name}**: {format_flops(gain.flops)} FLOPs {bought}.")
@@ -273,9 +284,10 @@ def next_steps(groups: list[Group], noises: dict[str, Noise], results: list[Stag
             lines.append(f"- Next, **{last.name}**: `{best.short_name(last.home)}`'s validation loss was lowest at "
                          f"its last evaluation ({fmt.loss(best.best_val)}): it was still falling; more steps may "
                          "lower it further.")
-    if any(not n.measured for n in noises.values()):
-        lines.append("- Next: no seed replicates: rerun a stage's winner at another `seed` (a stage of its own) to "
-                     "measure the noise that every margin here is held against.")
+    unmeasured = [g.name for g in groups if not noises[g.name].measured and len(ranking(g)) > 1]
+    if unmeasured:
+        lines.append(f"- Next, **{', '.join(unmeasured)}**: no noise measured on its criterion: rerun a stage's "
+                     "winner at another `seed` (a stage of its own) to measure the noise its margins are held against.")
     for result in results:
         vague = [d for rows in result_differences(result).values() for d in rows
                  if d.label == "MSE" and d.distinguishable is False]

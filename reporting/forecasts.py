@@ -21,6 +21,7 @@ from forecasting.scores import SAMPLES_FILE, read_samples
 from study.selection import forecast_score
 
 from . import format as fmt
+from .calibration import calibration_section
 from .figures import plot_horizon, slug
 from .results import FINE_TUNED, ZERO_SHOT, StageResult
 from .uncertainty import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL, differences, differences_table
@@ -193,7 +194,9 @@ def _draw_trajectory(result: StageResult, saved, zero, index: int, path: Path) -
     if zero is not None and index in zero.indices.tolist() and "model" in zero.forecasts:
         others = {ZERO_SHOT: zero.forecasts["model"].point[zero.indices.tolist().index(index)], **others}
     band = None
-    if subject.samples is not None and subject.samples.shape[1] > 1:
+    if subject.calibrated is not None:  # the bands the forecast reports: calibrated on the validation split
+        band = tuple(subject.quantiles((0.1, 0.9))[:, row])
+    elif subject.samples is not None and subject.samples.shape[1] > 1:
         with np.errstate(invalid="ignore"):
             band = tuple(np.nanpercentile(subject.samples[row], q, axis=0) for q in (10, 90))
     context, target = saved.contexts[row], saved.targets[row]
@@ -239,6 +242,7 @@ def results_section(result: StageResult, out: Path, figures: Path, loss_curve: P
     for note, names in notes.items():
         lines += [f"Probabilistic scores of {', '.join(names)}: {note}.", ""]
     lines += differences_section(result) + choice_lines(result)
+    lines += calibration_section(result, figures, out, unreadable)
     images = []
     if loss_curve is not None:
         images.append((f"The fine-tuned run's loss curve ({loss_curve.parent.name})",

@@ -35,7 +35,7 @@ from .findings import StageGain, conclusions, findings, stage_gain
 from .flops import budget_section, flop_section, left_share, stage_flops, step_setting
 from .forecasts import results_section
 from .results import forecast_results, moved_study
-from .runs import collect_groups, collect_runs, measure_noise, seed_replicates
+from .runs import collect_groups, collect_runs, stage_noises
 from .setup import data_files, overview, setup_section, title
 from .stages import group_section, noise_section
 
@@ -79,9 +79,9 @@ def write_report(runs_dir, out=None, max_flops: int | None = None, warn=None) ->
     budget = max_flops or recorded_cap(runs_dir, unreadable) or _study_budget(studies) or DEFAULT_BUDGET
     gqa = ", ".join(sorted({r.gqa for r in records})) or "real"
     groups = collect_groups(runs, studies)
-    replicates = seed_replicates(runs)
-    whole = measure_noise(replicates, None)  # what a run's change from step 0 (whole windows) is held against
-    noises = {g.name: measure_noise(replicates, g.last_n) if g.compares_last else whole for g in groups}
+    # Per stage, from its own study: the noise of its criterion, and of the whole-window loss (what a run's change
+    # from step 0 is held against).
+    noises, wholes, replicates = stage_noises(groups, runs)
     figures = out / "report_figures"
     group_flops = stage_flops(records, runs_dir, studies)
     results = forecast_results(studies, records, runs_dir, unreadable)
@@ -95,9 +95,9 @@ def write_report(runs_dir, out=None, max_flops: int | None = None, warn=None) ->
         body += ["## Runs", "", "Per stage, in the study's order. `val @0`: validation loss before training (whole "
                  "windows); `last N`: over the last N targets of each window, the same positions at every context "
                  "length (what `from = \"<stage>\"` compares runs at different context lengths by).", ""]
-        body += noise_section(replicates, list(dict.fromkeys([whole, *noises.values()])))
+        body += noise_section(replicates, list(dict.fromkeys([*wholes.values(), *noises.values()])))
         for group in groups:
-            body += group_section(group, figures, out, whole, budget)
+            body += group_section(group, figures, out, wholes[group.name], budget)
     if results:
         body += ["## Results", ""]
         by_dir = {r.run_dir.resolve(): r for r in runs}
@@ -112,7 +112,7 @@ def write_report(runs_dir, out=None, max_flops: int | None = None, warn=None) ->
     if unreadable:
         body += ["## Unreadable", "", "Left out of everything above:", ""] + [f"- {u}" for u in unreadable] + [""]
     lines = [title(runs, results, data), ""] + overview(runs_dir, runs, results, unreadable, data, gqa)
-    lines += findings(groups, noises, whole, results)
+    lines += findings(groups, noises, wholes, results)
     lines += conclusions(groups, noises, results, [g for g in gains if g.name in by_name],
                          left_share(records, budget))
     path = out / REPORT_NAME

@@ -2,26 +2,30 @@
 the same last-N positions, at step 0 and at their best), the stages they belong to (in the study's order), which run
 won each stage by which criterion, and the seed replicates that measure the noise.
 
-Seed replicates are runs that differ in the seed alone: two runs with identical settings and the same seed (two
-demo runs, an interrupted run and its rerun) repeat one measurement and say nothing about the noise. The noise of a
-criterion is the largest spread of that criterion's score between the seeds of one setting; without replicates it
-is unmeasured (None), never 0.
+Seed replicates are runs that differ in the seed alone (on the same data bytes): two runs with identical settings and
+the same seed (two demo runs, an interrupted run and its rerun) repeat one measurement and say nothing about the
+noise. The noise of a criterion is the largest spread of that criterion's score between the seeds of one setting;
+without replicates it is unmeasured (None), never 0. Each study's stages are held against its own noise: a search's,
+measured at its top rung's step (`search_noise`), else its runs' seed replicates; runs outside a study against theirs.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ledger import KINDS, Record
-from study.selection import best_finite, choose_best, common_last_count, lowest
+from study.halving import record_fault
+from study.plan import STUDY_FILE
+from study.selection import best_finite, common_last_count, lowest, score_runs
 from training.config import TRAJECTORY_KEYS
 from training.run import CONFIG_NAME, METRICS_NAME, read_metrics, read_run_config
 
 REPORTED_SETTINGS = ("lr", "rank", "batch", "ctx", "steps")
 # What makes two runs measure the same thing but the seed: every setting of their trajectory, the steps, and the
 # validation windows their losses are taken over.
-REPLICATE_KEYS = tuple(k for k in (*TRAJECTORY_KEYS, "steps", "val_batches") if k != "seed")
+REPLICATE_KEYS = tuple(k for k in (*TRAJECTORY_KEYS, "steps", "val_batches", "data_sha256") if k != "seed")
 
 
 @dataclass(eq=False)  # a run is itself: compared and hashed by identity
@@ -57,6 +61,11 @@ class RunInfo:
         """(step, validation loss over the last `n` targets of each window) of every evaluation that recorded it."""
         return [(m["step"], m["val_loss_last"][str(n)]) for m in self.metrics
                 if isinstance(m.get("val_loss_last"), dict) and _number(m["val_loss_last"].get(str(n)))]
+
+    def at(self, step: int, n: int | None = None) -> float | None:
+        """The validation loss at `step` (over the last `n` targets of each window when given)."""
+        values = self.val if n is None else self.last(n)
+        return next((v for s, v in values if s == step), None)
 
     def last0(self, n: int) -> float | None:
         return next((v for s, v in self.last(n) if s == 0), None)
@@ -117,6 +126,8 @@ class Group:
     record: dict = field(default_factory=dict)  # the stage's study.json record ({} outside a study)
     replicates: list[RunInfo] = field(default_factory=list)  # a search stage's seed replicates ("noise_runs")
     order: int = 0  # the stage's place in its study
+    study: Path | None = None  # the study's directory (None: runs outside a study)
+    no_winner: str = ""  # why no run is named the winner (a search not finished, a study record unreadable)
 
     @property
     def last_n(self) -> int | None:
@@ -173,24 +184,30 @@ def collect_groups(runs: list[RunInfo], studies: list[tuple[Path, dict]]) -> lis
             replicates = [r for r in _members(stage.get("noise_runs"), by_dir) if r not in members]
             if members:
                 best = by_dir.get(Path(str(stage.get("best", ""))).resolve())
+                searched = stage.get("search") and (record_fault(stage) is not None
+                                                    or not (stage.get("done") is True and best in members))
                 groups.append(Group(f"{study.get('name', path.parent.name)}/{stage.get('name')}", members,
                                     path.parent / str(stage.get("name")),
                                     [str(v) for v in stage.get("varied", []) if isinstance(v, str)],
-                                    stage.get("criterion"), best, stage, replicates, order))
+                                    stage.get("criterion"), best, stage, replicates, order, path.parent,
+                                    "the search has not chosen a winner" if searched else ""))
                 grouped.update(id(m) for m in members + replicates)
     rest: dict[Path, list[RunInfo]] = {}
     for run in runs:
         if id(run) not in grouped:
             rest.setdefault(run.run_dir.parent, []).append(run)
+    studied = {path.parent.resolve() for path, _ in studies}
     for home, members in sorted(rest.items()):
         name = members[0].label if len(members) == 1 else str(Path(members[0].label).parent)
+        lost = (home.parent / STUDY_FILE).is_file() and home.parent.resolve() not in studied
         groups.append(Group(name if name != "." else "runs outside a study", members, home,
-                            varied_settings(members)))
+                            varied_settings(members), study=home.parent if lost else None,
+                            no_winner=f"its study's record {home.parent / STUDY_FILE} cannot be read" if lost else ""))
     for group in groups:
-        if len(group.runs) < 2:
-            group.criterion, group.best = None, None  # one run wins nothing
+        if len(group.runs) < 2 or group.no_winner:
+            group.criterion, group.best = None, None  # one run wins nothing; nor does an unfinished search
         elif group.criterion is None or group.best is None:  # runs outside a study: the same rule picks
-            choice = choose_best([r.run_dir for r in group.runs])
+            choice = lowest(*score_runs([r.run_dir for r in group.runs], histories=[r.metrics for r in group.runs]))
             if choice is not None:
                 group.criterion, group.best = choice.criterion, group.runs[choice.index]
     return groups
@@ -209,7 +226,10 @@ def varied_settings(runs: list[RunInfo]) -> list[str]:
 
 
 def ranking(group: Group) -> list[tuple[RunInfo, float]]:
-    """The stage's runs with a finite score under its criterion, best first (the first of equals first)."""
+    """The stage's runs with a finite score under its criterion, best first (the first of equals first); none where
+    the stage has no winner to name (`Group.no_winner`)."""
+    if group.no_winner:
+        return []
     scores = [group.score(r) for r in group.runs]
     choice = lowest(scores, group.criterion or "")
     if choice is None:
@@ -239,25 +259,84 @@ class Noise:
     last_n: int | None
     value: float | None
     replicates: tuple[RunInfo, ...] = ()  # the set it was measured on
+    steps: int | None = None  # a search's: the loss at this step (its top rung's); else each run's best
 
     @property
     def measured(self) -> bool:
         return self.value is not None
 
+    def score(self, run: RunInfo) -> float | None:
+        """A run's score as this noise measures it."""
+        if self.steps is not None:
+            return run.at(self.steps, self.last_n)
+        return run.best_val if self.last_n is None else run.best_last(self.last_n)
+
+
+def _criterion(last_n: int | None) -> str:
+    return "whole-window validation loss" if last_n is None else f"validation loss over the last {last_n} targets"
+
 
 def measure_noise(replicate_sets: list[list[RunInfo]], last_n: int | None) -> Noise:
     """The noise of the whole-window loss (`last_n` None) or of the loss over the last `last_n` targets."""
-    criterion = ("whole-window validation loss" if last_n is None else
-                 f"validation loss over the last {last_n} targets")
     spreads = []
     for members in replicate_sets:
         scores = [r.best_val if last_n is None else r.best_last(last_n) for r in members]
         if all(s is not None for s in scores):
             spreads.append((max(scores) - min(scores), tuple(members)))
     if not spreads:
-        return Noise(criterion, last_n, None)
+        return Noise(_criterion(last_n), last_n, None)
     value, members = max(spreads, key=lambda s: s[0])
-    return Noise(criterion, last_n, value, members)
+    return Noise(_criterion(last_n), last_n, value, members)
+
+
+def search_noise(group: Group) -> Noise | None:
+    """A search stage's own noise (study.json's "noise"): the spread of its noise's reference configuration over its
+    seeds at the step it was measured at (the top rung's; a search recorded before the noise went on with the rungs:
+    its first rung's), on its rungs' criterion. None for another stage, or a search without a measured noise."""
+    record = group.record
+    value, ladder = record.get("noise"), record.get("ladder")
+    if not record.get("search") or not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or record_fault(record) is not None:
+        return None
+    steps = record.get("noise_steps")
+    if not isinstance(steps, int):
+        steps = ladder[0] if isinstance(ladder, list) and ladder and isinstance(ladder[0], int) else None
+    rung = next((r for r in record.get("rungs", []) if isinstance(r, dict) and r.get("steps") == steps), {})
+    last = re.search(r"last (\d+) targets", str(rung.get("criterion", "")))
+    last_n = int(last[1]) if last else None
+    named = {r.run_dir.name: r for r in group.runs + group.replicates}
+    reference = Path(str(record.get("noise_reference") or "")).name or \
+        next((n.removesuffix(f"_seed{r.config.get('seed')}") for n, r in named.items() if r in group.replicates), "")
+    members = tuple(r for r in [named.get(reference), *group.replicates] if r is not None)
+    return Noise(_criterion(last_n), last_n, float(value), members, steps)
+
+
+def stage_noises(groups: list[Group], runs: list[RunInfo]) -> tuple[dict[str, Noise], dict[str, Noise],
+                                                                     list[list[RunInfo]]]:
+    """Each stage's noise, from its own study's runs: of its criterion, and of the whole-window loss (what a run's
+    change from step 0 is held against); and every set of seed replicates. A search's own noise first; else its
+    study's seed replicates; else the study's search's, where it was measured on the same criterion."""
+    noise_runs = {id(r) for g in groups for r in g.replicates}
+    scope = {id(r): g.study for g in groups for r in g.runs + g.replicates}
+    sets_of: dict = {}
+    for run in runs:
+        if id(run) not in noise_runs:
+            sets_of.setdefault(scope.get(id(run)), []).append(run)
+    sets_of = {study: seed_replicates(members) for study, members in sets_of.items()}
+    searched = [(g.study, n) for g in groups if (n := search_noise(g)) is not None]
+    noises, wholes = {}, {}
+    for group in groups:
+        sets = sets_of.get(group.study, [])
+
+        def found(last_n, group=group, sets=sets):
+            measured = measure_noise(sets, last_n)
+            same = [n for study, n in searched if study == group.study and n.last_n == last_n]
+            return measured if measured.measured or not same else same[0]
+
+        own = search_noise(group)
+        noises[group.name] = own or found(group.last_n if group.compares_last else None)
+        wholes[group.name] = own if own is not None and own.last_n is None else found(None)
+    return noises, wholes, [s for sets in sets_of.values() for s in sets]
 
 
 def improved(run: RunInfo, noise: Noise) -> bool | None:

@@ -34,24 +34,31 @@ def describe_model(name: str) -> str:
 
 
 def data_files(studies: list[tuple[Path, dict]], runs: list[RunInfo], results: list[StageResult]) -> list[tuple]:
-    """(path or None for the built-in simulated set, sha256 or None) of every data file the report covers: the
-    studies' "data" records, else the runs' configs, else the forecasts'."""
+    """(path or None for the built-in simulated set, sha256 or None, the studies that used those bytes) of every data
+    file the report covers: the studies' "data" records, else the runs' configs, else the forecasts'. A path whose
+    contents changed between studies is listed once per sha256, each with its studies."""
     found = []
-    for _, study in studies:
+    for path, study in studies:
         items = study.get("data") if isinstance(study.get("data"), list) else []
-        found += [(item.get("path"), item.get("sha256")) for item in items if isinstance(item, dict)
+        found += [(item.get("path"), item.get("sha256"), str(study.get("name") or path.parent.name))
+                  for item in items if isinstance(item, dict)
                   and all(isinstance(item.get(k), (str, type(None))) for k in ("path", "sha256"))]
     for run in runs:
-        found.append((run.config.get("data"), run.config.get("data_sha256")))
+        found.append((run.config.get("data"), run.config.get("data_sha256"), None))
     for result in results:
         if isinstance(result.summary.get("data"), str) or not found:
-            found.append((result.summary.get("data"), None))
-    merged = {}
-    for path, sha in found:
-        key = str(path) if path else None
-        if key not in merged or (sha and not merged[key]):
-            merged[key] = sha
-    return list(merged.items())
+            found.append((result.summary.get("data"), None, None))
+    merged: dict = {}
+    for path, sha, study in found:
+        shas = merged.setdefault(str(path) if path else None, {})
+        studies_of = shas.setdefault(sha, [])
+        if study and study not in studies_of:
+            studies_of.append(study)
+    listed = []
+    for path, shas in merged.items():
+        known = {sha: names for sha, names in shas.items() if sha}
+        listed += [(path, sha, names) for sha, names in (known or shas).items()]
+    return listed
 
 
 def describe_data(path: str | None) -> str:
@@ -63,7 +70,8 @@ def title(runs: list[RunInfo], results: list[StageResult], data: list[tuple]) ->
     models = ", ".join(describe_model(m) for m in model_names(runs, results)) or "no model"
     how = ("fine-tuned in full" if runs and all(r.config.get("full") for r in runs) else
            "fine-tuned with LoRA" if runs else "forecasting zero-shot")
-    return f"# Report: {models} {how} on {', '.join(describe_data(p) for p, _ in data) or 'no data'}"
+    names = dict.fromkeys(describe_data(p) for p, *_ in data)
+    return f"# Report: {models} {how} on {', '.join(names) or 'no data'}"
 
 
 def overview(runs_dir: Path, runs: list[RunInfo], results: list[StageResult], unreadable: list[str],
@@ -73,9 +81,11 @@ def overview(runs_dir: Path, runs: list[RunInfo], results: list[StageResult], un
              f"forecast{'s' * (len(results) != 1)} ({len(results) - plain} of trained runs, {plain} of base models), "
              f"{len(unreadable)} unreadable. Counting convention: gqa={gqa}; backward = 2 x forward; evaluation = "
              "forward with loss; forecasts = prefill once per prompt + every KV-cache decode step.", ""]
-    for path, sha in data:
+    changed = {path for path, *_ in data if sum(p == path for p, *_ in data) > 1}  # its bytes changed between studies
+    for path, sha, studies in data:
+        used = f", study {', '.join(studies)}" if path in changed and studies else ""
         lines.append(f"- Data: {f'`{path}`' if path else describe_data(path)}"
-                     + (f" (sha256 `{sha[:16]}`)" if sha else "") + ".")
+                     + (f" (sha256 `{sha[:16]}`{used})" if sha else "") + ".")
     for name in model_names(runs, results):
         if Path(name).name in STAND_INS:
             lines.append(f"- Model: `{name}`, one of the shipped pretrained bases: a small Qwen2-architecture model "
@@ -111,6 +121,7 @@ def architecture(runs: list[RunInfo]) -> list[str]:
 def llmtime_example(runs: list[RunInfo], results: list[StageResult]) -> list[str]:
     """One context of the data as the model reads it: its text, its tokens, the scaler, and the split's sizes."""
     from data.dataset import make_eval_example
+    from data.llmtime import DEFAULT_SCALER, scaling_rule
     from data.lotka_volterra import load_or_simulate
 
     run = next((r for r in runs if isinstance(r.config.get("split"), dict)
@@ -130,14 +141,14 @@ def llmtime_example(runs: list[RunInfo], results: list[StageResult]) -> list[str
     try:
         data = load_or_simulate(config.get("data"))
         index = int((split.get("test") or [0])[0])
+        rule = scaling_rule(config.get("scaler") or DEFAULT_SCALER)  # the run's (runs before the setting: p95)
         example = make_eval_example(data.trajectories[index], index, int(context),
-                                    data.trajectories.shape[1] - int(context), decimals)
+                                    data.trajectories.shape[1] - int(context), decimals, rule)
     except (OSError, ValueError, IndexError, KeyError, TypeError) as e:
         return lines + [f"(No example: the data could not be read here: {e}.)", ""]
     text = ";".join(example.prompt.split(";")[:EXAMPLE_STEPS]) + ";"
-    lines += [f"Trajectory {index}: each species is divided by its scale (the 95th percentile of |value| over the "
-              f"{context} context steps only), written with {decimals} decimals, species joined by \",\" and steps "
-              "by \";\":", ""]
+    lines += [f"Trajectory {index}: scaler {rule.name}, {rule.describe()} (over the {context} context steps only), "
+              f"written with {decimals} decimals, species joined by \",\" and steps by \";\":", ""]
     lines += fmt.table(["", "prey", "predator"][:1 + example.scaler.n_vars],
                        [["scale"] + [fmt.number(v) for v in example.scaler.scale],
                         ["first step"] + [fmt.number(v) for v in example.context[0]],

@@ -17,6 +17,7 @@ from . import figures as figs
 from . import format as fmt
 from .figures import slug
 from .runs import Group, Noise, RunInfo, improved, ranking
+from .search import search_section
 
 SHARED_SETTINGS = (("model", "model"), ("rank", "LoRA rank"), ("targets", "LoRA on"), ("lr", "lr"),
                    ("batch", "batch"), ("ctx", "ctx"), ("steps", "steps"), ("seed", "seed"), ("data", "data"))
@@ -56,6 +57,20 @@ def runs_table(group: Group, noise: Noise) -> list[str]:
             row.append("winner" if run is winner[0] else "-" if score is None else fmt.delta(score - winner[1]))
         rows.append(row + [format_flops(run.total_flops)])
     return fmt.table(header, rows)
+
+
+def continued_lines(group: Group) -> list[str]:
+    """What each run that continued another run's checkpoint did not train again: the steps up to it, and their
+    training FLOPs (booked by the run it continued; the table's FLOPs are the run's own steps)."""
+    lines = []
+    for run in group.runs:
+        step, origin = run.config.get("continued_from_step"), run.config.get("continue_from")
+        if isinstance(step, int) and step > 0 and isinstance(origin, str):
+            saved = step * (run.config.get("per_step_flops") or 0)
+            lines += [f"`{run.short_name(group.home)}` continued `{Path(origin).parent.name}/{Path(origin).name}` "
+                      f"from its step {step}: continuing saved {step} steps and {format_flops(saved)} training FLOPs "
+                      f"(booked by that run); its FLOPs above are its own {run.steps - step} steps.", ""]
+    return lines
 
 
 @dataclass(frozen=True)
@@ -115,9 +130,11 @@ def group_section(group: Group, figures: Path, out: Path, noise: Noise, budget: 
     at0, best = criterion_labels(group)
     lines += ["`change`: best val minus val @0 (whole windows); `verdict`: " +
               (f"improved when the change is below -{fmt.number(noise.value)}, the noise of the {noise.criterion}"
-               if noise.measured else "which way it went (the noise is unmeasured: no seed replicates)") +
-              (f"; `vs winner`: the run's {best} minus the winner's" if len(group.runs) > 1 else "") + ".", ""]
-    lines += runs_table(group, noise) + [""]
+               + (f" (a search's, at step {noise.steps})" if noise.steps is not None else "") if noise.measured
+               else "which way it went (the noise is unmeasured: no seed replicates)") +
+              (f"; `vs winner`: the run's {best} minus the winner's" if len(group.runs) > 1 and ranking(group)
+               else "") + ".", ""]
+    lines += runs_table(group, noise) + [""] + continued_lines(group)
     ranked = ranking(group)
     if len(group.runs) > 1 and ranked:
         lines += [f"Winner: `{ranked[0][0].short_name(group.home)}`, chosen by the {group.criterion} "
@@ -132,16 +149,12 @@ def group_section(group: Group, figures: Path, out: Path, noise: Noise, budget: 
 
 
 def search_lines(group: Group, figures: Path, out: Path) -> list[str]:
-    """A successive-halving stage's rungs (reporting.search, the lead's)."""
+    """A successive-halving stage's rungs (reporting.search)."""
     if not group.record.get("search"):
         return []
     try:
-        from .search import search_section
-    except ImportError:  # an older checkout without the search report: the stage's runs above still stand
-        return []
-    try:
-        return search_section(group.record, figures, out) + [""]
-    except (KeyError, TypeError, ValueError, IndexError) as e:  # a hand-edited study.json: name it, report the rest
+        return search_section(group, figures, out) + [""]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a hand-edited study.json
         return [f"The search record of this stage cannot be read ({type(e).__name__}: {e}); its runs are above.", ""]
 
 
@@ -199,19 +212,28 @@ def context_points(group: Group) -> tuple[dict, int | None]:
 
 
 def noise_section(replicate_sets: list[list[RunInfo]], noises: list[Noise]) -> list[str]:
-    """The seed replicates and the spread of each criterion's score between them."""
+    """The seed replicates and the spread of each criterion's score between them: every set of runs that differ in
+    the seed alone (their best scores), and each search's noise (its reference's loss at the step it was measured)."""
     lines = ["### Seed replicates and the noise", ""]
-    if not replicate_sets:
+    searched = [n for n in noises if n.steps is not None and n.measured]
+    if not replicate_sets and not searched:
         return lines + ["No seed replicates (runs that differ in the seed alone): the noise is unmeasured, and no "
                         "difference in this report is held against it.", ""]
     rows = []
+
+    def row(members, noise: Noise, what: str) -> list[str]:
+        scores = [noise.score(r) for r in members]
+        return [", ".join(f"`{r.stage_name}`" for r in members), ", ".join(str(r.config.get("seed")) for r in members),
+                noise.criterion + what, ", ".join(fmt.loss(v) for v in scores),
+                fmt.number(max(scores) - min(scores)) if all(v is not None for v in scores) else "-"]
+
+    generic = list(dict.fromkeys(n.last_n for n in noises if n.steps is None))
     for members in replicate_sets:
-        for n in noises:
-            scores = [r.best_val if n.last_n is None else r.best_last(n.last_n) for r in members]
-            rows.append([", ".join(f"`{r.stage_name}`" for r in members),
-                         ", ".join(str(r.config.get("seed")) for r in members), n.criterion,
-                         ", ".join(fmt.loss(v) for v in scores),
-                         fmt.number(max(scores) - min(scores)) if all(v is not None for v in scores) else "-"])
-    return lines + ["Runs that differ in the seed alone; the noise of a criterion is the largest spread of its best "
-                    "score between the seeds of one setting:", ""] + \
+        rows += [row(members, Noise("whole-window validation loss" if n is None else
+                                    f"validation loss over the last {n} targets", n, None), "")
+                 for n in generic or [None]]
+    rows += [row(n.replicates, n, f", at step {n.steps} (a search's)") for n in searched]
+    return lines + ["Runs that differ in the seed alone; the noise of a criterion is the largest spread of its score "
+                    "between the seeds of one setting (each run's best score; a search's: at the step it measured "
+                    "it, its top rung's):", ""] + \
         fmt.table(["runs", "seeds", "criterion", "best, per seed", "spread"], rows) + [""]

@@ -167,3 +167,19 @@ def differences_table(diffs: list[Difference], subject: str) -> list[str]:
     rows = [[d.label, d.reference, fmt.number(d.new), fmt.number(d.old), d.change, d.interval_text,
              str(d.trajectories) if d.interval is not None else "-", d.verdict] for d in diffs]
     return fmt.table(header, rows)
+
+
+def bootstrap_mean(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                   level: float = LEVEL) -> tuple[float, float] | None:
+    """The `level` % percentile interval of the mean of `values`, one per trajectory, over `resamples` draws of the
+    trajectories with replacement (seeded: the same every time): the values of one trajectory are correlated (a
+    forecast that drifts misses many steps at once), so the trajectory, not the single value, is what is resampled.
+    None when there is no trajectory."""
+    values = np.asarray(values, float)
+    if values.ndim != 1:
+        raise ValueError(f"bootstrap_mean needs one value per trajectory (a 1-d array), got shape {values.shape}")
+    if len(values) == 0:
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    low, high = np.percentile(values[draws].mean(axis=1), [(100 - level) / 2, 100 - (100 - level) / 2])
+    return float(low), float(high)

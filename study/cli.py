@@ -3,21 +3,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from common.args import positive_int
-from common.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from data.dataset import TooShort
 from forecasting.budget import NothingScored
 from forecasting.forecast import GenerationTooLarge
 from qwen_mini.generate import NonFiniteLogits
 
 from .identity import check_forecasts_fit, study_for
-from .jobs import LAUNCHERS, JobOptions, JobsFailed, preflight
-from .plan import TRAIN_KEYS, PlanError, load_plan, with_train_settings
+from .jobs import LAUNCHERS, JobOptions, JobsFailed, preflight, sigterm_raises
+from .plan import TRAIN_KEYS, Plan, PlanError, Stage, inherited, load_plan, with_train_settings
 from .run import run_plan, winner_line
+from .standing import DeadSearch
 
+# The [train] settings a forecast of the base model ("forecast = \"base\"") reads (study.run.run_forecast).
+BASE_FORECAST_KEYS = ("model", "data", "decimals")
 # With --plan, these flags override the plan's [study] and every run's device and dtype; the flags of [train] settings
 # (--seed among them) override its [train], under each stage's own settings.
 PLAN_FLAGS = ("plan", "runs_dir", "max_flops", "change_max_flops", "gqa", "device", "dtype")
@@ -40,7 +45,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> tuple[str, ...]:
     g = parser.add_argument_group(
         "parallel runs of a plan (--plan only)",
         "the runs of each stage as jobs of their own; the driver waits for a stage's jobs before the next stage, and "
-        "the same command continues a stopped or preempted study (see README, Parallel runs)")
+        "the same command continues a stopped or preempted study (see docs/studies.md, Parallel runs)")
     g.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                    help="run up to N runs of a stage at once, each a process of its own (default: 1, in this process; "
                         "with --gpus, one per GPU); on CPU each gets max(1, cores // N) torch threads")
@@ -82,6 +87,55 @@ def job_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Jo
                       slurm_array_parallelism=parallelism)
 
 
+def set_by_stage(plan: Plan, stage: Stage, key: str) -> bool:
+    """Whether a training stage's runs take `key` from the stage itself (a setting, a grid, a search's range or
+    choices, steps sized by the cap) or from the best run of the stage it starts from, which took it so: then not
+    from [train]."""
+    search = stage.search
+    if key in stage.settings or key in stage.grid or (key == "steps" and stage.size is not None) \
+            or (search is not None and (key in search.ranges or key in search.choices)):
+        return True
+    if stage.source is None:
+        return False
+    marker = object()  # does the stage start from its source's value of `key` (study.plan.inherited's rule)?
+    if inherited(plan, SimpleNamespace(settings={key: marker})).get(key) is not marker:
+        return False
+    return set_by_stage(plan, plan.stage(stage.source), key)
+
+
+def refuse_unused_settings(plan: Plan, settings: dict, flags: dict | None = None) -> None:
+    """Refuse (PlanError) a command-line [train] setting that no run of the plan takes (`train.py --plan P --lr 0.5`
+    where every stage sets lr): it would change nothing, yet count as another identity, a study of its own that
+    trains the same runs again. `flags`: each setting's flag (default --<key>)."""
+    training = [s for s in plan.stages if s.kind == "train"]
+    forecasts_base = any(s.kind == "forecast" and s.source == "base" for s in plan.stages)
+    for key, value in settings.items():
+        if any(not set_by_stage(plan, s, key) for s in training) or (forecasts_base and key in BASE_FORECAST_KEYS):
+            continue
+        what = (f"every training stage ({', '.join(s.name for s in training)}) sets its own {key} or takes it from "
+                "the stage it starts from") if training else "it has no training stage"
+        flag = (flags or {}).get(key, f"--{key.replace('_', '-')}")
+        raise PlanError(f"{flag} {_flag_text(value)}: no run of {plan.path} would take it: "
+                        f"{what}; leave the flag out, or change the plan")
+
+
+def _flag_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def plan_spelling(plan: Plan, settings: dict) -> dict:
+    """`settings` with a --data or --model that names the plan's own [train] data file or model directory by another
+    spelling (a relative path for the plan's absolute one) spelled as the plan spells it: the plan's own value, not
+    another identity (a study of its own that trains the same runs again), and its runs' records keep one path."""
+    spelled = dict(settings)
+    for key in ("data", "model"):
+        given, planned = settings.get(key), plan.train.get(key)
+        if isinstance(given, str) and isinstance(planned, str) and given != planned \
+                and Path(given).exists() and Path(given).resolve() == Path(planned).resolve():
+            spelled[key] = planned
+    return spelled
+
+
 def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist, typed: set[str]) -> int:
     """Run the study plan `args.plan` (train.py's parser and process group); 0 when every stage is done. `typed`:
     the flags the command line gave (common.args.typed_dests): each wins over the plan, whatever its value."""
@@ -107,13 +161,20 @@ def plan_command(args: argparse.Namespace, parser: argparse.ArgumentParser, dist
 
     jobs = job_options(args, parser) if hasattr(args, "jobs") else None
     try:
-        plan = with_train_settings(load_plan(args.plan, runs_dir=given("runs_dir"), max_flops=given("max_flops"),
-                                             gqa=args.gqa, change_max_flops=args.change_max_flops), overrides)
+        plan = load_plan(args.plan, runs_dir=given("runs_dir"), max_flops=given("max_flops"), gqa=args.gqa,
+                         change_max_flops=args.change_max_flops)
+        flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+        refuse_unused_settings(plan, {k: v for k, v in overrides.items() if k in changed}, flags)
+        plan = with_train_settings(plan, plan_spelling(plan, overrides))
         check_forecasts_fit(plan)
         if jobs is not None:
             preflight(jobs)  # a launcher that cannot start a job, before any stage spends a FLOP
         plan = study_for(plan)
-        study = run_plan(plan, device=given("device"), dtype=given("dtype"), jobs=jobs)
+        with sigterm_raises():  # between runs and in a forecast stage too: one line and 143, its locks released
+            study = run_plan(plan, device=given("device"), dtype=given("dtype"), jobs=jobs)
+    except DeadSearch as e:  # every configuration of a search's rung diverged: what they spent stays booked
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (PlanError, TooShort, GenerationTooLarge) as e:  # TooShort: data too short for a forecast, found while
         print(f"train.py: error: {e}", file=sys.stderr)        # counting its FLOPs; a forecast that cannot fit
         return EXIT_USAGE

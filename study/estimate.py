@@ -17,23 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.dataset import make_eval_example
+from data.llmtime import DEFAULT_SCALER
 from data.lotka_volterra import load_or_simulate, split_indices
 from forecasting.budget import record_dir_of
 from forecasting.config import ForecastConfig
 from forecasting.evaluate import FORECAST_METRICS, select_trajectories
 from forecasting.forecast import generation_plan, target_tokens
 from forecasting.grammar import max_forecast_tokens
-from ledger import RECORD_NAME, Ledger, read_record, totals
+from forecasting.tuning import validation_temperatures
+from ledger import RECORD_NAME, BudgetExceeded, Ledger, read_record, totals
 from qwen_mini.config import config_for_model
 from qwen_mini.flop_report import format_flops, log10
 from qwen_mini.model import meta_model
-from training.budget import plan_run_flops
-from training.config import TrainConfig
+from training.budget import RunFlopPlan, evaluation_count, plan_run_flops, steps_within
+from training.config import MAX_STEPS, ConfigError, TrainConfig
+from training.run import CONFIG_NAME, read_run_config
 from training.rundir import holds_run, resume_point
 
 from .halving import keep_count
 from .plan import Plan, Stage, StudyRun, forecast_config, forecast_out, is_complete
-from .standing import forecast_targets, replay, replicates, resolve
+from .standing import forecast_targets, recorded_search, replay, replicates, resolve
 
 # ---- the estimate --------------------------------------------------------------------------------------------------
 
@@ -50,6 +53,8 @@ class StageEstimate:
     excess: int = 0  # the most one unfinished job's reservation exceeds its estimate (forecasts: longest outputs)
     note: str = ""
     search: dict | None = None  # a search: its rungs and what its configurations would cost as a full grid
+    steps: int | None = None  # a sized stage (steps = "rest", flops = N): its run's steps (now)
+    short: str = ""  # a sized stage whose run would get fewer steps than it needs: why
 
     @property
     def total(self) -> int:
@@ -79,7 +84,7 @@ class PlanEstimate:
 
     @property
     def fits(self) -> bool:
-        return self.committed + self.needed <= self.budget
+        return self.committed + self.needed <= self.budget and not any(s.short for s in self.stages)
 
     def to_dict(self) -> dict:
         return {"stages": [{**dataclasses.asdict(s), "total": s.total} for s in self.stages], "total": self.total,
@@ -100,7 +105,69 @@ def estimate_plan(plan: Plan) -> PlanEstimate:
             stages.append(_estimate_training(plan, stage, options[stage.name], gqa))
         else:
             stages.append(_estimate_forecasts(plan, stage, forecast_targets(plan, stage, options), gqa))
-    return PlanEstimate(stages, ledger.max_flops, totals(records).committed, gqa)
+    committed = totals(records).committed
+    for i, stage in enumerate(plan.stages):  # after every other stage: `rest` is what they leave
+        if stage.size is not None:
+            others = stages[:i] + stages[i + 1:]
+            room = stage.size if stage.size != "rest" else ledger.max_flops - committed - sum(s.left for s in others) \
+                - max([s.excess for s in others] + [0])
+            stages[i] = _most_expensive([_estimate_sized(plan, stage, runs, room, gqa) for runs in options[stage.name]],
+                                        stage, "")
+    return PlanEstimate(stages, ledger.max_flops, committed, gqa)
+
+
+MIN_SIZED_STEPS = 10  # the fewest new steps a sized stage's run may get: fewer is a curve of a few points, no run
+
+
+def _estimate_sized(plan: Plan, stage: Stage, runs: list[StudyRun], room: int, gqa: str) -> StageEstimate:
+    """A sized stage's one run at the steps `room` FLOPs buy (steps = "rest": the cap less everything else of the
+    plan; flops = N: N), or at the steps its config.json recorded once it started (a stopped study keeps them). Its
+    run needs MIN_SIZED_STEPS new steps, and a continued run a stable phase that reaches the run it continues."""
+    (run,) = runs
+    start, run_dir, every = run.start, run.run_dir(plan), run.settings.get("eval_every")
+    if stage.size == "rest" and (run_dir / RECORD_NAME).is_file():
+        room += read_record(run_dir / RECORD_NAME).outstanding  # a reservation of its own that died with its process
+
+    def enough(steps: int) -> bool:
+        try:
+            return run.config(plan, steps=steps).stable_steps >= start
+        except ConfigError:  # a wsd warmup that would not end before the decay: too few steps
+            return False
+
+    recorded = (run_dir / CONFIG_NAME).is_file()
+    per_pass = remembered_run_flops(run.config(plan), start, gqa)  # (the per-step and per-pass FLOPs)
+    steps = read_run_config(run_dir)["steps"] if recorded else \
+        min(steps_within(room, per_pass, start, lambda n: every or max(n // 10, 1)), MAX_STEPS)  # (the default
+    # eval_every is TrainConfig's; a cap of 1e30 on a tiny model would buy more steps than a run may take)
+    low, high = start + MIN_SIZED_STEPS, 10 * start + 10 ** 4  # enough() holds from some steps on: the least, or None
+    while low < high:
+        low, high = (low, (low + high) // 2) if enough((low + high) // 2) else ((low + high) // 2 + 1, high)
+    least = low if enough(low) else None
+    sized = dataclasses.replace(run, settings={**run.settings, "steps": max(steps, least or 0)})
+    est = _estimate_training(plan, stage, [[sized]], gqa)
+    est.steps = steps
+    what = 'steps = "rest"' if stage.size == "rest" else f"flops = {format_flops(stage.size)}"
+    origin = f" from step {start} of {run.continues.stage}/{run.continues.name}" if run.continues else ""
+    est.note = f"{what}: {steps} steps{origin}" + (" (recorded when it started)" if recorded else " now")
+    if not recorded and (least is None or steps < least):
+        need = f"at least {least - start}" if least is not None else "a stable phase, which its decay leaves none of"
+        if least is not None and least > start + MIN_SIZED_STEPS:
+            need += f" (for its decay to start after step {start})"
+        fix = "make the earlier stages cheaper, or raise max_flops" if stage.size == "rest" else "give it more flops"
+        left = f" (the {format_flops(max(room, 0))} FLOPs left)" if stage.size == "rest" else ""
+        est.short = (f"stage {stage.name}: {what} buys {steps - start} new steps{left} of {run.name}{origin}; it "
+                     f"needs {need}: {fix}")
+        est.note += f", too few ({need})"
+    return est
+
+
+def sized_runs(plan: Plan, stage: Stage, runs: list[StudyRun]) -> list[StudyRun]:
+    """A sized stage's run at the steps it gets now (`estimate_plan`), when the stage starts; BudgetExceeded when
+    they are fewer than it needs."""
+    est = next(s for s in estimate_plan(plan).stages if s.name == stage.name)
+    if est.short:
+        raise BudgetExceeded(est.short)
+    return [dataclasses.replace(run, settings={**run.settings, "steps": est.steps}) for run in runs]
 
 
 def _booked(record_dir: Path) -> dict:
@@ -110,6 +177,7 @@ def _booked(record_dir: Path) -> dict:
 
 def _most_expensive(estimates: list[StageEstimate], stage: Stage, what: str) -> StageEstimate:
     chosen = max(estimates, key=lambda e: e.total)
+    what = what or chosen.note  # (a sized stage's note: its steps)
     if len(estimates) > 1:
         chosen.note = f"{what}: at most, over {len(estimates)} possibilities until {stage.source} has run"
     else:
@@ -117,17 +185,23 @@ def _most_expensive(estimates: list[StageEstimate], stage: Stage, what: str) -> 
     return chosen
 
 
-_RUN_FLOPS: dict[tuple, object] = {}
+_RUN_FLOPS: dict[tuple, RunFlopPlan] = {}
+# Settings that change what a run learns, not what it computes (training.budget.plan_run_flops never reads them): a
+# search over 1000 learning rates counts one run's FLOPs, not 1000.
+NOT_COUNTED = ("out", "resume", "lr", "seed", "warmup", "schedule", "decay", "grad_clip", "weight_decay", "alpha",
+               "checkpoint_every", "tensorboard", "tensorboard_dir", "continue_from",
+               "steps", "eval_every")  # (the last two: below)
 
 
-def remembered_run_flops(config: TrainConfig, step: int, gqa: str):
-    """training.budget.plan_run_flops, remembered: a plan counts the same settings many times over its
-    possibilities."""
-    values = {k: v for k, v in config.to_dict().items() if k not in ("out", "resume")}  # not what it computes
-    key = (json.dumps(values, sort_keys=True, default=str), step, gqa)
+def remembered_run_flops(config: TrainConfig, step: int, gqa: str) -> RunFlopPlan:
+    """training.budget.plan_run_flops, its per-step and per-pass FLOPs remembered: a plan counts the same settings
+    many times over its possibilities and a search's rungs."""
+    values = {k: v for k, v in config.to_dict().items() if k not in NOT_COUNTED}
+    key = (json.dumps(values, sort_keys=True, default=str), gqa)
     if key not in _RUN_FLOPS:
-        _RUN_FLOPS[key] = plan_run_flops(config, step, gqa)
-    return _RUN_FLOPS[key]
+        _RUN_FLOPS[key] = plan_run_flops(config, 0, gqa)
+    return dataclasses.replace(_RUN_FLOPS[key], steps=config.steps - step,
+                               evaluations=evaluation_count(step, config.steps, config.eval_every))
 
 
 def still_needed(plan: Plan, run: StudyRun, gqa: str, start: int = 0, end: int | None = None) -> int:
@@ -150,10 +224,12 @@ def search_flops(plan: Plan, runs: list[StudyRun], noise_runs: list[StudyRun], g
 
 
 def _estimate_search(plan: Plan, stage: Stage, runs: list[StudyRun], gqa: str) -> StageEstimate:
-    """A search's FLOPs rung by rung: every configuration to the first rung, the noise replicates, then at each later
-    rung the configurations known to go on, or, for a rung not decided yet, the most expensive keep_count of the rung
-    before."""
-    state = replay(plan, stage, runs)
+    """A search's FLOPs rung by rung, without ties within the noise: the configurations known to go on from a decided
+    rung, else the dearest keep_count of the rung before; the noise's seed replicates to every rung, and its reference
+    (the first rung's best; until known, the dearest configuration) apart wherever it is, or may be, cut. What ties
+    could add: `search["with_ties"]`, every configuration to the top rung."""
+    record = recorded_search(plan, stage.name)
+    state = replay(plan, stage, runs, record)
     est = StageEstimate(stage.name, "train", len(runs))
 
     def cost(run: StudyRun, start: int, end: int):
@@ -164,29 +240,39 @@ def _estimate_search(plan: Plan, stage: Stage, runs: list[StudyRun], gqa: str) -
         est.train, est.eval = est.train + whole.train, est.eval + whole.eval
         est.left += still_needed(plan, run, gqa, start, end)
 
-    alive, start, counts, replicas = list(runs), 0, [], []
+    top = state.ladder[-1]
+    measuring = len(state.ladder) > 1 and stage.search.noise_seeds != ()
+    reference = state.reference or max(runs, key=lambda r: cost(r, 0, top).total)
+    noise_runs = (state.noise_runs or replicates(stage, reference)) if measuring else []
+    alive, start, counts, bounds = list(runs), 0, [], set()
+    if len({cost(r, 0, top).per_step for r in runs}) > 1:
+        bounds.add("the dearest configurations counted going on")
     for i, steps in enumerate(state.ladder):
-        if i > 0:
-            if i <= len(state.rungs) and "winner" not in state.rungs[i - 1]:
-                going = set(state.rungs[i - 1].get("kept", [])) | set(state.rungs[i - 1].get("ties", []))
-                alive = [r for r in alive if r.name in going]
-            else:  # not decided yet: the most expensive survivors
-                alive = sorted(alive, key=lambda r: -cost(r, start, steps).total)[:keep_count(len(alive),
-                                                                                              stage.search.eta)]
+        uncertain = False  # whether the reference may be cut here, not known yet
+        if i > 0 and i <= len(state.rungs) and "winner" not in state.rungs[i - 1]:
+            going = set(state.rungs[i - 1].get("kept", [])) | set(state.rungs[i - 1].get("ties", []))
+            alive = [r for r in alive if r.name in going]
+        elif i > 0:  # not decided yet: the most expensive survivors
+            k = keep_count(len(alive), stage.search.eta)
+            uncertain = measuring and state.noise_carried and k < len(alive) and reference in alive
+            alive = sorted(alive, key=lambda r: -cost(r, start, steps).total)[:k]
         counts.append(len(alive))
-        for run in alive:
+        carrying = measuring and (i == 0 or state.noise_carried)  # (a search recorded before: its first rung only)
+        carried = [reference] if carrying and i > 0 and (uncertain or reference not in alive) else []
+        if uncertain:
+            bounds.add("the noise's reference counted apart where it may be cut")
+        for run in [*alive, *(noise_runs if carrying else []), *carried]:
             segment(run, start, steps)
-        if i == 0 and len(state.ladder) > 1:  # the noise replicates, at most those of the dearest configuration
-            replicas = state.noise_runs or replicates(stage, max(runs, key=lambda r: cost(r, 0, steps).total), steps)
-            for run in replicas:
-                segment(run, 0, steps)
         start = steps
     flops = search_flops(plan, runs, state.noise_runs, gqa)
+    everything = [cost(r, 0, top) for r in [*runs, *noise_runs]]
     est.spent = flops["search"]
     est.search = {"eta": stage.search.eta, "ladder": state.ladder, "counts": counts,
-                  "exact": state.done or len({cost(r, 0, state.ladder[-1]).per_step for r in runs}) == 1,
+                  "bounds": sorted(bounds) if not state.done else
+                  ["a run that diverged counted to its rung's end"] if record.get("diverged") else [],
                   "grid": flops["grid"], "grid_train": flops["grid_train"], "train": est.train,
-                  "replicates": len(replicas)}
+                  "replicates": len(noise_runs), "reference": reference.name if state.reference else None,
+                  "with_ties": sum(c.total for c in everything), "done": state.done}
     return est
 
 
@@ -201,13 +287,17 @@ def _estimate_training(plan: Plan, stage: Stage, options: list[list[StudyRun]], 
             if run.stage != stage.name:
                 continue  # the earlier stage's best run, reused: counted there
             config = run.config(plan)
-            whole = remembered_run_flops(config, 0, gqa)
+            whole = remembered_run_flops(config, run.start, gqa)  # a continued run: only its own steps
             est.train, est.eval = est.train + whole.train, est.eval + whole.eval
             booked = _booked(run.run_dir(plan))
             est.spent += booked["train"] + booked["eval"]
-            est.left += still_needed(plan, run, gqa)
+            est.left += still_needed(plan, run, gqa, run.start)
         estimates.append(est)
-    return _most_expensive(estimates, stage, f"from the best run of {stage.source}" if stage.source else "")
+    continued = next((r for runs in options for r in runs if r.continues is not None), None)
+    what = f"from the best run of {stage.source}" if stage.source else ""
+    if continued is not None:
+        what += f"; its run of that run's settings continues it from step {continued.start}"
+    return _most_expensive(estimates, stage, what)
 
 
 def _estimate_forecasts(plan: Plan, stage: Stage, options: list[list[StudyRun | None]], gqa: str
@@ -264,37 +354,60 @@ def format_estimate(plan: Plan, estimate: PlanEstimate) -> str:
     lines.append("forecasts: prompts one token per character, forecasts as long as the true continuation; eval: "
                  "--val-batches x --batch windows per pass")
     lines += [search_line(s) for s in estimate.stages if s.search is not None]
+    lines += [f"refused: {s.short}" for s in estimate.stages if s.short]
     return "\n".join(lines)
 
 
 def search_line(stage: StageEstimate) -> str:
-    """What a search costs rung by rung, against the same configurations as a full grid."""
+    """What a search costs rung by rung, against the same configurations as a full grid; a warning where the search
+    costs its grid or more."""
     search = stage.search
     rungs = ", ".join(f"{n} x {steps}" for n, steps in zip(search["counts"], search["ladder"]))
-    replicas = f" + {search['replicates']} noise replicate(s) x {search['ladder'][0]}" if search["replicates"] else ""
-    bound = "" if search["exact"] else " at most (the configurations' steps cost differently: the dearest go on)"
-    return (f"search {stage.name}: successive halving, eta {search['eta']}: configurations x steps reached "
-            f"{rungs}{replicas}: training {format_flops(search['train'])}, in all {format_flops(stage.total)}{bound}; "
-            f"as a full grid to {search['ladder'][-1]} steps: training {format_flops(search['grid_train'])}, in all "
-            f"{format_flops(search['grid'])} (the search: {100 * search['train'] / search['grid_train']:.0f} % of "
-            "its training FLOPs)")
+    if search["replicates"]:
+        reference = search["reference"] or "the first rung's best"
+        rungs += (f"; the noise: {search['replicates']} seed replicate(s) of {reference} to every rung, and it too "
+                  "where it is cut")
+    bound = f" at most: {'; '.join(search['bounds'])}" if search["bounds"] else " exact"
+    bound = f"{bound}, every rung decided" if search["done"] else f" without ties,{bound}"
+    text = (f"search {stage.name}: successive halving, eta {search['eta']}: configurations x steps reached {rungs}: "
+            f"training {format_flops(search['train'])}, in all {format_flops(stage.total)}{bound}")
+    if not search["done"]:
+        text += (f"; each tie within the noise goes on too, while the plan fits the budget: at most "
+                 f"{format_flops(search['with_ties'])} in all if every configuration did")
+    share = 100 * search["train"] / search["grid_train"]
+    text += (f"; as a full grid to {search['ladder'][-1]} steps: training {format_flops(search['grid_train'])}, in "
+             f"all {format_flops(search['grid'])} (the search: {share:.0f} % of its training FLOPs)")
+    if share >= 100 and not search["done"]:
+        text += (f"\nwarning: search {stage.name} costs {share:.0f} % of the same configurations as a grid: too few "
+                 "rungs or configurations to save anything; make it a grid (drop `search`), or give it more of them")
+    return text
 
 
 # ---- one forecast --------------------------------------------------------------------------------------------------
 
 def planned_forecast(plan: Plan, stage: Stage, run: StudyRun | None, gqa: str) -> tuple[int, int]:
-    """(estimate, upper bound) of one forecast's FLOPs: the model's, and the untrained baseline's when it runs."""
+    """(estimate, upper bound) of one forecast's FLOPs: the model's, the untrained baseline's when it runs, and the
+    model's forecasts of the validation split before them for temperature "auto" (one per temperature) or calibrate."""
     config = forecast_config(plan, stage)
     train = TrainConfig(**(run.settings if run is not None else plan.train))
     methods = 2 if run is not None and "untrained" in config.baselines else 1
+    scaler = config.scaler or train.scaler  # a run forecasts with its own scaler; the base with [train]'s
     estimate, bound = _forecast_flops(config, train.data, train.split_mode, train.split_seed, train.decimals,
-                                      train.model, gqa)
-    return methods * estimate, methods * bound
+                                      train.model, gqa, scaler)
+    estimate, bound = methods * estimate, methods * bound
+    temperatures = validation_temperatures(config)  # --temperature auto / --calibrate: the validation forecasts
+    if temperatures:
+        validation = dataclasses.replace(config, split="val", limit=config.val_limit or config.limit,
+                                         temperature=temperatures[0], calibrate=False, val_limit=None)
+        one = _forecast_flops(validation, train.data, train.split_mode, train.split_seed, train.decimals,
+                              train.model, gqa, scaler)
+        estimate, bound = estimate + len(temperatures) * one[0], bound + len(temperatures) * one[1]
+    return estimate, bound
 
 
 @functools.lru_cache(maxsize=64)
 def _forecast_flops(config: ForecastConfig, data_path, split_mode: str, split_seed: int, decimals: int,
-                    model_spec: str, gqa: str) -> tuple[int, int]:
+                    model_spec: str, gqa: str, scaler: str = DEFAULT_SCALER) -> tuple[int, int]:
     """(estimate, bound) of one forecast of `model_spec` (what it is forecast with does not depend on the rank or
     the context it was trained with: adapters are merged)."""
     train = TrainConfig(model=model_spec, data=data_path, split_mode=split_mode, split_seed=split_seed,
@@ -302,7 +415,7 @@ def _forecast_flops(config: ForecastConfig, data_path, split_mode: str, split_se
     data = load_or_simulate(train.data)
     split = split_indices(len(data), seed=train.split_seed, mode=train.split_mode)
     indices = select_trajectories(split, config.split, None, config.limit).indices
-    examples = [make_eval_example(data.trajectories[i], i, config.context, config.horizon, train.decimals)
+    examples = [make_eval_example(data.trajectories[i], i, config.context, config.horizon, train.decimals, scaler)
                 for i in indices]
     prompts = [len(ex.prompt) for ex in examples]  # one token per character (see the module docstring)
     model = meta_model(config_for_model(train.model))

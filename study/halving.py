@@ -7,19 +7,24 @@ rung's steps; the best max(1, n // eta) of the n configurations of a rung, by va
 (`study.selection`), go on to eta x the steps, and so on up to the stage's `steps` (the top rung, where the winner is
 chosen). A survivor continues from its own checkpoint, so no step is trained twice.
 
-The noise rule: a configuration whose score is within the seed noise of the last one kept (its score minus that
-score <= the noise) goes on too, so two configurations that the noise cannot tell apart are not split by chance. The
-noise is measured by the stage itself: after the first rung, its best configuration is trained again to the first
-rung's steps at each of `noise_seeds`, and the noise is the largest spread of that configuration's first-rung score
-over its seeds. A configuration without a finite score (NaN, diverged) never goes on.
+A rung scores each configuration by its validation loss at the rung's step: the weights that go on (never an earlier
+or the untrained step-0 loss). The noise rule: a configuration whose score is within the seed noise of the last one
+kept (its score minus that score <= the noise) goes on too, so two configurations that the noise cannot tell apart
+are not split by chance. The noise is measured by the stage itself, at every rung's length: after the first rung,
+its best configuration (the noise's reference) is trained again at each of `noise_seeds`, and these replicates go
+on with the search to every rung (the reference too, as the noise's reference only, if it is cut), so the noise of a
+rung is the largest spread of the reference's score at that rung's step over its seeds. A configuration without a
+finite score (NaN, diverged) never goes on.
 
     [[stage]]
     name = "search"
     search = "halving"
     eta = 3                          # keep the best third at each rung (default 3)
     first_steps = 50                 # the first rung; then 150, then 450 (= steps, the top rung)
+                                     # (default: ceil(steps / eta**2), three rungs ending exactly at steps)
     steps = 450
-    noise_seeds = [1]                # the first rung's best again at these seeds (default: seed + 1; [] = none)
+    noise_seeds = [1]                # the first rung's best again at these seeds, to every rung (default: seed + 1;
+                                     # [] = none)
     lr = [1e-5, 1e-4, 1e-3]          # lists: a grid, every combination is a configuration ...
     rank = [2, 4, 8]
     # ... or ranges, `configs` configurations drawn by a Latin hypercube (scipy.stats.qmc, seeded by sample_seed);
@@ -39,6 +44,7 @@ SEARCH_KEYS = ("search", "eta", "first_steps", "configs", "sample_seed", "noise_
 RANGE_KINDS = ("log", "uniform", "int")
 # Settings a search cannot vary: its rungs are steps of one length, and a seed is noise, not a setting.
 FIXED_IN_SEARCH = ("steps", "seed", "eval_every", "schedule", "warmup")
+MAX_CONFIGS = 1000  # a search's first rung trains every configuration: more is beyond any budget this trains for
 SIGNIFICANT_DIGITS = 3  # drawn floats are rounded to this: readable run names and tables, the same draw every time
 TARGET_LETTERS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "g", "up_proj": "u",
                   "down_proj": "d"}
@@ -52,7 +58,7 @@ class SearchError(ValueError):
 class SearchSpec:
     method: str = "halving"
     eta: int = 3
-    first_steps: int | None = None  # None: steps // eta**2 (three rungs), at least 1
+    first_steps: int | None = None  # None: ceil(steps / eta**2), three rungs ending exactly at steps
     configs: int | None = None  # drawn configurations (ranges); None: the grid's combinations
     sample_seed: int = 0
     noise_seeds: tuple[int, ...] | None = None  # None: (the configurations' seed + 1,)
@@ -64,7 +70,7 @@ class SearchSpec:
         return bool(self.ranges)
 
     def first_rung(self, steps: int) -> int:
-        return self.first_steps if self.first_steps is not None else max(1, steps // self.eta ** 2)
+        return self.first_steps if self.first_steps is not None else -(-steps // self.eta ** 2)
 
     def seeds_for_noise(self, seed: int) -> tuple[int, ...]:
         return self.noise_seeds if self.noise_seeds is not None else (seed + 1,)
@@ -92,6 +98,8 @@ def parse_search(table: dict) -> SearchSpec | None:
     first = None if first is None else _whole(first, 1, "first_steps")
     configs = table.pop("configs", None)
     configs = None if configs is None else _whole(configs, 1, "configs")
+    if configs is not None and configs > MAX_CONFIGS:
+        raise SearchError(f"configs {configs} is more than {MAX_CONFIGS}: every configuration trains the first rung")
     sample_seed = _whole(table.pop("sample_seed", 0), 0, "sample_seed")
     noise_seeds = table.pop("noise_seeds", None)
     if noise_seeds is not None:
@@ -225,3 +233,43 @@ def cut_rung(scores: list[float | None], eta: int, noise: float | None) -> Cut:
     ties = [i for s, i in ranked[k:] if s - line <= (noise or 0.0)]
     cut = [i for i in range(len(scores)) if i not in kept and i not in ties]
     return Cut(kept, ties, cut)
+
+
+def record_fault(record: dict, names: list[str] | None = None) -> str | None:
+    """What is damaged in a search's study.json record (its "rungs" and "diverged"), in words naming the field, or
+    None when its form is sound; `names`: the configurations' run names, which every recorded name must be."""
+    def names_fault(where: str, value, among, non_empty: bool = False) -> str | None:
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value) or (non_empty and not value):
+            return f"{where} must be a {'non-empty ' * non_empty}list of run names, got {value!r}"
+        unknown = [n for n in value if among is not None and n not in among]
+        return f"{where} names {unknown[0]!r}, which is not one of the search's runs" if unknown else None
+
+    rungs = record.get("rungs", [])
+    if not isinstance(rungs, list):
+        return f'"rungs" must be a list of rung records, got {rungs!r}'
+    noise = record.get("noise")
+    faults = [names_fault('"diverged"', record.get("diverged", []), None),
+              names_fault('"noise_runs"', record.get("noise_runs", []), None),
+              None if noise is None or isinstance(noise, (int, float)) and not isinstance(noise, bool) else
+              f'"noise" must be a number or null, got {noise!r}']
+    for i, rung in enumerate(rungs):
+        where = f'"rungs"[{i}]'
+        if not isinstance(rung, dict):
+            faults.append(f"{where} must be a rung record (an object), got {rung!r}")
+            break
+        steps, runs, scores = rung.get("steps"), rung.get("runs"), rung.get("scores")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            faults.append(f'{where}["steps"] must be a whole number of steps, got {steps!r}')
+        faults.append(names_fault(f'{where}["runs"]', runs, names, non_empty=True))
+        if not isinstance(runs, list):
+            continue
+        if not (isinstance(scores, list) and len(scores) == len(runs) and all(
+                s is None or isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)):
+            faults.append(f'{where}["scores"] must be a number or null for each of its runs, got {scores!r}')
+        if "winner" in rung:
+            if rung["winner"] not in runs:
+                faults.append(f'{where}["winner"] must name one of its runs, got {rung["winner"]!r}')
+            continue
+        faults += [names_fault(f'{where}["{key}"]', rung.get(key, []), runs, non_empty=key == "kept")
+                   for key in ("kept", "ties", "cut", "ties_dropped")]
+    return next((f for f in faults if f is not None), None)

@@ -7,7 +7,7 @@ for a forecast stage's context + horizon is refused in one line before any FLOP 
 
 A study directory (<runs_dir>/<name>) holds one identity, recorded in its study.json ("plan_sha256", "overrides",
 "data"). `study_for` picks where a plan runs: its own directory when that is free or holds the same identity, else
-a study of its own beside it, <name>-<key> (the key a digest of the identity), saying so: the README's flow (the
+a study of its own beside it, <name>-<key> (the key a digest of the identity), saying so: docs/studies.md's flow (the
 demo plan, then the same plan with --data) gives two studies side by side, each with its own results.
 """
 from __future__ import annotations

@@ -36,6 +36,12 @@ where it stopped.
     configs = 27
     steps = 450
 
+    [[stage]]
+    name = "final"
+    from = "search"                  # its winner's settings; a run of them (but the schedule) continues its checkpoint
+    schedule = "wsd"                 # when it trained under the constant schedule (continue = false: from step 0)
+    steps = "rest"                   # the cap minus everything else of the plan (or flops = 3.5e16: what it buys)
+
     [[stage]]                        # a forecast stage: "base" (the untrained model) or a stage's runs
     name = "test"
     forecast = "context"
@@ -54,20 +60,21 @@ from pathlib import Path
 from common.fields import SettingsError
 from forecasting.config import ForecastConfig
 from qwen_mini.flops import GQA_MODES
-from training.config import ConfigError, TrainConfig
-from training.run import ADAPTER_DIR, CONFIG_NAME, METRICS_NAME, MODEL_DIR, read_metrics
+from training.config import CONTINUE_KEYS, MAX_STEPS, TRAJECTORY_KEYS, ConfigError, TrainConfig
+from training.run import CONFIG_NAME, METRICS_NAME, read_metrics, weights_saved
 
 from . import selection
-from .halving import SearchError, SearchSpec, config_names, draw_configs, parse_search, rung_steps, tag
+from .halving import MAX_CONFIGS, SearchError, SearchSpec, config_names, draw_configs, parse_search, rung_steps, tag
 
 # TrainConfig fields a plan may set (the rest belong to the study or to each run's place).
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                    if f.name not in ("out", "resume", "runs_dir", "max_flops", "change_max_flops", "gqa", "no_budget",
-                                     "tensorboard_dir"))
+                                     "tensorboard_dir", "continue_from"))
 # ForecastConfig fields a plan may set; their defaults are ForecastConfig's (the decimals are each run's; the device
 # and dtype come from the command line).
 FORECAST_KEYS = ("split", "limit", "context", "horizon", "batch", "baselines", "num_samples", "temperature", "top_p",
-                 "int_digits", "allow_negative", "constrained", "seed")
+                 "int_digits", "allow_negative", "constrained", "seed", "temperature_grid", "calibrate", "val_limit",
+                 "scaler")
 STUDY_KEYS = ("name", "runs_dir", "max_flops", "gqa")
 STUDY_FILE = "study.json"  # in the study directory: what each stage did
 # In the study directory: every run's TensorBoard events ([train] tensorboard = true), <stage>/<run> under it, so
@@ -92,6 +99,8 @@ class Stage:
     which: str = "all"  # forecast: every run of the source stage, or its best
     search: SearchSpec | None = None  # train: successive halving over its configurations (study.halving)
     drawn: list[dict] = field(default_factory=list)  # a search's configurations drawn from its ranges
+    continues: bool | None = None  # train: `continue`, its run continues the source's winner (None: where it can)
+    size: str | int | None = None  # train: steps = "rest" or flops = N (its steps are sized by study.estimate)
 
 
 @dataclass
@@ -168,6 +177,8 @@ def load_plan(path, runs_dir=None, max_flops=None, gqa=None, change_max_flops: b
     gqa = gqa if gqa is not None else study.get("gqa")
     train = raw.get("train", {})
     _check_keys(path, "[train]", train, TRAIN_KEYS)
+    if train.get("steps") == "rest":
+        raise PlanError(f"{path}: [train]: steps = \"rest\" sizes one stage's run: put it in that [[stage]]")
     forecast = raw.get("forecast", {})
     _check_keys(path, "[forecast]", forecast, FORECAST_KEYS)
     _forecast_config(forecast, {}, f"{path}: [forecast]", "")
@@ -232,10 +243,14 @@ def _stage(path, number: int, table: dict, plan: Plan) -> Stage:
     source = table.pop("from", None)
     if source is not None and (not isinstance(source, str) or source not in earlier or earlier[source].kind != "train"):
         raise PlanError(f"{where}: from = {source!r} must name an earlier training stage")
+    continues, size = _sizing(where, table, source, plan, earlier)
     try:
         search = parse_search(table)
     except SearchError as e:
         raise PlanError(f"{where}: {e}") from None
+    if search is not None and (continues is not None or size is not None):
+        what = "continue" if continues is not None else 'steps = "rest" or flops'
+        raise PlanError(f"{where}: a search's configurations train from step 0 to its steps: it takes no {what}")
     _check_keys(path, f"stage {name}", table, TRAIN_KEYS)
     grid = {k: v for k, v in table.items() if isinstance(v, list) and k != "targets"}
     if "targets" in table and isinstance(table["targets"], list) and table["targets"] \
@@ -243,8 +258,12 @@ def _stage(path, number: int, table: dict, plan: Plan) -> Stage:
         grid["targets"] = table["targets"]  # a list of target lists is a grid over targets
     if any(len(values) == 0 for values in grid.values()):
         raise PlanError(f"{where}: an empty list leaves the grid without runs")
+    _check_lists(where, grid, search)
     fixed = {k: v for k, v in table.items() if k not in grid}
-    stage = Stage(name, "train", fixed, grid, source, search=search)
+    if size is not None and grid:
+        raise PlanError(f"{where}: steps = \"rest\" and flops size a stage of one run; its lists ({', '.join(grid)}) "
+                        "make a grid")
+    stage = Stage(name, "train", fixed, grid, source, search=search, continues=continues, size=size)
     if search is not None and search.drawn:  # the lists are choices of the drawn configurations, not a grid
         stage.search = dataclasses.replace(search, choices=grid)
         stage.grid = {}
@@ -252,35 +271,108 @@ def _stage(path, number: int, table: dict, plan: Plan) -> Stage:
             stage.drawn = draw_configs(stage.search, grid)
         except SearchError as e:
             raise PlanError(f"{where}: {e}") from None
+    ranges = stage.search.ranges if stage.search is not None else {}
+    for key, (kind, low, high) in ranges.items():  # both ends must be values of the setting, not just the draws
+        for end in (low, high):
+            try:
+                TrainConfig(**{**plan.train, **fixed, key: int(end) if kind == "int" else end})
+            except (ConfigError, TypeError) as e:
+                if getattr(e, "key", None) == key:
+                    raise PlanError(f"{where}: the range {key} = {{{kind} = [{low:g}, {high:g}]}} ends at {end:g}: "
+                                    f"{e}") from None
     for settings in _combinations(stage, {**plan.train}):  # every run's settings must make a TrainConfig
-        _train_config(settings, where, table, f"{path}: [train]")
+        _train_config(settings, where, {**table, **ranges}, f"{path}: [train]")
     if search is not None:
-        check_search(stage, plan.train, where)
+        check_search(stage, plan.train, where, plan)
+        if len(_combinations(stage, {})) < 2:
+            raise PlanError(f"{where}: a search of one configuration has nothing to cut (and would still train its "
+                            "noise replicate): drop `search` to train it as a plain stage")
     return stage
 
 
-def check_search(stage: Stage, base: dict, where: str) -> None:
+def _check_lists(where: str, grid: dict, search) -> None:
+    """A stage's lists: no value twice (the same run twice, or a choice drawn twice as often), at most MAX_CONFIGS
+    runs."""
+    for key, values in grid.items():
+        twice = next((v for i, v in enumerate(values) if any(v == w and type(v) is type(w) for w in values[:i])),
+                     None)
+        if twice is not None:
+            raise PlanError(f"{where}: {key} = {values!r} lists {twice!r} twice: every value once")
+    runs = search.configs if search is not None and search.drawn else math.prod(len(v) for v in grid.values())
+    if runs > MAX_CONFIGS:
+        raise PlanError(f"{where}: {runs} runs, more than {MAX_CONFIGS}: a stage's runs each train (and are "
+                        "counted) on their own; split the stage or draw fewer configs")
+
+
+def _sizing(where: str, table: dict, source: str | None, plan: Plan, earlier: dict) -> tuple[bool | None, object]:
+    """Pop a training stage's `continue` and its sizing (steps = "rest", or flops = N) and check them."""
+    continues = table.pop("continue", None)
+    if continues is not None and (not isinstance(continues, bool) or source is None):
+        raise PlanError(f"{where}: continue = {continues!r}: true or false, whether the stage's run continues the "
+                        "winner of its `from` stage (which it needs)")
+    size = "rest" if table.get("steps") == "rest" else None
+    if size is not None:
+        del table["steps"]
+        if any(s.size == "rest" for s in plan.stages):
+            raise PlanError(f"{where}: steps = \"rest\" a second time: one stage takes what the others leave")
+    elif isinstance(table.get("steps"), str):
+        raise PlanError(f"{where}: steps = {table['steps']!r}: a whole number, or \"rest\" (what the cap leaves)")
+    if "flops" in table:
+        if size is not None:
+            raise PlanError(f"{where}: steps = \"rest\" and flops both size the stage: give one")
+        size = _number(f"{where}: flops", table.pop("flops"))
+        if plan.max_flops is not None and size > plan.max_flops:
+            raise PlanError(f"{where}: flops = {size:.3g} is more than the study's max_flops {plan.max_flops:.3g}: "
+                            "a stage's share of the cap is at most the cap")
+    if source is not None and earlier[source].size is not None and size is None and "steps" not in table:
+        raise PlanError(f"{where}: from = {source!r}, a stage sized when it starts: give this stage its own steps")
+    return continues, size
+
+
+def check_search(stage: Stage, base: dict, where: str, plan: Plan) -> None:
     """A search's configurations, over `base`, must make rungs: one length (steps), a schedule that does not
-    depend on it (a survivor continues from its checkpoint as if it had been trained straight to the next rung),
-    validation at every rung's end, and noise seeds other than the configurations' seed."""
-    for settings in _combinations(stage, base):
-        config = _train_config(settings, where)
-        if config.schedule != "constant":
+    depend on it (a survivor continues from its checkpoint as if it had been trained straight to the next rung), its
+    own or the one it inherits, validation at every rung's end, and noise seeds other than the configurations'."""
+    for schedule, origin in origins(plan, stage, "schedule", base):
+        if schedule != "constant":
             raise PlanError(f"{where}: a search trains with schedule = \"constant\" (after any warmup), got "
-                            f"{config.schedule!r}: a cosine decay depends on the run's final length, so a survivor "
-                            "could not continue from its checkpoint as if trained straight to the next rung; put the "
-                            "decay in a later stage (from = this search)")
+                            f"{schedule!r} from {origin}: a decay depends on the run's final length, so a survivor "
+                            "could not continue from its checkpoint as if trained straight to the next rung; set "
+                            "schedule = \"constant\" in the stage, and put the decay in a later stage (from = it)")
+    for settings in _combinations(stage, {**base, "schedule": "constant"}):
+        config = _train_config(settings, where)
         try:
             first = stage.search.first_rung(config.steps)
             rung_steps(first, stage.search.eta, config.steps)
         except SearchError as e:
             raise PlanError(f"{where}: {e}") from None
         if "eval_every" in settings and first % config.eval_every:
-            raise PlanError(f"{where}: eval_every {config.eval_every} must divide first_steps {first}, so every "
-                            "rung ends with a validation pass")
+            origin = "the stage's" if "eval_every" in stage.settings else "[train]'s"
+            raise PlanError(f"{where}: eval_every {config.eval_every} must divide first_steps {first}, so every rung "
+                            f"ends with a validation pass (eval_every is {origin})")
         if config.seed in stage.search.seeds_for_noise(config.seed):
             raise PlanError(f"{where}: noise_seeds {list(stage.search.seeds_for_noise(config.seed))} holds the "
                             f"configurations' own seed {config.seed}: the noise is measured at other seeds")
+
+
+def origins(plan: Plan, stage: Stage, key: str, base: dict) -> list[tuple[object, str]]:
+    """The values of `key` a training stage's runs may take, and where each comes from: the stage itself, else the
+    nearest stage up its `from` chain that sets it (a setting, a list, a draw), else [train] (`base`)."""
+    for s in [stage, *_sources(plan, stage)]:
+        values = s.grid.get(key) or [d[key] for d in s.drawn if key in d] or \
+            ([s.settings[key]] if key in s.settings else [])
+        if values:
+            return [(v, "the stage" if s is stage else f"stage {s.name}") for v in values]
+    return [(base.get(key, getattr(TrainConfig, key)), "[train]")]
+
+
+def _sources(plan: Plan, stage: Stage) -> list[Stage]:
+    earlier = {s.name: s for s in plan.stages}
+    chain = []
+    while stage.source is not None and stage.source in earlier:
+        stage = earlier[stage.source]
+        chain.append(stage)
+    return chain
 
 
 def _check_stage_name(where: str, name: str, plan: Plan) -> None:
@@ -319,7 +411,7 @@ def with_train_settings(plan: Plan, settings: dict) -> Plan:
             for combination in _combinations(stage, plan.train):
                 _train_config(combination, where)
             if stage.search is not None:
-                check_search(stage, plan.train, where)
+                check_search(stage, plan.train, where, plan)
     return plan
 
 
@@ -331,18 +423,28 @@ def _plain(value):
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One training run of a study: its stage, its directory's name, its settings."""
+    """One training run of a study: its stage, its directory's name, its settings, the run it continues (from that
+    run's checkpoint: `continues`), and the settings its name carries (`varied`)."""
     stage: str
     name: str
     settings: dict  # TrainConfig values, without the run's place
+    continues: StudyRun | None = None
+    varied: tuple[str, ...] = ()
+
+    @property
+    def start(self) -> int:
+        """The step it starts from: the steps of the run it continues, else 0."""
+        return self.continues.settings.get("steps", TrainConfig.steps) if self.continues is not None else 0
 
     def run_dir(self, plan: Plan) -> Path:
         return plan.study_dir / self.stage / self.name
 
     def config(self, plan: Plan, **overrides) -> TrainConfig:
+        origin = str(self.continues.run_dir(plan)) if self.continues is not None else None
         return TrainConfig(**{**self.settings, **overrides}, out=str(self.run_dir(plan)), runs_dir=str(plan.runs_dir),
                            max_flops=plan.max_flops, change_max_flops=plan.change_max_flops, gqa=plan.gqa,
-                           tensorboard_dir=str(plan.study_dir / TENSORBOARD_DIR / self.stage / self.name))
+                           tensorboard_dir=str(plan.study_dir / TENSORBOARD_DIR / self.stage / self.name),
+                           continue_from=origin)
 
 
 def _train_config(settings: dict, where, table: dict | None = None, base_where: str | None = None) -> TrainConfig:
@@ -372,24 +474,67 @@ def varied_keys(stage: Stage) -> list[str]:
     return list(stage.grid)
 
 
+def inherited(plan: Plan, base_run: StudyRun | None) -> dict:
+    """The settings a stage starts from: the plan's [train], then those of `base_run` (the best run of its `from`
+    stage) but its eval_every, which belongs to the stage that set it (a search derives it from its first rung; a
+    6,000-step final run would validate as often as a 40-step rung): [train]'s, the stage's own, or steps // 10."""
+    if base_run is None:
+        return dict(plan.train)
+    return {**plan.train, **{k: v for k, v in base_run.settings.items() if k != "eval_every"}}
+
+
 def stage_runs(stage: Stage, base: dict, base_run: StudyRun | None = None) -> list[StudyRun]:
     """The runs of a training stage that starts from `base` (the plan's [train], or the settings of `base_run`, the
-    best run of an earlier stage). A run with exactly `base_run`'s settings is that run itself, not trained again."""
+    best run of an earlier stage). A run with exactly `base_run`'s settings is that run itself, not trained again;
+    one with its settings but the steps and schedule continues it (`continued`). Run names carry the settings
+    varied by the stage and by the stages it comes from."""
     if stage.search is not None:
         return search_runs(stage, base)
     runs = []
+    varied = tuple(dict.fromkeys([*(base_run.varied if base_run is not None else ()), *stage.grid]))
     for settings in _combinations(stage, base):
+        if stage.size is not None:  # sized when the stage starts (study.estimate); till then, the most it may take
+            settings = {**settings, "steps": MAX_STEPS}
         config = _train_config(settings, f"stage {stage.name}")
         if base_run is not None and config.to_dict() == _train_config(base_run.settings, base_run.stage).to_dict():
             runs.append(base_run)
             continue
         extra = "".join("_" + (tag(k, settings[k]) if k == "targets" else f"{k}{settings[k]}")  # _qkvo: targets
-                        for k in stage.grid if k not in ("lr", "rank", "ctx", "model", "full"))
-        runs.append(StudyRun(stage.name, config.run_name + extra.replace("/", "-"), settings))
+                        for k in varied if k not in ("lr", "rank", "ctx", "model", "full"))
+        name = config.run_name + extra.replace("/", "-")
+        runs.append(StudyRun(stage.name, name, settings, continued(stage, name, config, base_run), varied))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise PlanError(f"stage {stage.name}: two runs would share a directory ({names})")
     return runs
+
+
+def continued(stage: Stage, name: str, config: TrainConfig, base_run: StudyRun | None) -> StudyRun | None:
+    """The run that the stage's run `name` continues: `base_run`, where its settings are base_run's but the steps and
+    the schedule, base_run's learning rate never decayed (the constant schedule) and this run's stays constant past
+    base_run's steps; else None (it trains from step 0). `continue = true` refuses the else; `continue = false`
+    always trains from step 0. A sized stage's steps are checked when it is sized (study.estimate)."""
+    if base_run is None or stage.continues is False:
+        return None
+    source = _train_config(base_run.settings, base_run.stage)
+    steps, where = source.steps, f"stage {stage.name}: its run {name}"
+    different = [k for k in TRAJECTORY_KEYS if k not in CONTINUE_KEYS and getattr(config, k) != getattr(source, k)]
+    why = (f"its settings differ from {base_run.stage}'s winner {base_run.name} in {', '.join(different)}"
+           if different else f"{base_run.stage}'s winner {base_run.name} trained under schedule {source.schedule}"
+           if source.stable_steps < steps else f"its schedule is {config.schedule}"
+           if config.schedule not in ("constant", "wsd") else f"its {config.steps} steps do not go past the winner's"
+           if stage.size is None and config.steps <= steps else None)
+    if why is not None:
+        if stage.continues:
+            raise PlanError(f"{where} cannot continue (continue = true): {why}; a run continues a constant-schedule "
+                            "run of its own settings, under the constant or the wsd schedule")
+        return None
+    if stage.size is None and config.stable_steps < steps:
+        raise PlanError(f"{where} continues {base_run.stage}'s winner {base_run.name} from its step {steps}, past "
+                        f"which its own learning rate is not constant ({config.schedule}, {config.steps} steps, the "
+                        f"decay from step {config.stable_steps}): give it more steps or a shorter decay, or "
+                        "continue = false to train it from step 0")
+    return base_run
 
 
 def search_runs(stage: Stage, base: dict) -> list[StudyRun]:
@@ -404,15 +549,14 @@ def search_runs(stage: Stage, base: dict) -> list[StudyRun]:
             settings = {**settings, "eval_every": first}
         elif first % config.eval_every:
             raise PlanError(f"stage {stage.name}: eval_every {config.eval_every} must divide first_steps {first}")
-        runs.append(StudyRun(stage.name, name, settings))
+        runs.append(StudyRun(stage.name, name, settings, varied=tuple(varied_keys(stage))))
     return runs
 
 
 def is_complete(run_dir: Path, steps: int) -> bool:
     """The run trained all its steps and saved its weights (adapter or model)."""
     metrics = read_metrics(run_dir, drop_torn_tail=True) if (run_dir / METRICS_NAME).is_file() else []
-    saved = (run_dir / ADAPTER_DIR).is_dir() or (run_dir / MODEL_DIR).is_dir()
-    return saved and bool(metrics) and metrics[-1]["step"] >= steps
+    return weights_saved(run_dir) and bool(metrics) and metrics[-1]["step"] >= steps
 
 
 def best_val_loss(run_dir: Path) -> float | None:

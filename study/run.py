@@ -16,7 +16,7 @@ from ledger import BudgetExceeded
 from qwen_mini.flop_report import format_flops
 from training.config import TrainConfig
 
-from .estimate import estimate_plan, format_estimate
+from .estimate import estimate_plan, format_estimate, sized_runs
 from .identity import recorded_identity, study_identity
 from .jobs import JobOptions, run_stage_jobs, train_or_resume
 from .plan import (
@@ -29,6 +29,7 @@ from .plan import (
     best_val_loss,
     forecast_config,
     forecast_out,
+    inherited,
     stage_runs,
 )
 from .search import run_search
@@ -61,7 +62,22 @@ def check_study_dir(plan: Plan) -> None:
                             f"{identity.describe()}: its results are not this study's; give another --runs-dir")
 
 
+def recorded_stages(plan: Plan) -> dict[str, dict]:
+    """The stage records study.json already holds (check_study_dir has checked it is this study's), by name, for the
+    plan's stages: a rerun rewrites study.json after each stage, and one stopped before the end must not forget the
+    stages it has not reached again (each is replaced when the rerun reaches it)."""
+    try:
+        study = read_json(plan.study_dir / STUDY_FILE)
+    except (OSError, UnreadableFile):
+        return {}
+    stages = study.get("stages") if isinstance(study, dict) else None
+    names = {s.name for s in plan.stages}
+    return {r["name"]: r for r in stages if isinstance(r, dict) and r.get("name") in names} \
+        if isinstance(stages, list) else {}
+
+
 def write_study(plan: Plan, done: dict) -> None:
+    """study.json: the study's identity and the record of each stage in `done`, in the plan's order."""
     write_json_atomic(plan.study_dir / STUDY_FILE, {
         "name": plan.name, "plan": str(plan.path.resolve()), "plan_sha256": plan.digest, "plan_text": plan.text,
         "runs_dir": str(plan.runs_dir.resolve()), "max_flops": plan.max_flops, "gqa": plan.gqa,
@@ -79,16 +95,21 @@ def run_plan(plan: Plan, *, device: str | None = None, dtype: str | None = None,
     log(format_estimate(plan, estimate))
     if not estimate.fits:
         left = estimate.budget - estimate.committed
-        raise BudgetExceeded(f"the rest of plan {plan.path} needs up to {format_flops(estimate.needed)} FLOPs, "
-                             f"{format_flops(left)} are left in {plan.runs_dir} "
+        short = next((s.short for s in estimate.stages if s.short), None)  # a sized stage too small: its line
+        raise BudgetExceeded(short or f"the rest of plan {plan.path} needs up to {format_flops(estimate.needed)} "
+                             f"FLOPs, {format_flops(left)} are left in {plan.runs_dir} "
                              f"(budget {format_flops(estimate.budget)})")
     overrides = {k: v for k, v in (("device", device), ("dtype", dtype), ("seed", seed)) if v is not None}
-    done: dict[str, dict] = {}
+    done: dict[str, dict] = recorded_stages(plan)  # what a finished (or further) run of this study recorded
     bests: dict[str, tuple[list[StudyRun], StudyRun]] = {}
     for stage in plan.stages:
         if stage.kind == "train":
             best_before = bests[stage.source][1] if stage.source is not None else None
-            runs = stage_runs(stage, {**plan.train, **(best_before.settings if best_before else {})}, best_before)
+            runs = stage_runs(stage, inherited(plan, best_before), best_before)
+            runs = sized_runs(plan, stage, runs) if stage.size is not None else runs
+            for run in (r for r in runs if r.continues is not None):
+                log(f"[plan] {stage.name}: {run.name} continues {run.continues.stage}/{run.continues.name} from its "
+                    f"step {run.start} (a copy of its checkpoint; its steps are not trained again)")
         if stage.kind == "train" and stage.search is not None:
 
             def save(record, name=stage.name):
@@ -160,7 +181,7 @@ def run_forecast(plan: Plan, stage: Stage, run: StudyRun | None, overrides: dict
         source = from_run(run.run_dir(plan), context=config.context, device=device, dtype=dtype)
     else:
         source = from_model(train.model, data_path=train.data, decimals=train.decimals, device=device,
-                            dtype=dtype)
+                            dtype=dtype, scaler=train.scaler)
     selection = select_trajectories(source.split, config.split, None, config.limit)
     log(f"[plan] {stage.name}: forecasting {selection.label} with {source.label} -> {out}")
     booking = Booking(plan.runs_dir, plan.max_flops, plan.gqa, change_max_flops=plan.change_max_flops)

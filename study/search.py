@@ -6,6 +6,8 @@ fits the budget with them (`study.estimate`).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from common.exit_codes import EXIT_DIVERGED
 from ledger import Ledger
 from training.stopping import TrainingDiverged
@@ -14,7 +16,7 @@ from .estimate import estimate_plan, search_flops
 from .halving import Cut
 from .jobs import JobOptions, JobsFailed, run_stage_jobs, train_or_resume
 from .plan import Plan, Stage, StudyRun, varied_keys
-from .standing import SearchState, recorded_search, replay
+from .standing import DeadSearch, SearchState, recorded_search, replay
 
 # ---- running it ----------------------------------------------------------------------------------------------------
 
@@ -36,7 +38,12 @@ def run_search(plan: Plan, stage: Stage, runs: list[StudyRun], overrides: dict, 
         return Cut(cut.kept, [], sorted(cut.cut + cut.ties)), cut.ties
 
     while True:
-        state = replay(plan, stage, runs, record, diverged, decide)
+        try:
+            state = replay(plan, stage, runs, record, diverged, decide)
+        except DeadSearch as e:  # every configuration of a rung diverged: the record says so, and what was spent
+            save({**record, "diverged": sorted(diverged), "stopped": str(e),
+                  "flops": search_flops(plan, runs, recorded_noise_runs(plan, stage, record), _gqa(plan))})
+            raise
         record = search_record(plan, stage, runs, state, diverged)
         save(record)
         for rung in state.rungs[told:]:
@@ -45,15 +52,28 @@ def run_search(plan: Plan, stage: Stage, runs: list[StudyRun], overrides: dict, 
         told = len(state.rungs)
         if state.done:
             return record
-        what = ("seed replicate(s) for the noise" if state.todo_replicates
-                else f"configuration(s) of rung {state.rung + 1}")
-        log(f"[plan] {stage.name}: training {len(state.todo)} {what} to {state.todo_steps} steps")
+        candidates = [r for r in state.todo if r in state.alive]
+        noise = len(state.todo) - len(candidates) + len(state.todo_replicates)  # (its reference, once cut, too)
+        what = ([f"{len(candidates)} configuration(s) of rung {state.rung + 1}"] if candidates else []) + \
+            ([f"{noise} run(s) measuring the noise of {state.reference.name}"] if noise else [])
+        log(f"[plan] {stage.name}: training {' and '.join(what)} to {state.todo_steps} steps")
         step_overrides = {**overrides, "steps": state.todo_steps}
-        if state.todo_replicates:
-            step_overrides.pop("seed", None)  # a replicate's seed is what it measures
         diverged |= _train(plan, stage, state.todo, step_overrides, jobs, progress, log)
-        record = {**record, "diverged": sorted(diverged)}
-        save(record)  # before the next verdict: its budget check (estimate_plan) reads study.json
+        if state.reference is None or state.reference.name not in diverged:  # (else there is no noise to measure)
+            seeded = {k: v for k, v in step_overrides.items() if k != "seed"}  # a replicate's seed is what it measures
+            diverged |= _train(plan, stage, state.todo_replicates, seeded, jobs, progress, log)
+        # Before the next verdict: its budget check (estimate_plan) reads study.json; and what was spent, as a kill
+        # in the next rung would leave it.
+        record = {**record, "diverged": sorted(diverged),
+                  "flops": search_flops(plan, runs, state.noise_runs, _gqa(plan))}
+        save(record)
+
+
+def recorded_noise_runs(plan: Plan, stage: Stage, record: dict) -> list[StudyRun]:
+    """The seed replicates a record names (their run directories, under the stage's)."""
+    listed = record.get("noise_runs")
+    names = [Path(d).name for d in listed if isinstance(d, str)] if isinstance(listed, list) else []
+    return [StudyRun(stage.name, name, {}) for name in names]
 
 
 def _train(plan: Plan, stage: Stage, todo: list[StudyRun], overrides: dict, jobs: JobOptions | None, progress: bool,
@@ -89,9 +109,11 @@ def rung_line(stage: str, rung: dict) -> str:
             f"{listed(rung.get('kept', []))}")
     if rung.get("ties"):
         text += f"; kept within the noise ({_score(rung.get('noise'))}) {listed(rung['ties'])}"
-    if rung.get("ties_dropped"):
-        text += f"; cut for the budget though within the noise: {listed(rung['ties_dropped'])}"
-    return text + f"; cut {len(rung.get('cut', []))}"
+    dropped = rung.get("ties_dropped", [])
+    if dropped:
+        text += f"; cut for the budget though within the noise: {listed(dropped)}"
+    others = len([n for n in rung.get("cut", []) if n not in dropped])
+    return text + f"; cut {others}{' other(s)' if dropped else ''}"
 
 
 def _score(value) -> str:
@@ -100,12 +122,15 @@ def _score(value) -> str:
 
 def search_record(plan: Plan, stage: Stage, runs: list[StudyRun], state: SearchState, diverged: set[str]) -> dict:
     """The stage's study.json record: every configuration's run under "runs" (as a grid's), the seed replicates
-    under "noise_runs", each rung's verdict under "rungs", the FLOPs spent next to the full grid's."""
+    under "noise_runs" (of "noise_reference"), each rung's verdict and noise under "rungs", the noise of the latest
+    rung decided (the top rung's once done: "noise", at "noise_steps"), the FLOPs spent next to the full grid's."""
     record = {"name": stage.name, "kind": "train", "from": stage.source, "search": stage.search.method,
               "eta": stage.search.eta, "first_steps": state.ladder[0], "steps": state.ladder[-1],
               "ladder": state.ladder, "varied": varied_keys(stage), "runs": [str(r.run_dir(plan)) for r in runs],
               "noise_runs": [str(r.run_dir(plan)) for r in state.noise_runs], "noise": state.noise,
-              "noise_how": state.noise_how, "rungs": state.rungs, "diverged": sorted(diverged), "done": state.done,
+              "noise_steps": state.noise_steps, "noise_how": state.noise_how,
+              "noise_reference": str(state.reference.run_dir(plan)) if state.reference is not None else None,
+              "rungs": state.rungs, "diverged": sorted(diverged), "done": state.done,
               "flops": search_flops(plan, runs, state.noise_runs, _gqa(plan))}
     if state.done:
         record.update(best=str(state.winner.run_dir(plan)), best_val_loss=state.winner_score,

@@ -5,6 +5,7 @@ Runs at one context length are compared by their lowest validation loss. Runs at
 not: a window's mean loss falls with its length even for an untrained model, so they are compared by their lowest
 loss over the last N targets of each validation window (`val_loss_last` in metrics.jsonl, training.validation), N the
 largest count every run recorded. A NaN or infinite loss never wins; a run without a finite score is not chosen.
+A search's rung scores each run by its loss at the rung's step instead (`score_runs(at_step=)`), under the same rule.
 """
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.run import CONFIG_NAME, METRICS_NAME, read_metrics
-
-VAL_LOSS = "lowest validation loss"
 
 
 @dataclass(frozen=True)
@@ -70,28 +69,32 @@ def context_length(run_dir: Path):
     return config.get("ctx") if isinstance(config, dict) else None
 
 
-def choose_best(run_dirs: list[Path], up_to_step: int | None = None) -> Choice | None:
-    """The best of `run_dirs` (the first of equals), or None if no run has a finite score. `up_to_step`: judge each
-    run by its validation losses up to that step only (a search's rung)."""
-    return lowest(*score_runs(run_dirs, up_to_step))
+def choose_best(run_dirs: list[Path]) -> Choice | None:
+    """The best of `run_dirs` (the first of equals), or None if no run has a finite score."""
+    return lowest(*score_runs(run_dirs))
 
 
-def score_runs(run_dirs: list[Path], up_to_step: int | None = None) -> tuple[list[float | None], str]:
+def score_runs(run_dirs: list[Path], at_step: int | None = None, histories: list[list[dict]] | None = None
+               ) -> tuple[list[float | None], str]:
     """Every run's score (None: no finite one) and the criterion: the lowest validation loss, over the last N targets
-    of each window when the context lengths differ (see the module docstring); up to `up_to_step` when given."""
-    histories = [run_metrics(d) for d in run_dirs]
-    if up_to_step is not None:
-        histories = [[m for m in metrics if m.get("step", 0) <= up_to_step] for metrics in histories]
+    of each window when the context lengths differ (see the module docstring). `at_step` (a search's rung): the
+    validation loss at that step only, the weights that go on (never an earlier one, nor the untrained step 0's).
+    `histories`: the runs' metrics already read (default: read from their directories)."""
+    histories = [run_metrics(d) for d in run_dirs] if histories is None else histories
+    what = "lowest validation loss"
+    if at_step is not None:
+        histories = [[m for m in metrics if m.get("step") == at_step and at_step > 0] for metrics in histories]
+        what = f"validation loss at step {at_step}"
     contexts = {context_length(d) for d in run_dirs}
     n = common_last_count(histories) if len(contexts) > 1 else None
     if len(contexts) <= 1:
-        return [best_val_loss(m) for m in histories], VAL_LOSS
+        return [best_val_loss(m) for m in histories], what
     if n is not None:
         return [best_last_loss(m, n) for m in histories], \
-            (f"lowest validation loss over the last {n} targets of each window (the same positions at every context "
+            (f"{what} over the last {n} targets of each window (the same positions at every context "
              f"length: ctx {', '.join(str(c) for c in sorted(contexts, key=str))})")
     return [best_val_loss(m) for m in histories], \
-        ("lowest validation loss over whole windows (the context lengths differ and the runs recorded no last-N "
+        (f"{what} over whole windows (the context lengths differ and the runs recorded no last-N "
          "losses: not compared on the same positions)")
 
 

@@ -126,6 +126,8 @@ def test_a_demo_stopped_by_ctrl_c_exits_130_and_the_same_command_continues_it(tm
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130, err
+    # demo.py has no --resume: the line says how the demo continues (issue 42, item 10)
+    assert "to continue, run the same demo.py command" in err and "--resume" not in err, err
     stopped_at = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
 
     def ctrl_c(argv):  # the validation forecast is where this rerun is stopped

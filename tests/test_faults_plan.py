@@ -53,7 +53,7 @@ CASES = [
      ["[forecast]", "baselines", "'persistance'", "lv_fit"]),
     ("split is bogus", plan_text(forecast='split = "bogus"'), ["[forecast]", "split", "'bogus'", "train, val, test"]),
     ("a forecast stage's temperature is a string", plan_text(stages=STAGE + FORECAST_STAGE + 'temperature = "hot"\n'),
-     ["stage 2 (test)", "temperature", "'hot'", "a number"]),
+     ["stage 2 (test)", "temperature", "'hot'", "a finite number >= 0 or \"auto\""]),
     ("a value [train] gives, refused by its rule, is named in [train]", plan_text(train="rank = -1"),
      ["[train]", "rank", "-1", "positive integer"]),
     ("[train] dtype is bogus", plan_text(train='dtype = "bogus"'), ["[train]", "dtype", "'bogus'", "float32"]),

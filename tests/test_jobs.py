@@ -177,8 +177,11 @@ def start_driver(tmp_path: Path, plan: Path, runs: Path, *flags: str):
     """train.py --plan --jobs 2 in a process of its own; its output goes to files (a pipe would stay open as long as
     any job it started, so reading it to the end would wait for the jobs)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QWEN_MINI_CACHE": str(tmp_path / "cache")}
+    # SIGINT as at a terminal: a suite started in the background by a shell without job control inherits it
+    # ignored, and Python then never raises KeyboardInterrupt (the driver would rightly train on, as under nohup &)
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--plan", str(plan), "--runs-dir", str(runs),
                              "--jobs", "2", *flags], cwd=tmp_path, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=open(tmp_path / "driver.out", "w"), stderr=open(tmp_path / "driver.err", "w"))
 
 

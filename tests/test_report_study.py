@@ -257,6 +257,32 @@ def test_report_flop_section(tiny_study):
     assert "% of budget" in text
 
 
+SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+
+
+def test_the_seed_reconciliation_says_what_each_seed_counts_at_its_own_rank():
+    """Seeds 000 and 004 add a sinusoidal positional encoding of n x d and list no loss (not rotary and a loss, as
+    we count); seed 002's per-step figure is at r8, so it is set beside our r8 count. Checked against the seed
+    reports' own words and numbers where ../shared/seeds is present."""
+    from reporting.flops import StepSetting, _qwen05_config, count_setting, reconciliation
+    text = "\n".join(reconciliation("real"))
+    row_000 = next(line for line in text.splitlines() if line.startswith("| 000, 004 |"))
+    assert "sinusoidal positional encoding, n x d additions" in row_000 and "no loss" in row_000
+    assert "rotary" not in row_000.split("where we count rotary")[0]  # rotary is ours, not theirs
+    assert "| 002 | 12 % lower (at its r8) |" in text and "at r4 (seed 002 at r8)" in text
+    if not SEEDS.is_dir():
+        pytest.skip("../shared/seeds not present: the seeds' own words are not checked")
+    for seed in ("000", "004"):
+        words = next(SEEDS.glob(f"{seed}_*.txt")).read_text()
+        assert "Sinusoidal encodings are added to token embeddings, requiring $n \\times d_{\\text{model}}$" in words
+        assert "cross-entropy" not in words.split("4 FLOP Model")[1].split("5 LoRA")[0].lower()
+    words_002 = next(SEEDS.glob("002_*.txt")).read_text()
+    assert "LoRA rank r=8, we determined that each training step required approximately 5.94×10^{12}" in words_002
+    r8 = count_setting(StepSetting("Qwen2.5-0.5B", _qwen05_config(), 4, 512, 8, None, ("q_proj", "v_proj"), 0.0),
+                       "mha")
+    assert round(100 * (1 - 5.94e12 / r8.step)) == 12
+
+
 def test_the_report_of_a_copied_study_reads_the_copys_runs_and_forecasts(tiny_study, tmp_path, capsys):
     """study.json holds absolute paths: a copy of the runs directory must report its own forecasts and runs."""
     runs, _, _ = tiny_study

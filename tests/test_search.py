@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import flops as flops_cli
 import report as report_cli
 import train as train_cli
 from ledger import Ledger, read_record
+from qwen_mini.flop_report import format_flops
 from study import search as search_module
 from study import standing
 from study.estimate import estimate_plan
@@ -146,8 +148,10 @@ def searched(tmp_path_factory, small_data):
     return plan, runs, estimate, study
 
 
-def lowest_loss_up_to(run_dir: Path, step: int) -> float:
-    return min(m["val_loss"] for m in read_metrics(run_dir) if m["step"] <= step and m["val_loss"] is not None)
+def loss_at(run_dir: Path, step: int) -> float:
+    """A rung's score by hand: the validation loss at the rung's step (never an earlier one, nor step 0's)."""
+    (value,) = [m["val_loss"] for m in read_metrics(run_dir) if m["step"] == step]
+    return value
 
 
 def test_which_configurations_reach_which_steps(searched):
@@ -155,18 +159,21 @@ def test_which_configurations_reach_which_steps(searched):
     record = study["stages"][0]
     stage_dir = runs / "srch" / "search"
     assert record["ladder"] == [2, 4, 8] and len(record["runs"]) == 4
-    # The noise, from the metrics: the first rung's best configuration against its replicate at seed 1.
-    first = {Path(d).name: lowest_loss_up_to(Path(d), 2) for d in record["runs"]}
+    # The noise, from the metrics: the first rung's best configuration against its replicate at seed 1, at each
+    # rung's step (the replicate goes on with the search to the top rung).
+    first = {Path(d).name: loss_at(Path(d), 2) for d in record["runs"]}
     best = min(first, key=first.get)
     replicate = stage_dir / f"{best}_seed1"
-    assert record["noise_runs"] == [str(replicate)]
-    noise = abs(first[best] - lowest_loss_up_to(replicate, 2))
-    assert record["noise"] == pytest.approx(noise, abs=1e-12)
+    assert record["noise_runs"] == [str(replicate)] and record["noise_reference"] == str(stage_dir / best)
+    for rung in record["rungs"]:
+        noise = abs(loss_at(stage_dir / best, rung["steps"]) - loss_at(replicate, rung["steps"]))
+        assert rung["noise"] == pytest.approx(noise, abs=1e-12)
+    assert record["noise"] == record["rungs"][-1]["noise"] and record["noise_steps"] == 8  # the top rung's
     alive = sorted(first, key=first.get)
     reached = {}
     for rung in record["rungs"]:
         steps = rung["steps"]
-        scores = {name: lowest_loss_up_to(stage_dir / name, steps) for name in alive}
+        scores = {name: loss_at(stage_dir / name, steps) for name in alive}
         assert rung["runs"] == sorted(rung["runs"], key=lambda n: list(first).index(n))
         assert set(rung["runs"]) == set(alive)
         for name in alive:
@@ -176,12 +183,12 @@ def test_which_configurations_reach_which_steps(searched):
             break
         ranked = sorted(alive, key=scores.get)
         kept = ranked[:max(1, len(alive) // 2)]
-        ties = [n for n in ranked[len(kept):] if scores[n] - scores[kept[-1]] <= noise]
+        ties = [n for n in ranked[len(kept):] if scores[n] - scores[kept[-1]] <= rung["noise"]]
         assert (rung["kept"], rung["ties"]) == (kept, ties)
         alive = kept + ties
     for name, steps in reached.items():  # every configuration trained exactly to the rung it reached, no further
-        assert read_metrics(stage_dir / name)[-1]["step"] == steps
-    assert read_metrics(replicate)[-1]["step"] == 2
+        assert read_metrics(stage_dir / name)[-1]["step"] == (8 if name == best else steps)  # (the noise's: on)
+    assert read_metrics(replicate)[-1]["step"] == 8
     assert record["best"] == str(stage_dir / record["rungs"][-1]["winner"])
 
 
@@ -198,17 +205,28 @@ def test_a_survivor_continues_bit_for_bit_as_if_trained_straight(searched, tmp_p
     assert got == expected  # losses, validation losses, lr, gradient norms: bit for bit across rungs 2 and 4
 
 
-def test_the_plan_counts_the_search_exactly_and_the_ledger_books_every_step(searched):
+def test_the_plan_counts_the_search_and_the_ledger_books_every_step(searched):
     plan, runs, estimate, study = searched
     record = study["stages"][0]
     run_dirs = [Path(d) for d in record["runs"] + record["noise_runs"]]
     booked = [read_record(d / "flops.json") for d in run_dirs]
     spent = sum(r.by_kind["train"] + r.by_kind["eval"] for r in booked)
     search = next(s for s in estimate.stages if s.name == "search")
-    assert search.total == spent == record["flops"]["search"]  # counted rung by rung, before anything ran
+    after = next(s for s in estimate_plan(load_plan(plan, runs_dir=runs)).stages if s.name == "search")
+    assert after.total == spent == record["flops"]["search"] and after.search["done"]  # exact once decided
+    # Before anything ran: a bound without ties (the noise's reference counted apart at every later rung, where it
+    # may be cut), and one with every configuration going on as a tie.
+    assert search.search["bounds"] == ["the noise's reference counted apart where it may be cut"]
+    assert spent <= search.search["with_ties"]
+    if not any(r.get("ties") for r in record["rungs"]):
+        assert spent <= search.total
     per_step = read_record(run_dirs[0] / "flops.json").data["train"]["per_step_flops"]
+    assert search.search["train"] == (4 * 2 + 2 * 2 + 1 * 4 + 8 + (2 + 4)) * per_step  # by hand, no ties
     steps = sum(read_metrics(d)[-1]["step"] for d in run_dirs)
-    assert steps == 4 * 2 + 2 * 2 + 1 * 4 + 2 + 2 * (len(record["rungs"][0]["ties"]))
+    reference = Path(record["noise_reference"]).name
+    reached = max(r["steps"] for r in record["rungs"] if reference in r["runs"])
+    in_rungs = sum(len(r["runs"]) * (r["steps"] - before) for r, before in zip(record["rungs"], [0, 2, 4]))
+    assert steps == in_rungs + 8 + (8 - reached)  # the rungs, the replicate to the top, the reference carried on
     assert record["flops"]["search_train"] == steps * per_step  # every step booked once
     assert record["flops"]["grid_train"] == 4 * 8 * per_step  # the same configurations as a full grid
     assert search.search["counts"][0] == 4 and search.search["grid_train"] == 4 * 8 * per_step
@@ -225,7 +243,9 @@ def test_the_report_shows_the_rungs(searched, tmp_path, capsys):
     lines = text.splitlines()
     table = lines[lines.index(header) + 2:]
     table = table[:next(i for i, line in enumerate(table) if not line.startswith("|"))]
-    assert len(table) == 4  # every configuration, cut or not
+    assert len(table) == 5 and table[-1].startswith("| *seed noise at the rung* | | ")  # every configuration, cut
+    noises = [f"{r['noise']:.4g}" for r in study["stages"][0]["rungs"]]  # or not, and the noise at each rung
+    assert [c.strip() for c in table[-1].strip("|").split("|")][2:5] == noises
     winner = study["stages"][0]["rungs"][-1]["winner"]
     assert table[0].startswith(f"| `{winner}` | 8 |") and table[0].endswith("| winner |")
     cut = [line for line in table if line.endswith("| cut at 2 |")]
@@ -233,6 +253,71 @@ def test_the_report_shows_the_rungs(searched, tmp_path, capsys):
     figure = next((tmp_path / "report_figures").glob("search_*.png"))
     assert f"report_figures/{figure.name}" in text
     assert "of the " in text and "the same configurations would cost as a full grid" in text
+    # Issue 40: the search's noise, measured at its top rung, everywhere; never "unmeasured" beside its replicate.
+    findings = text.split("## Findings\n")[1].split("\n## ")[0]
+    noise = study["stages"][0]["noise"]
+    assert f"Noise of the whole-window validation loss: {noise:.4g}, measured by the search at step 8" in findings
+    for said in ("unmeasured", "No seed replicates", "no seed replicates", "Next: rerun"):
+        assert said not in text
+    assert "lowered its criterion by " in text and "lowered its criterion by -" not in text  # (a double negative)
+
+
+def copy_of(runs: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    return copy
+
+
+DAMAGED = {"rungs = 5": ("rungs", 5, '"rungs" must be a list of rung records, got 5'),
+           "kept = []": ("kept", [], '"rungs"[0]["kept"] must be a non-empty list of run names, got []'),
+           "kept names no run": ("kept", ["bogus"], '"rungs"[0]["kept"] names \'bogus\', which is not one of'),
+           "kept is a string": ("kept", "c00", '"rungs"[0]["kept"] must be a non-empty list of run names, got \'c00\'')}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_search_record_is_named_in_one_line(searched, tmp_path, capsys, case):
+    """Issue 42 item 13: a hand-damaged study.json record of a search is refused by flops.py --plan and train.py
+    --plan in one line naming the field (was a TypeError traceback, or "no configuration has a finite validation
+    loss"), and the report names it and no winner."""
+    plan, runs, _, _ = searched
+    key, value, message = DAMAGED[case]
+    runs = copy_of(runs, tmp_path)
+    path = runs / "srch" / "study.json"
+    study = json.loads(path.read_text())
+    if key == "rungs":
+        study["stages"][0]["rungs"] = value
+    else:
+        study["stages"][0]["rungs"][0][key] = value
+    path.write_text(json.dumps(study))
+    capsys.readouterr()
+    assert flops_cli.main(["--plan", str(plan), "--runs", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the record of search stage search is damaged: " + message in err, err
+    if case == "rungs = 5":
+        assert train_cli.main(["--plan", str(plan), "--runs-dir", str(runs)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert report_cli.main([str(runs), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "The search record of this stage in study.json is damaged (" + message in text
+    assert "its search record in study.json is damaged" in text and "Winner: `c" not in text
+
+
+def test_a_study_record_that_cannot_be_read_names_no_winner(searched, tmp_path, capsys):
+    """Issue 42 item 13: with study.json unreadable the report no longer treats the search as a grid whose best
+    run (a seed replicate among them) "won"; and a torn metrics.jsonl is warned about once (item 17)."""
+    _, runs, _, study = searched
+    runs = copy_of(runs, tmp_path)
+    (runs / "srch" / "study.json").write_text("{ not json")
+    torn = Path(study["stages"][0]["runs"][0].replace(str(searched[1]), str(runs))) / "metrics.jsonl"
+    torn.write_text(torn.read_text() + '{"step": 99, "val_lo')
+    capsys.readouterr()
+    assert report_cli.main([str(runs), "--out", str(tmp_path / "report")]) == 0
+    assert capsys.readouterr().err.count("dropped the last line") == 1  # (was twice: the runs, then the figure)
+    text = (tmp_path / "report" / "report.md").read_text()
+    search = text.split("### srch/search")[1].split("\n### ")[0]
+    assert "Winner:" not in search and "| winner |" not in search
+    record = runs / "srch" / "study.json"
+    assert f"- **srch/search**: its study's record {record} cannot be read: no run is named its winner." in text
 
 
 # ---- killed, capped, parallel --------------------------------------------------------------------------------------
@@ -254,6 +339,13 @@ def test_a_killed_search_resumes_in_its_rung_and_trains_nothing_twice(tmp_path, 
 
     with pytest.raises(Killed):
         run_plan(load_plan(plan_path, runs_dir=runs), progress=False, log=kill_at_the_second_run_of_rung_2)
+    # Issue 42 item 8: the report of the killed search counts what the ledger booked (study.json's record of its
+    # FLOPs predates the kill) and says where it stopped, naming no winner.
+    assert report_cli.main([str(runs), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"| search's FLOPs with validation (spent) | {format_flops(Ledger(runs).totals().spent)} |" in text
+    assert "- **k/search**: The search is not finished: rung 2 of 3 (4 steps) in progress" in text
+    assert "Winner:" not in text and "winner `" not in text
     finished = Path(resumed[0].split(": resuming")[0].split("] ", 1)[1])
     finished_dir = runs / "k" / finished
     before = (finished_dir / "metrics.jsonl").read_text()
@@ -267,7 +359,9 @@ def test_a_killed_search_resumes_in_its_rung_and_trains_nothing_twice(tmp_path, 
         assert steps == list(range(steps[-1] + 1))  # every step once
         booked = read_record(run_dir / "flops.json")
         assert booked.by_kind["train"] == steps[-1] * booked.data["train"]["per_step_flops"]  # booked once
-    assert Ledger(runs).totals().spent == estimate.total and Ledger(runs).totals().outstanding == 0
+    spent = Ledger(runs).totals().spent
+    assert spent == estimate_plan(load_plan(plan_path, runs_dir=runs)).total and Ledger(runs).totals().outstanding == 0
+    assert spent <= estimate.stages[0].search["with_ties"]
 
 
 def test_the_cap_refuses_a_search_that_does_not_fit_before_anything_runs(tmp_path, small_data, capsys):
@@ -367,7 +461,7 @@ def test_the_shipped_search_plans_fit_and_the_coursework_search_costs_less_than_
     _, gridded = stages("coursework")
     assert searched["search"].runs >= 3 * 9 and plan.stage("search").search is not None
     assert searched["search"].total <= gridded["grid"].total  # more configurations for fewer FLOPs ...
-    assert plan.stage("final").settings["steps"] > 6000  # ... and the final run gets what that saves
+    assert searched["final"].steps > 6000  # ... and the final run gets what that saves (steps = "rest")
     plan, demo = stages("demo_search")
     assert demo["search"].runs >= 16 and (ROOT / plan.train["model"]).is_dir()
     grid_plan, grid = stages("demo_search_grid")
@@ -412,12 +506,15 @@ def test_the_noise_is_measured_on_the_criterion_the_cuts_use(tmp_path, small_dat
                                 for d in dirs))
     n = max(counts)
 
-    def last_n(run_dir):
-        return min(m["val_loss_last"][str(n)] for m in read_metrics(run_dir)
-                   if m["step"] <= 2 and m.get("val_loss_last"))
+    def last_n(run_dir, step):
+        (value,) = [m["val_loss_last"][str(n)] for m in read_metrics(run_dir) if m["step"] == step]
+        return value
 
     first = record["rungs"][0]
-    assert first["scores"] == pytest.approx([last_n(d) for d in dirs[:2]], abs=0)
+    assert first["scores"] == pytest.approx([last_n(d, 2) for d in dirs[:2]], abs=0)
     best = dirs[:2][min(range(2), key=lambda i: first["scores"][i])]
-    assert record["noise"] == pytest.approx(abs(last_n(best) - last_n(dirs[2])), abs=1e-12)
+    assert first["noise"] == pytest.approx(abs(last_n(best, 2) - last_n(dirs[2], 2)), abs=1e-12)
+    top = record["rungs"][-1]  # the top's, on its criterion (one context length left there: whole windows)
+    at_top = (lambda d: last_n(d, 4)) if "last" in top["criterion"] else (lambda d: loss_at(d, 4))
+    assert record["noise"] == pytest.approx(abs(at_top(best) - at_top(dirs[2])), abs=1e-12)
     assert f"last {n} targets" in first["criterion"]

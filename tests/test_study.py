@@ -286,7 +286,7 @@ def test_a_killed_plan_continues_where_it_stopped(tmp_path, small_data, capsys):
 
 @pytest.mark.parametrize("name", ["coursework", "demo"])
 def test_shipped_plans_fit_the_budget(name, tmp_path):
-    """The plans the README points to load, and fit 1e17 with everything counted (the coursework one close to it)."""
+    """The plans docs/studies.md points to load and fit 1e17 with everything counted (the coursework one close)."""
     plan = load_plan(ROOT / "plans" / f"{name}.toml", runs_dir=tmp_path)
     estimate = estimate_plan(plan)
     assert estimate.fits and estimate.total <= 1e17
@@ -330,7 +330,8 @@ def test_from_a_stage_starts_from_its_lowest_validation_loss_not_its_last(tmp_pa
     assert len(grid) == len(curves)
     for run, curve in zip(grid, curves):
         directory = run.run_dir(plan)
-        (directory / "adapter").mkdir(parents=True)  # finished: weights saved, every step logged
+        (directory / "adapter").mkdir(parents=True)  # finished: weights saved (adapter_config.json, written last),
+        (directory / "adapter" / "adapter_config.json").write_text("{}")  # every step logged
         (directory / "config.json").write_text(json.dumps({"ctx": 32}))
         (directory / "metrics.jsonl").write_text("".join(json.dumps({"step": 3 * i, "val_loss": loss}) + "\n"
                                                          for i, loss in enumerate(curve)))

@@ -49,7 +49,7 @@ def test_a_typed_flag_wins_over_the_plan_even_at_train_pys_default(tmp_path, mon
 
 
 def test_the_same_plan_on_other_data_is_a_study_of_its_own_said_so(tmp_path, monkeypatch, capsys):
-    """The README's flow: a plan, then the same plan with --data: the second is not "done already" with the first's
+    """docs/studies.md's flow: a plan, then the same plan with --data: the second is not "done already" with the first's
     runs but a study of its own beside it (named so on stdout), each recording its data; the same command again
     continues the second, and the first is untouched."""
     monkeypatch.chdir(tmp_path)

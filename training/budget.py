@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,21 @@ def plan_run_flops(config: TrainConfig, start_step: int = 0, gqa: str = "real", 
                        config.steps - start_step, evaluation_count(start_step, config.steps, config.eval_every))
 
 
+def steps_within(flops: int, plan: RunFlopPlan, start: int, eval_every: Callable[[int], int]) -> int:
+    """The most steps a run that starts at `start` can reach when its remaining steps and validation passes
+    (`evaluation_count`, at `eval_every(steps)`) must fit `flops`; `plan` gives its per-step and per-pass FLOPs.
+    `start` when not one more step fits. (Binary search; whatever it returns fits, even where a shorter run validates
+    more often, as with eval_every = steps // 10 below 20 steps.)"""
+    def cost(steps: int) -> int:
+        return (steps - start) * plan.per_step + evaluation_count(start, steps, eval_every(steps)) * plan.eval_pass
+
+    low, high = start, start + max(flops, 0) // plan.per_step  # the steps alone of any more would not fit
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= flops else (low, middle - 1)
+    return low
+
+
 def check_inside_runs_dir(config: TrainConfig) -> bool:
     """Whether the run lies inside --runs-dir (and so in its ledger); outside it, refused unless --no-budget."""
     inside = Ledger(config.runs_dir).contains(config.run_dir)
@@ -109,7 +125,7 @@ def proven_spending(run_dir: Path, per_step: int, eval_pass: int) -> tuple[dict[
     metrics.jsonl lines past it (a step each, a validation pass each): (by_kind, steps, passes, the proof)."""
     state = read_checkpoint(run_dir, mmap=True)
     saved_step = int(state["step"]) if state is not None else 0
-    train = saved_step * per_step
+    train = (saved_step - int(state.get("continued_from_step", 0) if state is not None else 0)) * per_step
     spent_eval = max(count("checkpoint flops_used", state["flops_used"]) - train, 0) if state is not None else 0
     later = [row for row in read_metrics(run_dir, drop_torn_tail=True) if state is None or row["step"] > saved_step]
     steps = sum(row.get("train_loss") is not None for row in later)

@@ -53,7 +53,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer, scheduler, step: int, data_position: dict,
-                    flops_used: int, trajectory: dict, scaler=None, skipped_steps: int = 0) -> Path:
+                    flops_used: int, trajectory: dict, scaler=None, skipped_steps: int = 0,
+                    continued_from_step: int = 0) -> Path:
     state = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -68,6 +69,9 @@ def save_checkpoint(run_dir: Path, *, model: nn.Module, optimizer, scheduler, st
         # skipped so far (optional keys: checkpoints written before float16 lack them).
         "grad_scaler": scaler.state_dict() if scaler is not None else {},
         "skipped_steps": skipped_steps,
+        # --continue-from: the step of the run it continued, whose steps up to there are not this run's FLOPs
+        # (optional key: 0 when absent).
+        "continued_from_step": continued_from_step,
     }
     return atomic_write(Path(run_dir) / CHECKPOINT_NAME, lambda tmp: _save(state, tmp))
 

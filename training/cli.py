@@ -8,6 +8,7 @@ import sys
 from common.args import non_negative_float, non_negative_int, positive_float, positive_int, seed_int, typed_dests
 from common.exit_codes import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE
 from common.fileio import os_error_text
+from data.llmtime import SCALER_CHOICES
 from data.lotka_volterra import SPLIT_MODES, DataError
 from ledger import BudgetExceeded, LedgerError, MixedConventions, OutsideRunsDir
 from ledger.flags import CHANGE_MAX_FLOPS_HELP, MAX_FLOPS_HELP, add_budget_arguments
@@ -15,7 +16,7 @@ from lora import check_targets
 from qwen_mini import CheckpointError, CheckpointNotFound
 from qwen_mini import ConfigError as ModelConfigError
 
-from .config import DEFAULT_MODEL, DTYPES, SCHEDULES, ConfigError, TrainConfig
+from .config import DEFAULT_DECAY, DEFAULT_MODEL, DTYPES, FIT_STEPS, SCHEDULES, ConfigError, TrainConfig
 from .distributed import from_environment, shutdown
 from .grid import SUMMARY_NAME, expand_grid, format_summary, grid_dir, run_grid
 from .loop import train_run
@@ -46,12 +47,14 @@ will not load) leaves no ledger record; a resumed run whose flops.json is gone g
 and metrics.jsonl.
 Each run directory is locked by the process training it: a second train.py on it is refused, naming that process.
 Ctrl-C (SIGINT) and SIGTERM (schedulers, `timeout`) stop a run at the end of its current step, with a checkpoint
-there; a second signal stops it at once. A non-finite loss, gradient norm or weight stops it at that step, saving
-nothing of it. Either way the run keeps its newest checkpoint: the same command with --resume continues it.
+there; a second signal stops it at once. One that comes during a run's last step (or its final validation) lets
+that run finish, then stops the command all the same (130 or 143): a grid's or a plan's next run does not start.
+A non-finite loss, gradient norm or weight stops it at that step, saving nothing of it. Either way the run keeps its
+newest checkpoint: the same command with --resume continues it.
 Exit status: 0 done, 1 the run failed (data, model, checkpoint, a run directory in use or not writable, a failed
-write such as a full disk), 2 bad arguments (settings the model or the data cannot serve, a run outside --runs-dir
-included), 3 refused by the FLOP budget or by the ledger's gqa convention, 4 training diverged (non-finite
-numbers), 130 stopped by Ctrl-C, 143 stopped by SIGTERM."""
+write such as a full disk), 2 bad arguments (settings the model or the data cannot serve, a run outside --runs-dir,
+an lr above 1e6, a --plan flag that no run of the plan takes included), 3 refused by the FLOP budget or by the
+ledger's gqa convention, 4 training diverged (non-finite numbers), 130 stopped by Ctrl-C, 143 stopped by SIGTERM."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "simulated set (1000 trajectories, generated once and cached)")
     what.add_argument("--decimals", type=non_negative_int, default=d.decimals,
                       help="decimals of the LLMTIME numbers (default: %(default)s)")
+    what.add_argument("--scaler", default=d.scaler,
+                      help=f"the LLMTIME scaling rule, fitted on each trajectory's first {FIT_STEPS} steps (the "
+                           f"forecast context): {SCALER_CHOICES}; joint-p95x10 is seeds 000/004's, p99x10 seed 002's, "
+                           "fixed=0.5 with --decimals 3 seed 003's (default: %(default)s)")
     what.add_argument("--split", dest="split_mode", choices=SPLIT_MODES, default=d.split_mode,
                       help="the 70/15/15 train/val/test split of the trajectories: ordered = in file order, the last "
                            "15 %% test and the 15 %% before them validation; random = a seeded permutation "
@@ -100,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--warmup", type=non_negative_int, default=d.warmup,
                        help="steps of linear learning-rate warmup (default: %(default)s)")
     optim.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
-                       help="after warmup: constant, or cosine decay to 0 at --steps (default: %(default)s)")
+                       help="after warmup: constant; cosine decay to 0 at --steps; or wsd (warmup-stable-decay): "
+                            "constant, then a 1 - sqrt decay to 0 over the last --decay of the steps "
+                            "(default: %(default)s)")
+    optim.add_argument("--decay", type=positive_float, default=None,
+                       help=f"--schedule wsd: the share of the steps its decay takes, at most 1 (default: "
+                            f"{DEFAULT_DECAY})")
     optim.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip,
                        help="clip the gradient norm to this value; 0 = no clipping (default: %(default)s)")
     optim.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
@@ -132,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--resume", action="store_true",
                             help="continue the run(s) in their directories from the last checkpoint, with the same "
                                  "settings (--steps may grow)")
+    evaluation.add_argument("--continue-from", default=None, metavar="RUN_DIR",
+                            help="start a new run from RUN_DIR's checkpoint (its weights, optimizer, data position "
+                                 "and step k) and train only steps k+1..--steps, as if trained straight: RUN_DIR must "
+                                 "have this run's settings apart from --steps, --schedule and --decay, and steps 1..k "
+                                 "must lie in the constant part of both schedules (e.g. a constant run continued "
+                                 "under wsd). RUN_DIR is only read; this run's FLOPs are only its own steps")
     add_budget_arguments(
         evaluation, max_flops=MAX_FLOPS_HELP, max_flops_default=d.max_flops, change_max_flops=CHANGE_MAX_FLOPS_HELP,
         gqa="how the ledger counts attention: real grouped-query k/v, or mha (the coursework's multi-head "
@@ -144,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "whatever its value: --runs-dir, --max-flops, --gqa over its [study], --device and "
                                  "--dtype over every run, the flags of [train] settings (--data, --model, --seed, "
                                  "--batch, one --lr / --rank / --ctx, ...) over its [train] (a stage's own settings "
-                                 "still apply over them; see plans/). Run again with other settings or data, the "
-                                 "plan is a study of its own beside the first (STUDY-<key>), as the output says")
+                                 "still apply over them; see plans/; one that no run of the plan would take is "
+                                 "refused). Run again with other settings or data, the plan is a study of its own "
+                                 "beside the first (STUDY-<key>), as the output says")
 
     hardware = p.add_argument_group("hardware")
     hardware.add_argument("--device", default=d.device,
@@ -181,6 +200,10 @@ def interruption(e: KeyboardInterrupt, configs: list[TrainConfig] = ()) -> str:
     the stop interrupted, if it says)."""
     if not isinstance(e, Interrupted):
         return "interrupted"
+    if e.run_finished:
+        where = f" of {e.run_dir}" if e.run_dir is not None else ""
+        return (f"stopped by {e.name} at the last step ({e.checkpoint_step}){where}, which finished with its weights "
+                "saved")
     if e.checkpoint_step is None:
         run_dirs = [c.run_dir for c in configs] or ([e.run_dir] if e.run_dir is not None else [])
         if run_dirs and not any((d / CHECKPOINT_NAME).is_file() for d in run_dirs):
@@ -189,15 +212,17 @@ def interruption(e: KeyboardInterrupt, configs: list[TrainConfig] = ()) -> str:
     return f"stopped by {e.name} after step {e.checkpoint_step}, with a checkpoint there"
 
 
-def failure_status(e: BaseException, who: str, again: str, configs: list[TrainConfig] = ()) -> int | None:
+def failure_status(e: BaseException, who: str, again: str | None, configs: list[TrainConfig] = ()) -> int | None:
     """The one line (to stderr, prefixed `who`) and the exit status of a training that failed with `e`, the way every
-    train.py process reports it (a study's jobs too); None for a failure that is a bug (its traceback is due)."""
+    train.py process reports it (a study's jobs too); None for a failure that is a bug (its traceback is due).
+    `again`: the command that continues a stopped training (None: nothing is left to continue)."""
     if isinstance(e, (BudgetExceeded, MixedConventions)):
         what = "budget" if isinstance(e, BudgetExceeded) else "ledger"
         print(f"{who}: refused by the FLOP {what}: {e}", file=sys.stderr)
         return EXIT_OVER_BUDGET
     if isinstance(e, KeyboardInterrupt):
-        print(f"{who}: {interruption(e, configs)}; to continue, run {again}", file=sys.stderr)
+        advice = f"to continue, run {again}" if again is not None else "nothing is left to continue"
+        print(f"{who}: {interruption(e, configs)}; {advice}", file=sys.stderr)
         return e.exit_status if isinstance(e, Interrupted) else EXIT_INTERRUPTED
     statuses = ((TrainingDiverged, EXIT_DIVERGED), ((OutsideRunsDir, ConfigError), EXIT_USAGE),
                 ((RunDirError, DataError, CheckpointError, CheckpointNotFound, ModelConfigError, LedgerError,
@@ -209,10 +234,12 @@ def failure_status(e: BaseException, who: str, again: str, configs: list[TrainCo
     return None
 
 
-def main(argv: list[str] | None = None, run_plan=None, plan_arguments=None) -> int:
+def main(argv: list[str] | None = None, run_plan=None, plan_arguments=None, again: str | None = None) -> int:
     """train.py. `run_plan(args, parser, dist, typed)`: what --plan runs (train.py passes the study package's runner;
     its failures end like a run's), `typed` the dests of the flags the command line gave (a value equal to the
-    default included). `plan_arguments(parser)`: adds the flags only --plan takes, returning their dests."""
+    default included). `plan_arguments(parser)`: adds the flags only --plan takes, returning their dests. `again`:
+    the command that continues a stopped training, for its line (default: this command, with --resume where it
+    needs one; demo.py passes its own)."""
     parser = build_parser()
     plan_only = tuple(plan_arguments(parser)) if plan_arguments is not None else ()
     args = parser.parse_args(argv)
@@ -239,8 +266,11 @@ def main(argv: list[str] | None = None, run_plan=None, plan_arguments=None) -> i
         else:
             results = run_grid(configs, dist=dist)
     except BaseException as e:
-        again = "the same command" + ("" if args.plan is not None else " with --resume")
-        status = failure_status(e, "train.py", again, configs)
+        continued_by = again or "the same command" + ("" if args.plan is not None else " with --resume")
+        if again is None and isinstance(e, Interrupted) and e.run_finished and configs \
+                and e.run_dir == configs[-1].run_dir:
+            continued_by = None  # the last run (of a grid) finished: this command has nothing left to continue
+        status = failure_status(e, "train.py", continued_by, configs)
         if status is None:
             raise
         return status

@@ -10,15 +10,21 @@ from common.args import MAX_SEED
 from common.devices import DTYPES
 from common.fields import SettingsError, check_field_types
 from data.dataset import DEFAULT_CONTEXT
+from data.llmtime import DEFAULT_SCALER, ScalerNameError, scaling_rule
 from data.lotka_volterra import SPLIT_MODES
 from lora import check_targets
 from qwen_mini.flops import GQA_MODES
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "wsd")
+DEFAULT_DECAY = 0.2  # wsd: the share of the steps over which the learning rate decays to 0 (Hägele et al. 2024)
 # The most steps a run may take: a billion steps write a metrics.jsonl of some 250 GB and take years even for the tiny
 # model on a CPU; a larger number is a typo (and would only make the FLOP count's arithmetic huge).
 MAX_STEPS = 10 ** 9
+# The largest learning rate a run may take: AdamW moves every weight by about lr each step, so a larger one is a typo;
+# from about 3e37 its step (lr / (1 - beta1)) does not even fit a float32 and the first step fails with a traceback,
+# after FLOPs were booked.
+MAX_LR = 1e6
 # Steps of each trajectory the LLMTIME scaler is fitted on: data.dataset's evaluation context, so training text and
 # forecast prompts are scaled by the same rule.
 FIT_STEPS = DEFAULT_CONTEXT
@@ -26,8 +32,11 @@ FIT_STEPS = DEFAULT_CONTEXT
 # Settings that change what a run computes: a resumed run must have the same values as the run it continues.
 # (--steps may grow; --eval-every, --checkpoint-every, --val-batches, --device and the output paths may change.)
 TRAJECTORY_KEYS = ("model", "data", "full", "rank", "alpha", "targets", "lora_dropout", "lr", "batch", "ctx", "stride",
-                   "decimals", "seed", "split_mode", "split_seed", "warmup", "schedule", "grad_clip", "weight_decay",
-                   "dtype")
+                   "decimals", "scaler", "seed", "split_mode", "split_seed", "warmup", "schedule", "decay", "grad_clip",
+                   "weight_decay", "dtype")
+# The trajectory keys in which a run may differ from the run it continues (--continue-from): the schedule after the
+# stable phase they share (training.setup.lr_factor).
+CONTINUE_KEYS = ("schedule", "decay")
 
 
 class ConfigError(SettingsError):
@@ -52,11 +61,13 @@ class TrainConfig:
     val_batches: int = 8
     checkpoint_every: int = 100  # 0 = only at the end
     decimals: int = 2
+    scaler: str = DEFAULT_SCALER  # the LLMTIME scaling rule (data.llmtime.scaling_rule), fitted on FIT_STEPS steps
     seed: int = 0
     split_mode: str = "ordered"  # "ordered": the last 15 % of the trajectories are the test split; or "random"
     split_seed: int = 0  # the random split's seed
     warmup: int = 0
     schedule: str = "constant"
+    decay: float | None = None  # wsd: the share of the steps that decays the lr to 0; None = DEFAULT_DECAY under wsd
     grad_clip: float = 1.0  # 0 = no clipping
     weight_decay: float = 0.0
     activation_checkpointing: bool = False
@@ -70,6 +81,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     out: str | None = None  # the run directory; None = runs_dir / run_name
     resume: bool = False
+    continue_from: str | None = None  # a run directory whose checkpoint this run starts from (training.rundir)
     tensorboard: bool = False  # also write TensorBoard event files (training.tensorboard)
     tensorboard_dir: str | None = None  # where they go; None = <run dir>/tensorboard
 
@@ -82,6 +94,8 @@ class TrainConfig:
             self.stride = self.ctx // 2
         if self.eval_every is None:
             self.eval_every = max(self.steps // 10, 1)
+        if self.decay is None and self.schedule == "wsd":
+            self.decay = DEFAULT_DECAY
         self.validate()
 
     def validate(self) -> None:
@@ -116,6 +130,9 @@ class TrainConfig:
             raise ConfigError(f"stride {self.stride} > ctx {self.ctx} would skip tokens between windows")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}", key="lr")
+        if self.lr > MAX_LR:
+            raise ConfigError(f"lr must be at most {MAX_LR:.0e} (AdamW moves every weight by about lr a step), got "
+                              f"{self.lr:g}", key="lr")
         if self.lora_dropout >= 1:
             raise ConfigError(f"lora_dropout must be < 1, got {self.lora_dropout}", key="lora_dropout")
         if not self.full:
@@ -123,6 +140,10 @@ class TrainConfig:
             if not math.isfinite(self.alpha):
                 raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}", key="alpha")
             check_targets(self.targets, error=ConfigError)
+        try:
+            self.scaler = scaling_rule(self.scaler).name  # canonical: fixed=5e-1 and fixed=0.5 are one setting
+        except ScalerNameError as e:
+            raise ConfigError(str(e), key="scaler") from None
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
                               key="schedule")
@@ -135,6 +156,28 @@ class TrainConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", key="dtype")
         if self.warmup >= self.steps and self.schedule == "cosine":
             raise ConfigError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps}) for a cosine decay")
+        if self.decay is not None and self.schedule != "wsd":
+            raise ConfigError(f"decay {self.decay} is the share of the steps a wsd schedule decays over: it needs "
+                              f"schedule = wsd, got {self.schedule!r}", key="decay")
+        if self.schedule == "wsd":
+            if not (isinstance(self.decay, (int, float)) and 0 < self.decay <= 1):
+                raise ConfigError(f"decay must be a share of the steps, above 0 and at most 1, got {self.decay!r}",
+                                  key="decay")
+            if self.warmup > self.stable_steps:
+                raise ConfigError(f"warmup ({self.warmup}) must end before the wsd decay starts (after step "
+                                  f"{self.stable_steps} of {self.steps}, decay {self.decay:g})")
+
+    @property
+    def decay_steps(self) -> int:
+        """wsd: the steps of the decay, round(decay x steps), at least 1 (0 for the other schedules)."""
+        return max(1, math.floor(self.decay * self.steps + 0.5)) if self.schedule == "wsd" else 0
+
+    @property
+    def stable_steps(self) -> int:
+        """The steps whose learning rate is the constant schedule's (warmup, then --lr): all of them but a wsd
+        decay's, none after the warmup for a cosine decay. A run trained to step k <= stable_steps of this one
+        under the constant schedule is this run's first k steps (--continue-from)."""
+        return {"constant": self.steps, "wsd": self.steps - self.decay_steps}.get(self.schedule, self.warmup)
 
     # ---- names and places -----------------------------------------------------------------------------------------
     @property

@@ -105,8 +105,12 @@ def train_run(config: TrainConfig, *, dist: Distributed | None = None, hooks: It
             shared = dist.on_main(prepare)
             prepared = prepared_on_main[0] if prepared_on_main else shared
             run_progress.checkpoint = prepared.resume_point.step or None
-            result = Trainer(config, dist, prepared, run_progress, stop, hooks, show_bar=progress).run()
+            trainer = Trainer(config, dist, prepared, run_progress, stop, hooks, show_bar=progress)
+            result = trainer.run()
             finished.append(True)  # every step done: the record's `finished` time
+            if trainer.asked_to_stop:  # during the last step, its validation or the saving: the run is whole, and
+                # the command stops here (a grid's or a plan's next run does not start), as the signal asked
+                raise Interrupted(stop.signum or signal.SIGTERM, checkpoint_step=config.steps, run_finished=True)
             return result
     except Interrupted as e:
         e.run_dir = e.run_dir or config.run_dir  # for the message: did this run write a checkpoint before?
@@ -177,7 +181,10 @@ class Trainer:
         self.run_dir, self.recorder = config.run_dir, prepared.recorder  # the recorder: on rank 0 only
         self.per_step = prepared.flop_plan.per_step
         self.flops_used = prepared.resume_point.flops_used
+        # --continue-from: the step of the run this one continues (its steps up to there are that run's FLOPs).
+        self.continued_from_step = prepared.resume_point.step if prepared.resume_point.source else 0
         self.board = NoBoard()  # --tensorboard's event files (rank 0), fed each metrics.jsonl line
+        self.asked_to_stop = False  # a signal came after the last step's stop check: the run finished, then stops
 
     def run(self) -> RunResult:
         self.setup()
@@ -191,8 +198,11 @@ class Trainer:
                           "lr": self.config.lr * lr_factor(0, self.config), "grad_norm": None, "flops": 0,
                           "tokens_per_s": None})
             self.train()
-            return self.finish()
+            result = self.finish()
+            self.asked_to_stop = self.stop_requested()
+            return result
         finally:
+            self.stop.deferring = False
             self.board.close()
 
     def setup(self) -> None:
@@ -214,8 +224,11 @@ class Trainer:
                            (dist.rank + 1) * config.batch // dist.world_size)
 
     def resume_from_checkpoint(self) -> None:
-        state = read_checkpoint(self.run_dir)
-        check_same_trajectory(state["trajectory"], self.config.trajectory_values(), self.run_dir / CHECKPOINT_NAME)
+        source = self.prepared.resume_point.source  # --continue-from (checked by rundir.continuation_point)
+        state = read_checkpoint(source or self.run_dir)
+        if source is None:
+            check_same_trajectory(state["trajectory"], self.config.trajectory_values(), self.run_dir / CHECKPOINT_NAME)
+            self.continued_from_step = int(state.get("continued_from_step", 0))
         if state["data_position"]["n_windows"] != len(self.run_data.train):
             raise RunDirError(f"{self.run_dir}: the checkpoint was trained on {state['data_position']['n_windows']} "
                               f"windows, the data now gives {len(self.run_data.train)}: the data file changed")
@@ -224,11 +237,16 @@ class Trainer:
         self.skipped_steps = state.get("skipped_steps", 0)
 
     def write_run_files(self) -> None:
-        """config.json (every setting, the data, the model, the FLOP plan) and metrics.jsonl (the lines a resumed run
-        keeps), on rank 0."""
+        """metrics.jsonl (the lines a resumed or continued run keeps), a continued run's state as its own checkpoint
+        (so its source is never needed again; before config.json, which says that it was written), and config.json
+        (every setting, the data, the model, the FLOP plan), on rank 0."""
         if not self.dist.is_main:
             return
         config, model, per_step, start = self.config, self.model, self.per_step, self.prepared.resume_point
+        atomic_write(self.run_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text(
+            "".join(json.dumps(m) + "\n" for m in start.history)))
+        if start.source is not None:
+            self.save_checkpoint(start.step)
         write_json_atomic(self.run_dir / CONFIG_NAME, {
             "run_name": self.run_dir.name, **config.to_dict(), **self.run_data.describe(),
             "model_seed": TINY_MODEL_SEED if config.model == "tiny" else None,
@@ -236,16 +254,16 @@ class Trainer:
             "model_dir": str(Path(config.model).resolve()) if Path(config.model).is_dir() else None,
             "model_config": model.config.to_hf(), "trainable_params": sum(p.numel() for p in self.trainable),
             "total_params": sum(p.numel() for p in model.parameters()), "per_step_flops": per_step,
-            "planned_flops": per_step * config.steps, "gqa": self.prepared.gqa,
+            "planned_flops": per_step * (config.steps - self.continued_from_step), "gqa": self.prepared.gqa,
             "counted_in_ledger": self.prepared.counted, "world_size": self.dist.world_size,
             "device_used": str(self.device), "torch_version": torch.__version__,
-            "data_sha256": sha256_file(self.run_data.source), "start_step": start.step})
-        atomic_write(self.run_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text(
-            "".join(json.dumps(m) + "\n" for m in start.history)))
+            "data_sha256": sha256_file(self.run_data.source), "start_step": start.step,
+            "continued_from_step": self.continued_from_step or None})
 
     def train(self) -> None:
         """Every step from the resume point to config.steps, validating and checkpointing when due; a stop request
-        (a signal to any process) ends the run after the step, with a checkpoint."""
+        (a signal to any process) ends the run after the step, with a checkpoint. One that comes at the last step (or
+        later, while the run saves its weights) lets the run finish: `run` then sets `asked_to_stop`."""
         config = self.config
         bar = self.run_progress.bar = progress_bar(total=config.steps, initial=self.prepared.resume_point.step,
                                                    desc=self.run_dir.name, unit="step",
@@ -257,6 +275,7 @@ class Trainer:
             if step % config.eval_every == 0 or step == config.steps:
                 entry.update(self.evaluate(step))
                 last_val = entry["val_loss"]
+                stop_requested = stop_requested or self.stop_requested()  # a signal during the validation pass
             self.log(entry)
             bar.update(1)
             bar.set_postfix(loss=f"{entry['train_loss']:.4f}",
@@ -268,7 +287,13 @@ class Trainer:
             if stopping:
                 raise Interrupted(self.stop.signum or signal.SIGTERM, checkpoint_step=step)
         bar.close()
-        self.stop.deferring = False
+
+    def stop_requested(self) -> bool:
+        """Whether any process was asked to stop (one collective, so that every process decides alike)."""
+        asked = self.stop.signum is not None
+        if not self.dist.enabled:
+            return asked
+        return bool(self.dist.all_reduce_sum(torch.tensor([float(asked)], device=self.device)).item() > 0)
 
     def train_step(self, step: int) -> tuple[dict, bool]:
         """Forward and backward on this process's slice of step `step`'s batch, gradient clipping, AdamW and the
@@ -342,7 +367,8 @@ class Trainer:
             save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                             step=step, data_position=data_position(step, len(self.run_data.train), self.config.batch),
                             flops_used=self.flops_used, trajectory=self.config.trajectory_values(),
-                            scaler=self.scaler, skipped_steps=self.skipped_steps)
+                            scaler=self.scaler, skipped_steps=self.skipped_steps,
+                            continued_from_step=self.continued_from_step)
         self.run_progress.checkpoint = step
 
     def finish(self) -> RunResult:

@@ -46,6 +46,13 @@ class RunDirError(ValueError):
     """A run directory that is missing, incomplete or does not match the run being started."""
 
 
+def weights_saved(run_dir: Path) -> bool:
+    """The run saved its weights whole: the file each save writes last is there (adapter_config.json after the
+    adapter's tensors; tokenizer_config.json after the model and its tokenizer, --full), not a directory that a
+    process killed while saving left half-written."""
+    return (Path(run_dir) / ADAPTER_DIR / lora.ADAPTER_CONFIG_NAME).is_file() \
+        or (Path(run_dir) / MODEL_DIR / "tokenizer_config.json").is_file()
+
 
 # Steps averaged for the "final train loss" of summaries (one step's loss is noisy).
 FINAL_TRAIN_STEPS = 10

@@ -2,7 +2,8 @@
 
 `claim_run_dir` makes sure the directory can be written and locks it; `resume_point` checks that it fits the request
 (a fresh run needs an empty one; --resume needs a run there, trained with the same settings on the same data) and
-says from which step, with which FLOPs already spent, the run continues.
+says from which step, with which FLOPs already spent, the run continues (or, with --continue-from, from which other
+run's checkpoint it starts: `continuation_point`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from data.lotka_volterra import default_data_path
 from ledger import RECORD_NAME, read_record, record_present
 
 from .checkpoint import read_checkpoint
-from .config import TRAJECTORY_KEYS, TrainConfig
+from .config import CONTINUE_KEYS, TRAJECTORY_KEYS, TrainConfig
 from .run import (
     ADAPTER_DIR,
     CHECKPOINT_NAME,
@@ -24,6 +25,7 @@ from .run import (
     LOCK_NAME,
     METRICS_NAME,
     MODEL_DIR,
+    SETTING_NAMES,
     RunDirError,
     read_metrics,
     read_run_config,
@@ -129,8 +131,26 @@ def check_same_data(saved: dict, config: TrainConfig, where) -> None:
                               "back, or start a new run with another --out")
 
 
+def same_setting(key: str, saved, wanted) -> bool:
+    """Whether a run's recorded setting is this one's. Two spellings of one local model directory or data file (a
+    relative and an absolute one: `train.py --plan P --data lv.h5` over the plan's /home/me/lv.h5) are the same, and
+    so are two data files of the same bytes, as a study's identity counts them (`check_same_data` checks the bytes
+    against the run's record)."""
+    if saved == wanted:
+        return True
+    if key not in ("model", "data") or not isinstance(saved, str) or not isinstance(wanted, str):
+        return False
+    then, now = Path(saved), Path(wanted)
+    try:
+        if then.exists() and now.exists() and then.resolve() == now.resolve():
+            return True
+        return key == "data" and then.is_file() and now.is_file() and sha256_file(then) == sha256_file(now)
+    except OSError:
+        return False
+
+
 def check_same_trajectory(saved: dict, wanted: dict, where) -> None:
-    different = [key for key in TRAJECTORY_KEYS if key in saved and saved[key] != wanted[key]]
+    different = [key for key in TRAJECTORY_KEYS if key in saved and not same_setting(key, saved[key], wanted[key])]
     if different:
         details = ", ".join(f"{key}: run has {saved[key]!r}, now {wanted[key]!r}" for key in different)
         raise RunDirError(f"{where}: cannot resume with different settings ({details}); pass the run's own values "
@@ -142,20 +162,60 @@ class ResumePoint:
     step: int  # steps already done (0 for a fresh run)
     flops_used: int  # training + validation FLOPs the run's ledger record already counts (lost steps included)
     history: tuple = ()  # the metrics lines a resumed run keeps: those up to its checkpoint's step
+    source: Path | None = None  # --continue-from: the run whose checkpoint it starts from (None: its own)
+
+
+def continuation_point(config: TrainConfig, flops_used: int = 0) -> ResumePoint:
+    """Where a run with --continue-from starts: the step k of that run's checkpoint, once this run is that run
+    continued: the same trajectory settings apart from the schedule (CONTINUE_KEYS), the same data, and k inside
+    both runs' stable phase (`TrainConfig.stable_steps`), so steps 1..k and the learning rate of step k + 1 are the
+    same under both schedules. Its metrics.jsonl lines up to k become this run's first lines; its FLOPs stay its
+    own (`flops_used`: what this run's record counts)."""
+    source = Path(config.continue_from)
+    where = f"--continue-from {source}"
+    if source.resolve() == config.run_dir.resolve():
+        raise RunDirError(f"{where} is this run's own directory: continue a stopped run with --resume")
+    try:
+        saved = read_run_config(source)
+    except RunDirError as e:
+        raise RunDirError(f"{where}: {e}") from None
+    state = read_checkpoint(source, mmap=True)
+    if state is None:
+        raise RunDirError(f"{where}: no {CHECKPOINT_NAME} to continue from (deleted or moved, or the run saved none): "
+                          "put it back, or train this run from step 0 (in a plan: continue = false)")
+    theirs = {k: v for k, v in state["trajectory"].items() if k not in CONTINUE_KEYS}
+    different = [key for key in TRAJECTORY_KEYS if key in theirs and theirs[key] != config.trajectory_values()[key]]
+    if different:
+        details = ", ".join(f"{k}: it has {theirs[k]!r}, this run {config.trajectory_values()[k]!r}" for k in different)
+        raise RunDirError(f"{where}: a run continues only a run of its own settings, apart from the schedule "
+                          f"({details})")
+    check_same_data(saved, config, source)
+    step, trained = int(state["step"]), TrainConfig(**{k: v for k, v in saved.items() if k in SETTING_NAMES})
+    for run, stable, what in ((trained, trained.stable_steps, "its"), (config, config.stable_steps, "this run's")):
+        if step > stable:
+            raise RunDirError(f"{where}: its checkpoint is at step {step}, past the end of {what} constant learning "
+                              f"rate (step {stable}: schedule {run.schedule}, {run.steps} steps), so this run's "
+                              "steps would not be that run's: continue a constant-schedule run inside this run's "
+                              "stable phase, or train from step 0 (in a plan: continue = false)")
+    if step >= config.steps:
+        raise RunDirError(f"{where}: its checkpoint is at step {step}; --steps {config.steps} leaves nothing to train")
+    history = tuple(row for row in read_metrics(source, drop_torn_tail=True) if row["step"] <= step)
+    return ResumePoint(step, flops_used, history, source)
 
 
 def resume_point(config: TrainConfig) -> ResumePoint:
     """Where the run in config.run_dir starts, after checking that the directory fits the request: a fresh run needs
     a directory without a run in it; --resume needs a run there, continues from its checkpoint (or from step 0 if
     the run was stopped before its first one; a checkpoint that went missing is refused) and needs the same
-    settings and data file as the run it continues. A torn last line of metrics.jsonl is dropped with a warning."""
+    settings and data file as the run it continues. A torn last line of metrics.jsonl is dropped with a warning.
+    With --continue-from, a run without a checkpoint of its own starts from that run's (`continuation_point`)."""
     run_dir = config.run_dir
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if not config.resume:
         if existing:
             raise RunDirError(f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                               "or choose another directory with --out")
-        return ResumePoint(0, 0)
+        return continuation_point(config) if config.continue_from is not None else ResumePoint(0, 0)
     check_resumable(run_dir)
     saved = read_run_config(run_dir) if (run_dir / CONFIG_NAME).is_file() else {}
     if saved:
@@ -163,6 +223,13 @@ def resume_point(config: TrainConfig) -> ResumePoint:
         check_same_data(saved, config, run_dir)
     metrics = read_metrics(run_dir, drop_torn_tail=True)
     state = read_checkpoint(run_dir, mmap=True)
+    flops_used = 0
+    if record_present(run_dir / RECORD_NAME):  # a directory or a dangling symlink: refused, never read as 0
+        by_kind = read_record(run_dir / RECORD_NAME).by_kind
+        flops_used = by_kind["train"] + by_kind["eval"]
+    if state is None and config.continue_from is not None and saved.get("continued_from_step") is None:
+        # Stopped before it forked the source's checkpoint into its own (which it does before config.json).
+        return continuation_point(config, flops_used)
     if state is None:
         lost = lost_checkpoint_step(saved, metrics)
         if lost is not None:
@@ -175,8 +242,4 @@ def resume_point(config: TrainConfig) -> ResumePoint:
     step = 0 if state is None else int(state["step"])
     if step > config.steps:
         raise RunDirError(f"{run_dir}: the checkpoint is at step {step}, past --steps {config.steps}")
-    flops_used = 0
-    if record_present(run_dir / RECORD_NAME):  # a directory or a dangling symlink: refused, never read as 0
-        by_kind = read_record(run_dir / RECORD_NAME).by_kind
-        flops_used = by_kind["train"] + by_kind["eval"]
     return ResumePoint(step, flops_used, tuple(row for row in metrics if step and row["step"] <= step))

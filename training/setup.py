@@ -178,11 +178,17 @@ def build_optimizer(config: TrainConfig, trainable: list[nn.Parameter]):
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of --lr for step `step` (0-based): linear warmup over --warmup steps, then constant or a cosine
-    decay that reaches 0 at --steps."""
+    """Multiplier of --lr for step `step` (0-based): linear warmup over --warmup steps, then constant, or a cosine
+    decay that reaches 0 at --steps, or wsd (warmup-stable-decay, Hägele et al. 2024; MiniCPM): constant up to
+    config.stable_steps, then 1 - sqrt((step - stable_steps) / decay_steps), which reaches 0 at --steps. The
+    1 - sqrt shape is the cooldown Hägele et al. found best (below linear and cosine cooldowns in loss at equal
+    length): it stays high longer than a linear decay and drops fast at the end. Up to the decay's start wsd is the
+    constant schedule, value for value (its warmup included), so a constant run continues into it exactly."""
     if step < config.warmup:
         return (step + 1) / config.warmup
     if config.schedule == "cosine":
         progress = (step - config.warmup) / (config.steps - config.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if config.schedule == "wsd" and step > config.stable_steps:
+        return 1.0 - math.sqrt(min((step - config.stable_steps) / config.decay_steps, 1.0))
     return 1.0

@@ -10,10 +10,13 @@ import threading
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by signal `signum`. `checkpoint_step`: the step of the checkpoint written on the way out,
     at a step boundary (None: stopped outside the step loop, or by a second signal; the newest checkpoint is then
-    whatever was written before). `exit_status` is the shell's convention, 128 + the signal number."""
+    whatever was written before); `run_finished`: the signal came during the run's last step or after it, so the
+    run finished (weights saved) and the command stops after it. `exit_status` is the shell's convention, 128 + the
+    signal number."""
 
-    def __init__(self, signum: int, checkpoint_step: int | None = None):
+    def __init__(self, signum: int, checkpoint_step: int | None = None, run_finished: bool = False):
         self.signum, self.checkpoint_step = signum, checkpoint_step
+        self.run_finished = run_finished  # the signal came at the run's last step: it finished, weights saved
         self.run_dir = None  # the run it stopped, set by train_run: whether that run has a checkpoint at all
         super().__init__(signal.Signals(signum).name)
 

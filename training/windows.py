@@ -40,7 +40,7 @@ def load_run_data(config: TrainConfig, tokenizer) -> RunData:
 
     def windows(indices):
         return TrainWindows(data.trajectories[indices], tokenizer, config.ctx, config.stride, config.decimals,
-                            fit_steps=FIT_STEPS)
+                            fit_steps=FIT_STEPS, scaler=config.scaler)
 
     train, val = windows(split.train), windows(split.val)
     source = data.path or str(default_data_path())
