@@ -535,15 +535,16 @@ def band_table(metrics: dict[str, dict | None], names: dict[str, str] | None = N
     if calibrated:
         header += "  | uncalibrated" + "".join(f"{label:>8}" for label in labels)
     lines = ["", header, "-" * len(header)]
+
+    def cells(values: dict, suffix: str = "") -> str:
+        return "".join(f"{values[k + suffix]:>8.3g}" if values.get(k + suffix) is not None else f"{'-':>8}"
+                       for k in keys)
+
     for name, m in rows.items():
         for species in ("prey", "predator"):
-            values = m[species]
-            cells = "".join(f"{values[k]:>8.3g}" if values.get(k) is not None else f"{'-':>8}" for k in keys)
-            if calibrated:
-                cells += "  | " + " " * len("uncalibrated") + "".join(
-                    f"{values[k + UNCALIBRATED]:>8.3g}" if values.get(k + UNCALIBRATED) is not None else f"{'-':>8}"
-                    for k in keys)
-            lines.append(f"{name if species == 'prey' else '':<{width}}{species:<9}{cells}")
+            row = cells(m[species]) + ("  | " + " " * len("uncalibrated") + cells(m[species], UNCALIBRATED)
+                                       if calibrated else "")
+            lines.append(f"{name if species == 'prey' else '':<{width}}{species:<9}{row}")
     lines.append("covN: share of targets inside the central N % band (the quantiles 0.5 -/+ N/200)"
                  + ("; calibrated on the validation split where the uncalibrated ones are beside them"
                     if calibrated else ""))

@@ -1,6 +1,8 @@
 """Forecast metrics on original (unscaled) values, per species, pooled over all scored trajectories."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SPECIES = ("prey", "predator")
@@ -45,3 +47,15 @@ def per_trajectory_errors(predictions: np.ndarray, targets: np.ndarray) -> dict[
             out[f"{name}_mse"] = (error[..., v] ** 2).mean(axis=1)
             out[f"{name}_mae"] = np.abs(error[..., v]).mean(axis=1)
     return out
+
+
+def species_geometric_mean(method_metrics: dict | None, score: str) -> float | None:
+    """The geometric mean over the species (a method's metrics.json entry's per-variable tables) of `score` ("mse",
+    "crps"): each species weighs the same whatever its scale (the prey's MSE is ~10x the predator's), a relative
+    change in either alike. None when there is no species, or one without a finite, positive `score`. demo.py's
+    model choice (study.selection.forecast_score, the MSE) and --temperature auto (forecasting.tuning, the CRPS)."""
+    values = [v.get(score) for v in (method_metrics or {}).values() if isinstance(v, dict)]
+    if not values or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                             for x in values):
+        return None
+    return math.exp(sum(math.log(x) for x in values) / len(values))

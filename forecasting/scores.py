@@ -35,7 +35,6 @@ from common.fileio import atomic_write
 from .metrics import forecast_metrics, variable_names
 
 QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-INTERVAL = (0.1, 0.9)  # the 80 % interval of coverage_80
 # The central bands whose coverage is reported (coverage_50, coverage_80, coverage_95): each from the quantiles at
 # 0.5 -/+ band / 2 (the samples', or the calibrated ones of a forecast calibrated on the validation split).
 COVERAGE_BANDS = (0.5, 0.8, 0.95)
@@ -201,18 +200,19 @@ def probabilistic_scores(forecast: MethodForecast, targets: np.ndarray, contexts
     calibrated_bands = forecast.calibrated is not None  # (a calibrated greedy forecast has bands too)
     versions = [(True, "", sampled or calibrated_bands)] + ([(False, UNCALIBRATED, sampled)] if calibrated_bands
                                                              else [])
+    quantiles = {calibrated: forecast.quantiles(QUANTILE_LEVELS, calibrated) for calibrated, _, _ in versions}
+    covered = {(calibrated, band): band_coverage(forecast, targets, band, calibrated)  # (N, V)
+               for calibrated, _, interval in versions if interval for band in COVERAGE_BANDS}
     out = {}
     for v, name in enumerate(variable_names(targets.shape[2])):
         mase = per_trajectory[f"{name}_mase"]
         defined = ~np.isnan(mase)
         out[name] = {"crps": float(point_crps[..., v].mean())}
         for calibrated, suffix, interval in versions:
-            quantiles = forecast.quantiles(QUANTILE_LEVELS, calibrated)
-            out[name][f"wql{suffix}"] = float(weighted_quantile_loss(quantiles[..., v], targets[..., v]))
+            out[name][f"wql{suffix}"] = float(weighted_quantile_loss(quantiles[calibrated][..., v], targets[..., v]))
             if interval:
                 for band in COVERAGE_BANDS:
-                    covered = band_coverage(forecast, targets, band, calibrated)[:, v]
-                    out[name][f"{coverage_key(band)}{suffix}"] = float(covered.mean())
+                    out[name][f"{coverage_key(band)}{suffix}"] = float(covered[calibrated, band][:, v].mean())
         out[name].update({"mase": float(mase[defined].mean()) if defined.any() else float("nan"),
                           "mase_undefined": int((~defined).sum())})
     return out

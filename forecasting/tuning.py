@@ -5,15 +5,14 @@ the val split's (its first `val_limit`), never a forecast one: a forecast of the
 (ForecastConfig), and so is a --sample of a validation trajectory (`check_apart`).
 
 The criterion: the geometric mean over the species of each one's CRPS (mean over trajectories and steps), the same
-scale-free combination demo.py's model choice uses for the MSE (study.selection.forecast_score): prey and predator
-are on different scales, and the geometric mean weighs a relative change in either alike. A tie keeps the temperature
-listed first. Every validation forecast is booked like any forecast (its ledger entry labelled
-"validation T=<t>"), counted before it runs (`validation_temperatures`: forecasting.budget's reservation and
+scale-free combination demo.py's model choice uses for the MSE (forecasting.metrics.species_geometric_mean serves
+both): prey and predator are on different scales, and the geometric mean weighs a relative change in either alike.
+A tie keeps the temperature listed first. Every validation forecast is booked like any forecast (its ledger entry
+labelled "validation T=<t>"), counted before it runs (`validation_temperatures`: forecasting.budget's reservation and
 study.estimate's plan count both read it).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,7 +21,7 @@ from data.lotka_volterra import Split
 
 from .calibration import Calibration, fit_calibration
 from .evaluate import MODEL, Evaluation, Protocol, Selection, contexts_of, evaluate, select_trajectories
-from .metrics import SPECIES
+from .metrics import SPECIES, species_geometric_mean
 
 CRITERION = "the geometric mean over the species of the CRPS"
 
@@ -55,12 +54,7 @@ def check_apart(validation: Selection, forecast: Selection) -> None:
 def geometric_crps(metrics: dict | None) -> float | None:
     """The criterion of a validation forecast's model metrics (None: nothing scored, or a CRPS that is not a
     finite positive number)."""
-    if not metrics:
-        return None
-    values = [(metrics.get(s) or {}).get("crps") for s in SPECIES]
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
-        return None
-    return float(np.exp(np.mean(np.log(values))))
+    return species_geometric_mean(metrics, "crps")
 
 
 @dataclass

@@ -34,14 +34,24 @@ def paired_bootstrap(new, old, statistic: str = "mean", resamples: int = BOOTSTR
     new, old = np.asarray(new, float), np.asarray(old, float)
     if new.shape != old.shape or new.ndim != 1 or len(new) == 0:
         raise ValueError(f"paired_bootstrap needs two equal-length 1-d arrays, got {new.shape} and {old.shape}")
-    draws = np.random.default_rng(seed).integers(0, len(new), size=(resamples, len(new)))
+    draws = resampled_rows(len(new), resamples, seed)
     reduce = np.median if statistic == "median" else np.mean
     with np.errstate(divide="ignore", invalid="ignore"):
         factors = reduce(new[draws], axis=1) / reduce(old[draws], axis=1)
     factors = factors[np.isfinite(factors)]
     if not len(factors):
         return None
-    low, high = np.percentile(factors, [(100 - level) / 2, 100 - (100 - level) / 2])
+    return central_interval(factors, level)
+
+
+def resampled_rows(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n): each resample's draw of n trajectories with replacement (seeded: the same every time)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def central_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` % percentile interval of resampled statistics."""
+    low, high = np.percentile(values, [(100 - level) / 2, 100 - (100 - level) / 2])
     return float(low), float(high)
 
 
@@ -180,6 +190,4 @@ def bootstrap_mean(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOO
         raise ValueError(f"bootstrap_mean needs one value per trajectory (a 1-d array), got shape {values.shape}")
     if len(values) == 0:
         return None
-    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
-    low, high = np.percentile(values[draws].mean(axis=1), [(100 - level) / 2, 100 - (100 - level) / 2])
-    return float(low), float(high)
+    return central_interval(values[resampled_rows(len(values), resamples, seed)].mean(axis=1), level)

@@ -60,8 +60,9 @@ from pathlib import Path
 from common.fields import SettingsError
 from forecasting.config import ForecastConfig
 from qwen_mini.flops import GQA_MODES
-from training.config import CONTINUE_KEYS, MAX_STEPS, TRAJECTORY_KEYS, ConfigError, TrainConfig
+from training.config import CONTINUE_KEYS, MAX_STEPS, ConfigError, TrainConfig
 from training.run import CONFIG_NAME, METRICS_NAME, read_metrics, weights_saved
+from training.rundir import different_settings
 
 from . import selection
 from .halving import MAX_CONFIGS, SearchError, SearchSpec, config_names, draw_configs, parse_search, rung_steps, tag
@@ -518,7 +519,7 @@ def continued(stage: Stage, name: str, config: TrainConfig, base_run: StudyRun |
         return None
     source = _train_config(base_run.settings, base_run.stage)
     steps, where = source.steps, f"stage {stage.name}: its run {name}"
-    different = [k for k in TRAJECTORY_KEYS if k not in CONTINUE_KEYS and getattr(config, k) != getattr(source, k)]
+    different = different_settings(source.trajectory_values(), config.trajectory_values(), skip=CONTINUE_KEYS)
     why = (f"its settings differ from {base_run.stage}'s winner {base_run.name} in {', '.join(different)}"
            if different else f"{base_run.stage}'s winner {base_run.name} trained under schedule {source.schedule}"
            if source.stable_steps < steps else f"its schedule is {config.schedule}"

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from forecasting.metrics import species_geometric_mean
 from training.run import CONFIG_NAME, METRICS_NAME, read_metrics
 
 
@@ -106,13 +107,9 @@ def lowest(scores: list[float | None], criterion: str) -> Choice | None:
 
 def forecast_score(method_metrics: dict | None) -> float | None:
     """One method's validation-split forecast score from a forecast's metrics.json entry: the geometric mean over
-    the variables of the point forecast's MSE (each species weighs the same whatever its scale: the prey's MSE is
-    ~10x the predator's). None when a variable has no finite, positive MSE."""
-    variables = [v for k, v in (method_metrics or {}).items() if isinstance(v, dict) and "mse" in v]
-    mses = [v["mse"] for v in variables]
-    if not mses or not all(_finite(m) and m > 0 for m in mses):
-        return None
-    return math.exp(sum(math.log(m) for m in mses) / len(mses))
+    the variables of the point forecast's MSE (forecasting.metrics.species_geometric_mean: each species weighs the
+    same whatever its scale). None when a variable has no finite, positive MSE."""
+    return species_geometric_mean(method_metrics, "mse")
 
 
 def choose_by_forecast(metrics: dict, methods: list[str], what: str) -> Choice | None:

@@ -149,8 +149,14 @@ def same_setting(key: str, saved, wanted) -> bool:
         return False
 
 
+def different_settings(saved: dict, wanted: dict, skip=()) -> list[str]:
+    """The trajectory settings (TRAJECTORY_KEYS but `skip`) a run recorded otherwise than `wanted` (`same_setting`)."""
+    return [key for key in TRAJECTORY_KEYS
+            if key in saved and key not in skip and not same_setting(key, saved[key], wanted[key])]
+
+
 def check_same_trajectory(saved: dict, wanted: dict, where) -> None:
-    different = [key for key in TRAJECTORY_KEYS if key in saved and not same_setting(key, saved[key], wanted[key])]
+    different = different_settings(saved, wanted)
     if different:
         details = ", ".join(f"{key}: run has {saved[key]!r}, now {wanted[key]!r}" for key in different)
         raise RunDirError(f"{where}: cannot resume with different settings ({details}); pass the run's own values "
@@ -183,10 +189,10 @@ def continuation_point(config: TrainConfig, flops_used: int = 0) -> ResumePoint:
     if state is None:
         raise RunDirError(f"{where}: no {CHECKPOINT_NAME} to continue from (deleted or moved, or the run saved none): "
                           "put it back, or train this run from step 0 (in a plan: continue = false)")
-    theirs = {k: v for k, v in state["trajectory"].items() if k not in CONTINUE_KEYS}
-    different = [key for key in TRAJECTORY_KEYS if key in theirs and theirs[key] != config.trajectory_values()[key]]
+    theirs, ours = state["trajectory"], config.trajectory_values()
+    different = different_settings(theirs, ours, skip=CONTINUE_KEYS)
     if different:
-        details = ", ".join(f"{k}: it has {theirs[k]!r}, this run {config.trajectory_values()[k]!r}" for k in different)
+        details = ", ".join(f"{k}: it has {theirs[k]!r}, this run {ours[k]!r}" for k in different)
         raise RunDirError(f"{where}: a run continues only a run of its own settings, apart from the schedule "
                           f"({details})")
     check_same_data(saved, config, source)
